@@ -1,0 +1,110 @@
+"""Plain-torch LoRA ops: the semantics every backend must reproduce.
+
+A LoRA-wrapped linear has `num_slices` output slices (q/k/v of a fused qkv projection, gate/up of a fused MLP, or one
+slice). Each slice has its own stacked adapter weights, one entry per adapter slot:
+
+    lora_a[i]: [num_slots, max_rank, in_features]
+    lora_b[i]: [num_slots, out_features_i, max_rank]
+    ranks:     [num_slices, num_slots] int32   rank of slot s for slice i; 0 = the adapter leaves that module alone
+    scalings:  [num_slots] float32             lora_alpha / r (or / sqrt(r) for rsLoRA)
+
+Rows are matched to slots either by segments (SGMV: prefill, rows of one request are contiguous and the batch is
+grouped by slot) or per token (BGMV: decode). Slot -1 means "base model": no delta, and shrink writes zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def sgmv_shrink(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    lora_a: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, in_features]
+    seg_indptr: torch.Tensor,  # [num_segments + 1] int32, token offsets
+    seg_slots: torch.Tensor,  # [num_segments] int32, -1 = base
+    ranks: torch.Tensor,  # [num_slices, num_slots] int32
+    scalings: torch.Tensor,  # [num_slots] float32
+    out: torch.Tensor,  # [num_slices, num_tokens, max_rank], overwritten
+) -> None:
+    """Semantics:
+        for each segment g with slot s = seg_slots[g], rows t in seg_indptr[g]:seg_indptr[g+1], slice i, r = ranks[i, s]:
+            out[i, t, :r] = scalings[s] * x[t] @ lora_a[i][s, :r].T
+            out[i, t, r:] = 0                       (and out[i, t] = 0 for s == -1)
+    """
+    out.zero_()
+    bounds = seg_indptr.tolist()
+    for g, slot in enumerate(seg_slots.tolist()):
+        if slot < 0:
+            continue
+        rows = slice(bounds[g], bounds[g + 1])
+        for i, a in enumerate(lora_a):
+            rank = int(ranks[i, slot])
+            if rank == 0:
+                continue
+            out[i, rows, :rank] = (x[rows] @ a[slot, :rank].T) * scalings[slot].to(x.dtype)
+
+
+def sgmv_expand(
+    y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
+    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    seg_indptr: torch.Tensor,  # [num_segments + 1] int32
+    seg_slots: torch.Tensor,  # [num_segments] int32, -1 = base
+    ranks: torch.Tensor,  # [num_slices, num_slots] int32
+    out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
+    slice_offsets: Sequence[int],  # [num_slices] column where slice i starts in out
+) -> None:
+    """Semantics:
+        for each segment g with slot s >= 0, rows t, slice i, r = ranks[i, s], o = slice_offsets[i]:
+            out[t, o : o + out_features_i] += y[i, t, :r] @ lora_b[i][s, :, :r].T
+    """
+    bounds = seg_indptr.tolist()
+    for g, slot in enumerate(seg_slots.tolist()):
+        if slot < 0:
+            continue
+        rows = slice(bounds[g], bounds[g + 1])
+        for i, b in enumerate(lora_b):
+            rank = int(ranks[i, slot])
+            if rank == 0:
+                continue
+            cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[1])
+            out[rows, cols] += y[i, rows, :rank] @ b[slot, :, :rank].T
+
+
+def bgmv_shrink(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    lora_a: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, in_features]
+    token_slots: torch.Tensor,  # [num_tokens] int32, -1 = base
+    ranks: torch.Tensor,  # [num_slices, num_slots] int32
+    scalings: torch.Tensor,  # [num_slots] float32
+    out: torch.Tensor,  # [num_slices, num_tokens, max_rank], overwritten
+) -> None:
+    """Semantics: sgmv_shrink with one segment per token (slot token_slots[t])."""
+    active = token_slots >= 0
+    slots = token_slots.clamp(min=0).long()
+    rank_positions = torch.arange(out.shape[-1], device=x.device)
+    for i, a in enumerate(lora_a):
+        # Zero the columns past each row's rank so padded weights never leak into the result.
+        keep = (rank_positions[None, :] < ranks[i][slots][:, None]) & active[:, None]
+        delta = torch.bmm(a[slots], x.unsqueeze(-1)).squeeze(-1)  # [num_tokens, max_rank]
+        out[i] = torch.where(keep, delta * scalings[slots].to(x.dtype)[:, None], torch.zeros_like(delta))
+
+
+def bgmv_expand(
+    y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
+    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    token_slots: torch.Tensor,  # [num_tokens] int32, -1 = base
+    ranks: torch.Tensor,  # [num_slices, num_slots] int32
+    out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
+    slice_offsets: Sequence[int],
+) -> None:
+    """Semantics: sgmv_expand with one segment per token; rows with slot -1 are left untouched."""
+    active = token_slots >= 0
+    slots = token_slots.clamp(min=0).long()
+    rank_positions = torch.arange(y.shape[-1], device=y.device)
+    for i, b in enumerate(lora_b):
+        keep = (rank_positions[None, :] < ranks[i][slots][:, None]) & active[:, None]
+        masked = torch.where(keep, y[i], torch.zeros_like(y[i]))
+        delta = torch.bmm(b[slots], masked.unsqueeze(-1)).squeeze(-1)  # [num_tokens, out_features_i]
+        out[:, slice_offsets[i] : slice_offsets[i] + b.shape[1]] += delta

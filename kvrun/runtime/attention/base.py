@@ -1,0 +1,61 @@
+"""The attention seam: planned once per step, run once per layer.
+
+Shaped like FlashInfer's wrappers (`plan(...)` with the batch's paged-KV layout, then `run(q, kv_cache)` per layer)
+so the GPU backend drops in behind the same calls as the CPU reference.
+
+KV cache layout, per layer (FlashInfer "NHD" paged layout):
+    kv_cache: [num_pages, 2, page_size, num_kv_heads, head_dim]   # [:, 0] keys, [:, 1] values
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One step's paged-KV layout; every tensor lives on the model's device.
+
+    Requests are laid out one after another: request i owns query rows qo_indptr[i]:qo_indptr[i+1] and the pages
+    kv_page_indices[kv_indptr[i]:kv_indptr[i+1]]. Sequence lengths count the tokens written this step.
+    """
+
+    is_prefill: bool
+    qo_indptr: torch.Tensor  # [batch + 1] int32, query-token offsets
+    kv_indptr: torch.Tensor  # [batch + 1] int32, offsets into kv_page_indices
+    kv_page_indices: torch.Tensor  # [total_pages] int32, page ids of each request in order
+    kv_last_page_len: torch.Tensor  # [batch] int32, tokens used in each request's last page (1..page_size)
+    seq_lens: torch.Tensor  # [batch] int32, KV length of each request after this step
+    slot_mapping: torch.Tensor  # [num_tokens] int64, page * page_size + offset where each new token's K/V goes
+    page_size: int
+    max_seq_len: int
+    # Host copies of the per-request sizes, so the CPU reference can slice without device syncs.
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+
+class AttentionBackend(Protocol):
+    def plan(self, metadata: AttentionMetadata) -> None:
+        """Prepare for one step; called once before the first layer."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_q_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [num_pages, 2, page_size, num_kv_heads, head_dim]
+    ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
+        """Write this step's K/V into the cache at slot_mapping, then attend causally over each request's pages."""
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values into their pages (the layout every backend shares)."""
+    num_pages, _, page_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(num_pages, 2, page_size * 1, num_kv_heads, head_dim)
+    pages = torch.div(slot_mapping, page_size, rounding_mode="floor")
+    offsets = slot_mapping - pages * page_size
+    flat[pages, 0, offsets] = k.to(kv_cache.dtype)
+    flat[pages, 1, offsets] = v.to(kv_cache.dtype)
