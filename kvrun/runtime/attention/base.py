@@ -53,9 +53,8 @@ class AttentionBackend(Protocol):
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter new keys/values into their pages (the layout every backend shares)."""
-    num_pages, _, page_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(num_pages, 2, page_size * 1, num_kv_heads, head_dim)
+    page_size = kv_cache.shape[2]
     pages = torch.div(slot_mapping, page_size, rounding_mode="floor")
     offsets = slot_mapping - pages * page_size
-    flat[pages, 0, offsets] = k.to(kv_cache.dtype)
-    flat[pages, 1, offsets] = v.to(kv_cache.dtype)
+    kv_cache[pages, 0, offsets] = k.to(kv_cache.dtype)
+    kv_cache[pages, 1, offsets] = v.to(kv_cache.dtype)

@@ -1,0 +1,153 @@
+"""Adapter names → immutable refs → model slots. The engine's one door to everything LoRA."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvrun.adapters.host_cache import HostCache
+from kvrun.adapters.layers import LinearWithLoRA
+from kvrun.adapters.peft_format import ParsedAdapter, load_peft_adapter
+from kvrun.adapters.ref import AdapterRef
+from kvrun.adapters.slot_pool import SlotPool
+from kvrun.config import LoRAConfig, ModelConfig
+from kvrun.punica import select_ops
+from kvrun.runtime.layers.linear import Projection
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
+
+
+class UnknownAdapterError(LookupError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"adapter {name!r} is not loaded")
+        self.name = name
+
+
+def check_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name) or ".." in name:
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits and . _ - / : @ (at most 200)")
+    return name
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, config: LoRAConfig) -> None:
+        self.model_config = model_config
+        self.config = config
+        weight = next(model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self.ops = select_ops(self.device)
+        self.scalings = torch.zeros(config.max_loras, dtype=torch.float32, device=self.device)
+        self.slots = SlotPool(config.max_loras)
+        self.host = HostCache(config.max_cpu_loras)
+        self._aliases: dict[str, AdapterRef] = {}
+        self._sources: dict[AdapterRef, Callable[[], ParsedAdapter]] = {}
+        self._holds: dict[AdapterRef, int] = {}  # live requests per version, running or waiting
+        self._wrappers = self._wrap_projections(model)
+
+    def _wrap_projections(self, model: nn.Module) -> list[LinearWithLoRA]:
+        wrappers = []
+        for layer in model.layers:
+            for owner, attribute in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                     (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                base = getattr(owner, attribute)
+                assert isinstance(base, Projection)
+                wrapper = LinearWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.scalings, self.ops)
+                setattr(owner, attribute, wrapper)
+                wrappers.append(wrapper)
+        return wrappers
+
+    # -- names ---------------------------------------------------------------------------------------------------
+    def load_path(self, name: str, path: str | Path) -> AdapterRef:
+        """Parse and validate a PEFT directory now (errors surface here), then serve it under name."""
+        check_adapter_name(name)
+        parsed = self.parse_path(name, path)
+        self.add(parsed, lambda: self.parse_path(name, path, parsed.ref.version))
+        return parsed.ref
+
+    def parse_path(self, name: str, path: str | Path, version: int = 0) -> ParsedAdapter:
+        return load_peft_adapter(path, name, self.model_config, self.config.max_lora_rank, self.dtype, version)
+
+    def add(self, parsed: ParsedAdapter, source: Callable[[], ParsedAdapter]) -> None:
+        """Point parsed.ref.name at this version; requests already running keep the version they started with."""
+        self._sources[parsed.ref] = source
+        self.host.put(parsed, keep=self._in_use)
+        previous = self._aliases.get(parsed.ref.name)
+        self._aliases[parsed.ref.name] = parsed.ref
+        if previous is not None and previous != parsed.ref:
+            self._forget_if_idle(previous)
+        logger.info("adapter %s ready (rank %d, %s)", parsed.ref, parsed.ref.rank, ",".join(parsed.ref.target_modules))
+
+    def remove(self, name: str) -> AdapterRef:
+        ref = self.resolve(name)
+        del self._aliases[name]
+        self._forget_if_idle(ref)
+        return ref
+
+    def resolve(self, name: str) -> AdapterRef:
+        ref = self._aliases.get(name)
+        if ref is None:
+            raise UnknownAdapterError(name)
+        return ref
+
+    def names(self) -> dict[str, AdapterRef]:
+        return dict(self._aliases)
+
+    def hold(self, name: str) -> AdapterRef:
+        """Resolve name for a new request and keep that version loadable until the request ends."""
+        ref = self.resolve(name)
+        self._holds[ref] = self._holds.get(ref, 0) + 1
+        return ref
+
+    def unhold(self, ref: AdapterRef) -> None:
+        count = self._holds.pop(ref, 0) - 1
+        if count > 0:
+            self._holds[ref] = count
+        else:
+            self._forget_if_idle(ref)
+
+    def holds(self, ref: AdapterRef) -> int:
+        return self._holds.get(ref, 0)
+
+    # -- slots ---------------------------------------------------------------------------------------------------
+    def acquire(self, ref: AdapterRef) -> int | None:
+        """Pin ref into a slot, loading its weights if needed; None when every slot is pinned by running requests."""
+        placed = self.slots.acquire(ref)
+        if placed is None:
+            return None
+        slot, evicted, needs_load = placed
+        if evicted is not None:
+            self._forget_if_idle(evicted)
+        if needs_load:
+            parsed = self.host.get(ref, self._sources[ref], keep=self._in_use)
+            self._write_slot(slot, parsed)
+        return slot
+
+    def release(self, ref: AdapterRef) -> None:
+        self.slots.release(ref)
+
+    def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
+        by_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (layer, module), pair in parsed.weights.items():
+            by_layer.setdefault(layer, {})[module] = pair
+        per_layer = len(self._wrappers) // self.model_config.num_layers
+        for index, wrapper in enumerate(self._wrappers):
+            wrapper.set_slot(slot, by_layer.get(index // per_layer, {}))
+        self.scalings[slot] = parsed.ref.scaling
+
+    def _in_use(self, ref: AdapterRef) -> bool:
+        return self.slots.pins(ref) > 0 or self._holds.get(ref, 0) > 0
+
+    def _forget_if_idle(self, ref: AdapterRef) -> None:
+        """Free what an adapter version holds once no name points at it and no request uses it."""
+        if ref in self._aliases.values() or self._in_use(ref):
+            return
+        self.slots.discard(ref)
+        self.host.drop(ref)
+        self._sources.pop(ref, None)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """An adapter's immutable identity. Names are aliases that can move; slots and caches key on this."""
+
+    name: str
+    version: int
+    sha256: str  # of adapter_model.safetensors
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        # PEFT: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
+        return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}" if self.version else self.name

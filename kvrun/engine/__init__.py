@@ -1,0 +1,19 @@
+"""The engine: requests, scheduling, paged KV bookkeeping.
+
+The types at each boundary, in the order data flows:
+
+    CompletionRequest / GenerateRequest   (msgspec, kvrun.serving — HTTP edge)
+      → Request                           (kvrun.engine.request: prompt ids, SamplingParams, AdapterRef, state)
+      → ScheduledBatch                    (kvrun.runtime.forward_batch: host lists — who runs this step, block
+                                           tables, adapter slots; rows grouped by slot)
+      → ForwardBatch                      (device tensors: input ids, positions, AttentionMetadata, LoRABatchInfo)
+      → logits → SampledToken → RequestOutput (text so far + this step's delta, for streaming)
+
+Memory owners: BlockManager (KV pages), LoRAManager's SlotPool (adapter slots) and HostCache (parsed adapters).
+"""
+
+from kvrun.engine.engine import LLMEngine
+from kvrun.engine.request import RequestOutput
+from kvrun.engine.sampling_params import SamplingParams
+
+__all__ = ["LLMEngine", "RequestOutput", "SamplingParams"]

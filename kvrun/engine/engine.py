@@ -1,0 +1,178 @@
+"""LLMEngine: requests in, one scheduled step at a time, RequestOutputs back."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import torch
+
+from kvrun.adapters.manager import LoRAManager, UnknownAdapterError
+from kvrun.adapters.ref import AdapterRef
+from kvrun.config import EngineConfig
+from kvrun.engine.block_manager import BlockManager
+from kvrun.engine.detokenizer import IncrementalDetokenizer
+from kvrun.engine.request import Request, RequestOutput
+from kvrun.engine.sampling_params import SamplingParams
+from kvrun.engine.scheduler import Scheduler
+from kvrun.engine.stop import check_stop, visible_text
+from kvrun.engine.tokenizer import load_tokenizer
+from kvrun.runtime.loader import BUNDLED_NAME, resolve_model
+from kvrun.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = resolve_model(config.model)
+        self.model_name = BUNDLED_NAME if config.model is None else Path(config.model).name.removesuffix(".gguf")
+        self.runner = ModelRunner(model_dir, config, self.model_name)
+        self.model_config = self.runner.model_config
+        self.max_model_len = self.runner.max_model_len
+        self.tokenizer = load_tokenizer(model_dir)
+        self.adapters = (
+            LoRAManager(self.runner.model, self.model_config, config.lora) if config.lora.max_loras > 0 else None
+        )
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        self._requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self._eos.add(self.tokenizer.eos_token_id)
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> AdapterRef:
+        return self._lora().load_path(name, path)
+
+    def unload_adapter(self, name: str) -> AdapterRef:
+        return self._lora().remove(name)
+
+    def _lora(self) -> LoRAManager:
+        if self.adapters is None:
+            raise ValueError("LoRA is disabled (max_loras=0)")
+        return self.adapters
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not prompt or not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be a non-empty list of ints in [0, {self.model_config.vocab_size})")
+        return list(prompt)
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        params = params or SamplingParams()
+        token_ids = self.tokenize(prompt)
+        self._check_length(len(token_ids), params.max_tokens)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ref = None
+        if adapter is not None:
+            if self.adapters is None:
+                raise UnknownAdapterError(adapter)
+            ref = self.adapters.hold(adapter)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        elif params.temperature > 0:
+            generator = torch.Generator(device=self.runner.device).manual_seed(
+                torch.randint(0, 2**62, (1,)).item()
+            )
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        request = Request(request_id, token_ids, params, ref, detokenizer, generator)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def _check_length(self, prompt_len: int, max_tokens: int) -> None:
+        total = prompt_len + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's context "
+                f"length {self.max_model_len}"
+            )
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if total > capacity:
+            raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the KV cache's {capacity} tokens")
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        request.finish_reason = "abort"
+        return self._finish(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        sampled = self.runner.execute(batch)
+        outputs = []
+        for scheduled, token in zip(batch.requests, sampled):
+            request = self._requests[scheduled.request_id]
+            request.num_computed_tokens = request.num_tokens
+            outputs.append(self._append(request, token.token_id, token.top_logprobs, token.logprob))
+        return outputs
+
+    def _append(self, request: Request, token_id: int, top_logprobs, logprob: float) -> RequestOutput:
+        request.output_token_ids.append(token_id)
+        if request.params.logprobs is not None:
+            request.logprobs.append({token_id: logprob, **(top_logprobs or {})})
+        previous_text = request.text
+        if request.detokenizer is not None:
+            request.text += request.detokenizer.step(request.output_token_ids)
+        check_stop(request, self._eos, len(previous_text))
+        if request.finish_reason is not None:
+            return self._finish(request, previous_text, [token_id])
+        return self._output(request, previous_text, [token_id])
+
+    def _finish(self, request: Request, previous_text: str | None = None, new_ids: list[int] = ()) -> RequestOutput:
+        self.scheduler.finish(request)
+        if request.adapter is not None:
+            self.adapters.unhold(request.adapter)
+        del self._requests[request.request_id]
+        return self._output(request, request.text if previous_text is None else previous_text, list(new_ids))
+
+    def _output(self, request: Request, previous_text: str, new_ids: list[int]) -> RequestOutput:
+        shown_before = visible_text(request, previous_text, finished=False)
+        shown = visible_text(request, request.text, finished=request.is_finished)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=shown,
+            new_token_ids=new_ids,
+            new_text=shown[len(shown_before) :],
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            adapter=None if request.adapter is None else request.adapter.name,
+            logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+        )

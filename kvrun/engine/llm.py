@@ -1,0 +1,90 @@
+"""LLM: the offline, vLLM-shaped entry point (`LLM().generate(prompts, params, adapters=...)`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvrun.adapters.ref import AdapterRef
+from kvrun.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from kvrun.engine.engine import LLMEngine
+from kvrun.engine.request import RequestOutput
+from kvrun.engine.sampling_params import SamplingParams
+from kvrun.engine.tokenizer import apply_chat_template
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        max_cpu_loras: int = 64,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory_bytes: int = 512 * 1024 * 1024,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 4096,
+        max_model_len: int | None = None,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_bytes),
+            lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras)),
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+        )
+        self.engine = LLMEngine(config)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def load_adapter(self, name: str, path: str | Path) -> AdapterRef:
+        return self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> AdapterRef:
+        return self.engine.unload_adapter(name)
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: str | None | Sequence[str | None] = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion in shared batches; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        count = len(prompts)
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * count
+        adapter_list = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * count
+        if len(params_list) != count or len(adapter_list) != count:
+            raise ValueError("params and adapters must be one value or one per prompt")
+        ids = []
+        try:
+            for prompt, sampling, adapter in zip(prompts, params_list, adapter_list):
+                ids.append(self.engine.add_request(prompt, sampling, adapter).request_id)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        finals: dict[str, RequestOutput] = {}
+        while len(finals) < count:
+            for output in self.engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+        return [finals[request_id] for request_id in ids]
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: str | None | Sequence[str | None] = None,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [apply_chat_template(self.tokenizer, conversation) for conversation in conversations]
+        return self.generate(prompts, params, adapters)

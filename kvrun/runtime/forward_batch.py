@@ -1,0 +1,56 @@
+"""The runtime's input (ScheduledBatch, host lists) and the forward pass's input (ForwardBatch, device tensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrun.runtime.attention.base import AttentionMetadata
+
+BASE_SLOT = -1  # adapter slot of a row that uses the base model alone
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step, as the scheduler hands it to the model runner."""
+
+    request_id: str
+    token_ids: list[int]  # tokens to run this step (a prompt chunk, or the last sampled token)
+    start_position: int  # position of token_ids[0] in the sequence
+    block_table: list[int]  # KV pages owning positions 0 .. start_position + len(token_ids) - 1
+    adapter_slot: int  # BASE_SLOT or a resident adapter slot
+    temperature: float
+    top_p: float
+    top_k: int
+    generator: torch.Generator | None
+    num_logprobs: int | None  # top-N logprobs to return with the sampled token; None = none
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    is_prefill: bool
+    requests: list[ScheduledRequest]  # grouped by adapter_slot, so LoRA segments are contiguous
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(request.token_ids) for request in self.requests)
+
+
+@dataclass(slots=True)
+class LoRABatchInfo:
+    """Which adapter slot each row of the step uses (see kvrun.punica.ref for the op semantics)."""
+
+    is_decode: bool
+    seg_indptr: torch.Tensor  # [num_segments + 1] int32, token offsets of runs of one slot
+    seg_slots: torch.Tensor  # [num_segments] int32, -1 = base model
+    token_slots: torch.Tensor  # [num_tokens] int32, -1 = base model
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    attention: AttentionMetadata
+    logits_indices: torch.Tensor  # [batch] int64, row of each request's last token
+    lora: LoRABatchInfo | None = field(default=None)  # None when no row of the step uses an adapter

@@ -1,0 +1,26 @@
+"""The paged KV pool's storage: one tensor for all layers, in FlashInfer's NHD page layout."""
+
+from __future__ import annotations
+
+import torch
+
+from kvrun.config import CacheConfig, ModelConfig
+
+
+def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * element
+
+
+def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    return max(1, cache.kv_cache_memory_bytes // bytes_per_block(model, cache.block_size, dtype))
+
+
+def allocate_kv_cache(
+    model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """[num_layers, num_blocks, 2, block_size, num_kv_heads, head_dim]; layer i's slice is what attention sees."""
+    shape = (model.num_layers, num_blocks, 2, block_size, model.num_kv_heads, model.head_dim)
+    return torch.zeros(shape, dtype=dtype, device=device)

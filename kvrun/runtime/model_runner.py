@@ -1,0 +1,118 @@
+"""ScheduledBatch → ForwardBatch → model forward → logits → sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from kvrun.config import EngineConfig, ModelConfig
+from kvrun.runtime.attention import select_backend
+from kvrun.runtime.attention.base import AttentionMetadata
+from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
+from kvrun.runtime.kv_cache import allocate_kv_cache, num_blocks_for
+from kvrun.runtime.loader import iter_weights, read_config
+from kvrun.runtime.models.registry import model_class
+from kvrun.runtime.sampler import SampledToken, sample
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, config: EngineConfig, model_name: str) -> None:
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.model_config = ModelConfig.from_hf(read_config(model_dir), model_name)
+        self.max_model_len = min(
+            config.scheduler.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        self.block_size = config.cache.block_size
+        self._init_model(model_dir)
+        self._init_kv_cache(config)
+
+    def _init_model(self, model_dir: Path) -> None:
+        cfg = self.model_config
+        self.attention = select_backend(self.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        with torch.device(self.device):
+            model = model_class(cfg.architecture)(cfg, self.attention, self.max_model_len)
+        model.load_weights(iter_weights(model_dir))
+        self.model = model.to(self.dtype).eval()
+
+    def _init_kv_cache(self, config: EngineConfig) -> None:
+        self.num_blocks = num_blocks_for(self.model_config, config.cache, self.dtype)
+        self.kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+        forward_batch = self.prepare(batch)
+        self.attention.plan(forward_batch.attention)
+        logits = self.model(forward_batch, self.kv_cache)
+        return sample(logits, batch.requests)
+
+    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        qo_indptr, kv_indptr = [0], [0]
+        page_indices: list[int] = []
+        last_page_lens, seq_lens, query_lens = [], [], []
+        for request in batch.requests:
+            count = len(request.token_ids)
+            seq_len = request.start_position + count
+            pages = request.block_table[: (seq_len + self.block_size - 1) // self.block_size]
+            input_ids.extend(request.token_ids)
+            new_positions = range(request.start_position, seq_len)
+            positions.extend(new_positions)
+            slot_mapping.extend(pages[p // self.block_size] * self.block_size + p % self.block_size for p in new_positions)
+            page_indices.extend(pages)
+            qo_indptr.append(qo_indptr[-1] + count)
+            kv_indptr.append(kv_indptr[-1] + len(pages))
+            last_page_lens.append(seq_len - (len(pages) - 1) * self.block_size)
+            seq_lens.append(seq_len)
+            query_lens.append(count)
+
+        def tensor(values: list[int], dtype=torch.int32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        attention = AttentionMetadata(
+            is_prefill=batch.is_prefill,
+            qo_indptr=tensor(qo_indptr),
+            kv_indptr=tensor(kv_indptr),
+            kv_page_indices=tensor(page_indices),
+            kv_last_page_len=tensor(last_page_lens),
+            seq_lens=tensor(seq_lens),
+            slot_mapping=tensor(slot_mapping, torch.int64),
+            page_size=self.block_size,
+            max_seq_len=max(seq_lens),
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+        )
+        return ForwardBatch(
+            input_ids=tensor(input_ids, torch.int64),
+            positions=tensor(positions, torch.int64),
+            attention=attention,
+            logits_indices=tensor([end - 1 for end in qo_indptr[1:]], torch.int64),
+            lora=self._lora_info(batch, query_lens),
+        )
+
+    def _lora_info(self, batch: ScheduledBatch, query_lens: list[int]) -> LoRABatchInfo | None:
+        slots = [request.adapter_slot for request in batch.requests]
+        if all(slot == BASE_SLOT for slot in slots):
+            return None
+        seg_indptr, seg_slots, token_slots = [0], [], []
+        for slot, count in zip(slots, query_lens):
+            token_slots.extend([slot] * count)
+            if seg_slots and seg_slots[-1] == slot:
+                seg_indptr[-1] += count
+            else:
+                seg_slots.append(slot)
+                seg_indptr.append(seg_indptr[-1] + count)
+        return LoRABatchInfo(
+            is_decode=not batch.is_prefill,
+            seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=self.device),
+            seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=self.device),
+            token_slots=torch.tensor(token_slots, dtype=torch.int32, device=self.device),
+        )
