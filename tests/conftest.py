@@ -19,3 +19,22 @@ def tiny_model(request, tmp_path_factory):
         spec.name: make_adapter(base, spec, root / spec.name, seed=index + 1) for index, spec in enumerate(MIXED_ADAPTERS)
     }
     return base, adapters
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tmp_path_factory):
+    """One tiny GQA model with the four mixed adapters, for engine behaviour tests."""
+    root = tmp_path_factory.mktemp("gqa")
+    base = tiny_llama(root / "base", num_heads=4, num_kv_heads=2, tie=False, seed=5)
+    adapters = {
+        spec.name: make_adapter(base, spec, root / spec.name, seed=index + 11) for index, spec in enumerate(MIXED_ADAPTERS)
+    }
+    return base, adapters
+
+
+@pytest.fixture(scope="session")
+def bundled_llm():
+    """The real bundled SmolLM2 (no LoRA slots), shared by tests that need a tokenizer."""
+    from kvrun import LLM
+
+    return LLM(max_loras=1, num_blocks=256)

@@ -65,8 +65,7 @@ class TorchReferenceBackend:
     def _attend(self, q, keys, values, mask, batched: bool = False) -> torch.Tensor:
         if not batched:  # keys arrive [seq, kv_heads, dim]
             keys, values = keys.transpose(0, 1), values.transpose(0, 1)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=-3)
-            values = values.repeat_interleave(groups, dim=-3)
-        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=self.scale)
+        return F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )

@@ -1,0 +1,138 @@
+"""Continuous batching, KV-pool pressure, aborts and request validation on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrun import LLM, SamplingParams
+from kvrun.adapters.manager import UnknownAdapterError
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def make_llm(tiny_gqa, **kwargs) -> LLM:
+    base, adapters = tiny_gqa
+    llm = LLM(str(base), max_lora_rank=16, block_size=4, **{"max_loras": 4, "num_blocks": 128, **kwargs})
+    for name, directory in adapters.items():
+        llm.load_adapter(name, directory)
+    return llm
+
+
+def prompts(count: int, seed: int = 3) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (4 + 3 * i,), generator=generator).tolist() for i in range(count)]
+
+
+def alone(llm: LLM, prompt: list[int], adapter: str | None, params: SamplingParams = GREEDY) -> list[int]:
+    return llm.generate([prompt], params, adapters=[adapter])[0].token_ids
+
+
+def run_to_completion(engine, requests) -> dict[str, list[int]]:
+    done = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output.token_ids
+    return {request.request_id: done[request.request_id] for request in requests}
+
+
+def test_request_joining_mid_run_matches_running_alone(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    adapters = [*tiny_gqa[1], None]
+    rows = list(zip(prompts(5), adapters))
+    expected = [alone(llm, prompt, adapter) for prompt, adapter in rows]
+    engine = llm.engine
+    first = engine.add_request(rows[0][0], GREEDY, rows[0][1])
+    for _ in range(3):
+        engine.step()
+    later = [engine.add_request(prompt, GREEDY, adapter) for prompt, adapter in rows[1:]]
+    results = run_to_completion(engine, [first, *later])
+    assert list(results.values()) == expected
+
+
+def test_full_kv_pool_makes_requests_wait_and_still_finish_correctly(tiny_gqa):
+    # 12 blocks of 4 tokens: each request needs up to 4 blocks, six of them need 24.
+    llm = make_llm(tiny_gqa, num_blocks=12)
+    adapters = [*tiny_gqa[1], None, None]
+    rows = [(prompt[:6], adapter) for prompt, adapter in zip(prompts(6, seed=9), adapters)]
+    expected = [alone(llm, prompt, adapter) for prompt, adapter in rows]
+    engine = llm.engine
+    requests = [engine.add_request(prompt, GREEDY, adapter) for prompt, adapter in rows]
+    most_waiting = 0
+    done = {}
+    while engine.has_unfinished():
+        most_waiting = max(most_waiting, engine.num_waiting)
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output.token_ids
+    assert most_waiting > 0
+    assert any(request.num_preemptions > 0 for request in requests)
+    assert [done[request.request_id] for request in requests] == expected
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_abort_frees_blocks_and_adapter_pins(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    engine = llm.engine
+    name = next(iter(tiny_gqa[1]))
+    request = engine.add_request(prompts(1)[0], GREEDY, name)
+    engine.step()
+    assert engine.blocks.num_free < engine.blocks.num_blocks
+    assert engine.adapters.slots.pins(request.adapter) == 1
+    output = engine.abort_request(request.request_id)
+    assert output.finished and output.finish_reason == "abort"
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.adapters.slots.pins(request.adapter) == 0
+    assert not engine.has_unfinished()
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    prompt = prompts(1)[0]
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    solo = llm.generate([prompt], params)[0].token_ids
+    crowd = llm.generate([prompt, *prompts(3, seed=4)], [params] + [SamplingParams(max_tokens=5, temperature=1.0)] * 3)
+    assert crowd[0].token_ids == solo
+    other = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=99, ignore_eos=True))[0]
+    assert other.token_ids != solo
+
+
+def test_stop_token_ids_and_length(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    prompt = prompts(1)[0]
+    tokens = alone(llm, prompt, None)
+    stop_at = tokens[4]
+    output = llm.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=[stop_at]))[0]
+    assert output.token_ids == tokens[: tokens.index(stop_at) + 1]
+    assert output.finish_reason == "stop" and output.stop_reason == stop_at
+    short = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]
+    assert short.token_ids == tokens[:3] and short.finish_reason == "length"
+
+
+def test_request_validation(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    with pytest.raises(UnknownAdapterError):
+        llm.generate([[5, 6]], GREEDY, adapters=["nope"])
+    with pytest.raises(ValueError, match="context length"):
+        llm.generate([[5] * 250], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[5, 100000]], GREEDY)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("text needs a tokenizer", GREEDY)
+    for bad in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"logprobs": 50}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert not llm.engine.has_unfinished()
+    assert llm.generate([[5, 6]], GREEDY)[0].finish_reason == "length"  # still serving
+
+
+def test_unloaded_adapter_is_refused_but_others_keep_serving(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    first, second = list(tiny_gqa[1])[:2]
+    prompt = prompts(1)[0]
+    expected = alone(llm, prompt, second)
+    llm.unload_adapter(first)
+    with pytest.raises(UnknownAdapterError):
+        llm.generate([prompt], GREEDY, adapters=[first])
+    assert alone(llm, prompt, second) == expected
