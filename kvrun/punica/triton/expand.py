@@ -1,0 +1,194 @@
+"""LoRA expand: out[t, o_i : o_i + n_i] += y[i, t, :r] @ lora_b[i][s, :, :r].T, all slices of a layer in one launch.
+
+Grid: (row tiles, column blocks of all slices laid end to end). Each program reads one adapter's B tile once for a
+tile of rows of that adapter, loops over rank only up to the slot's own rank, and adds into its columns of the
+fused output (q/k/v or gate/up side by side). Every (row, column) belongs to exactly one program, so the
+read-add-write needs no atomics; base rows are in no tile and are never touched.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvrun.punica.triton.configs import expand_config
+from kvrun.punica.triton.tiles import groups_block, locate_tile, max_tiles, tile_tokens
+
+MAX_SLICES_PER_LAUNCH = 3
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    out_ptr,
+    token_order_ptr,
+    group_starts_ptr,
+    group_slots_ptr,
+    ranks_ptr,
+    num_groups,
+    features0,
+    features1,
+    features2,
+    offset0,
+    offset1,
+    offset2,
+    blocks0,
+    blocks1,
+    stride_b0_slot,
+    stride_b1_slot,
+    stride_b2_slot,
+    stride_y_slice,
+    stride_out_token,
+    stride_ranks_slice,
+    NUM_SLICES: tl.constexpr,
+    MAX_RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
+    SORTED: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+):
+    slot, first_row, end_row = locate_tile(
+        tl.program_id(0), group_starts_ptr, group_slots_ptr, num_groups, BLOCK_M, BLOCK_GROUPS
+    )
+    if slot < 0:
+        return
+
+    # Column blocks of slice 0, then slice 1, then slice 2 along grid axis 1.
+    # Values reassigned under a runtime condition must be tensors (not constexprs Triton may have specialized).
+    block = tl.program_id(1)
+    zero = block * 0
+    slice_id = zero
+    b_ptr = b0_ptr
+    features = features0 + zero
+    offset = offset0 + zero
+    stride_slot = stride_b0_slot + zero
+    if NUM_SLICES > 1:
+        if block >= blocks0:
+            block -= blocks0
+            slice_id = zero + 1
+            b_ptr = b1_ptr
+            features = features1 + zero
+            offset = offset1 + zero
+            stride_slot = stride_b1_slot + zero
+    if NUM_SLICES > 2:
+        if slice_id == 1 and block >= blocks1:
+            block -= blocks1
+            slice_id = zero + 2
+            b_ptr = b2_ptr
+            features = features2 + zero
+            offset = offset2 + zero
+            stride_slot = stride_b2_slot + zero
+    # Clamped so a rank table that overstates a slot never reads or writes past its padded buffers.
+    rank = tl.minimum(tl.load(ranks_ptr + slice_id * stride_ranks_slice + slot), MAX_RANK)
+    if rank == 0:
+        return
+
+    tokens, row_mask = tile_tokens(token_order_ptr, first_row, end_row, BLOCK_M, SORTED)
+    column_offsets = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = column_offsets < features
+    rank_offsets = tl.arange(0, BLOCK_R)
+    y_ptrs = y_ptr + slice_id * stride_y_slice + tokens[:, None] * MAX_RANK + rank_offsets[None, :]
+    b_ptrs = b_ptr + slot.to(tl.int64) * stride_slot + column_offsets[None, :] * MAX_RANK + rank_offsets[:, None]
+
+    accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, rank, BLOCK_R):
+        # Rank runs along the contiguous axis: bounding loads by the constexpr MAX_RANK keeps them vectorized (and
+        # the extra columns share the 32-byte sectors already fetched); the slot's rank is applied in registers,
+        # where a select also drops whatever the padding holds (NaN included).
+        in_buffer = rank_offsets + r < MAX_RANK
+        in_rank = rank_offsets + r < rank
+        y_tile = tl.load(y_ptrs, mask=row_mask[:, None] & in_buffer[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=in_buffer[:, None] & n_mask[None, :], other=0.0)
+        y_tile = tl.where(in_rank[None, :], y_tile, 0.0)
+        b_tile = tl.where(in_rank[:, None], b_tile, 0.0)
+        # The shrink output may be fp32 (split-K); the product runs in the weights' dtype like the reference's.
+        if IEEE_FP32:
+            accumulator += tl.dot(y_tile.to(b_tile.dtype), b_tile, input_precision="ieee")
+        else:
+            accumulator += tl.dot(y_tile.to(b_tile.dtype), b_tile)
+        y_ptrs += BLOCK_R
+        b_ptrs += BLOCK_R
+
+    out_ptrs = out_ptr + tokens[:, None] * stride_out_token + (offset + column_offsets)[None, :]
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    current = tl.load(out_ptrs, mask=out_mask, other=0.0)
+    tl.store(out_ptrs, (current.to(tl.float32) + accumulator).to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def launch_expand(
+    y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
+    lora_b: list[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    token_order: torch.Tensor | None,  # [num_tokens] int64 grouped row ids, None = rows contiguous per group
+    group_starts: torch.Tensor,  # [num_groups + 1] int32
+    group_slots: torch.Tensor,  # [num_groups] int32, -1 = base
+    ranks: torch.Tensor,  # [num_slices, num_slots] int32
+    out: torch.Tensor,  # [num_tokens, >= max(slice_offsets[i] + out_features_i)], accumulated in place
+    slice_offsets: list[int],  # [num_slices] first column of slice i in out
+) -> None:
+    _check_expand(y, lora_b, ranks, out, slice_offsets)
+    num_tokens = out.shape[0]
+    num_groups = group_slots.shape[0]
+    if num_tokens == 0 or num_groups == 0:
+        return
+    max_rank = y.shape[2]
+    config = expand_config(num_tokens, num_groups, max_rank)
+    for first in range(0, len(lora_b), MAX_SLICES_PER_LAUNCH):
+        chunk = lora_b[first : first + MAX_SLICES_PER_LAUNCH]
+        offsets = list(slice_offsets[first : first + MAX_SLICES_PER_LAUNCH])
+        blocks = [triton.cdiv(b.shape[1], config.block_n) for b in chunk]
+        padding = MAX_SLICES_PER_LAUNCH - len(chunk)
+        padded = chunk + [chunk[0]] * padding
+        offsets += [0] * padding
+        blocks += [0] * padding
+        grid = (max_tiles(num_tokens, num_groups, config.block_m), sum(blocks))
+        _expand_kernel[grid](
+            y[first:],
+            *padded,
+            out,
+            token_order if token_order is not None else group_starts,
+            group_starts,
+            group_slots,
+            ranks[first:],
+            num_groups,
+            *(b.shape[1] for b in padded),
+            *offsets,
+            blocks[0],
+            blocks[1],
+            *(b.stride(0) for b in padded),
+            y.stride(0),
+            out.stride(0),
+            ranks.stride(0),
+            NUM_SLICES=len(chunk),
+            MAX_RANK=max_rank,
+            BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n,
+            BLOCK_R=config.block_r,
+            BLOCK_GROUPS=groups_block(num_groups),
+            SORTED=token_order is not None,
+            IEEE_FP32=chunk[0].dtype == torch.float32,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+
+
+def _check_expand(y, lora_b, ranks, out, slice_offsets) -> None:
+    num_slots, max_rank = lora_b[0].shape[0], y.shape[2]
+    if len(slice_offsets) != len(lora_b) or y.shape[0] != len(lora_b) or y.shape[1] != out.shape[0]:
+        raise ValueError("need one y slice and one offset per lora_b slice, and y rows matching out rows")
+    for b, offset in zip(lora_b, slice_offsets, strict=True):
+        if b.shape[0] != num_slots or b.shape[2] != max_rank or b.stride()[1:] != (max_rank, 1):
+            raise ValueError("lora_b slices must be [num_slots, out_features_i, max_rank] with contiguous slots")
+        if b.dtype != lora_b[0].dtype:
+            raise ValueError("lora_b slices must share one dtype")
+        if offset < 0 or offset + b.shape[1] > out.shape[1]:
+            raise ValueError(f"slice at column {offset} of width {b.shape[1]} overflows out's {out.shape[1]} columns")
+    if y.stride()[1:] != (max_rank, 1) or out.stride(1) != 1:
+        raise ValueError("y needs contiguous [num_tokens, max_rank] slices and out a contiguous last dimension")
+    if ranks.shape != (len(lora_b), num_slots) or ranks.stride(1) != 1:
+        raise ValueError("ranks must be [num_slices, num_slots] with contiguous rows")
