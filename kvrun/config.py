@@ -104,6 +104,8 @@ class EngineConfig:
     model: str | None = None  # HF directory or .gguf; None = bundled SmolLM2
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks; nothing to download)
+    cuda_graphs: bool = True  # capture decode steps per batch-size bucket on CUDA
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -35,6 +35,9 @@ class LinearWithLoRA(nn.Module):
         self.scalings = scalings  # [num_slots] float32, shared by every wrapper of the model
         self.max_rank = max_rank
         self.ops = ops
+        # The Triton shrink accumulates in fp32 and splits the input dimension when it may write fp32 partials;
+        # the torch reference multiplies in the activation dtype.
+        self.shrink_dtype = torch.float32 if weight.is_cuda else weight.dtype
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Write one adapter's A/B per slice into slot (slices it leaves alone get rank 0)."""
@@ -55,7 +58,7 @@ class LinearWithLoRA(nn.Module):
         out = self.base(x)
         if lora is None:
             return out
-        shrunk = torch.empty(len(self.slice_names), x.shape[0], self.max_rank, dtype=x.dtype, device=x.device)
+        shrunk = torch.empty(len(self.slice_names), x.shape[0], self.max_rank, dtype=self.shrink_dtype, device=x.device)
         if lora.is_decode:
             self.ops.bgmv_shrink(x, self.lora_a, lora.token_slots, self.ranks, self.scalings, shrunk)
             self.ops.bgmv_expand(shrunk, self.lora_b, lora.token_slots, self.ranks, out, self.slice_offsets)

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        model_dir = resolve_model(config.model)
+        model_dir = resolve_model(config.model, needs_weights=config.load_format != "dummy")
         self.model_name = BUNDLED_NAME if config.model is None else Path(config.model).name.removesuffix(".gguf")
         self.runner = ModelRunner(model_dir, config, self.model_name)
         self.model_config = self.runner.model_config
@@ -36,6 +36,8 @@ class LLMEngine:
         self.adapters = (
             LoRAManager(self.runner.model, self.model_config, config.lora) if config.lora.max_loras > 0 else None
         )
+        if config.cuda_graphs and self.runner.device.type == "cuda":
+            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         self._requests: dict[str, Request] = {}

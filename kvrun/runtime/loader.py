@@ -48,7 +48,7 @@ def bundled_gguf_path() -> Path:
     return path
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
+def resolve_model(model: str | os.PathLike | None, needs_weights: bool = True) -> Path:
     """Return an HF-style model directory for `model` (None = the bundled SmolLM2), converting GGUF once."""
     if model is None:
         return convert_gguf_cached(bundled_gguf_path())
@@ -56,7 +56,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json (expected an HF model directory)")
-        if not any(path.glob("*.safetensors")):
+        if needs_weights and not any(path.glob("*.safetensors")):
             raise ModelNotFoundError(f"{path} has no *.safetensors weights (only safetensors are loaded)")
         return path
     if path.is_file() and path.suffix == ".gguf":

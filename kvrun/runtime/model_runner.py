@@ -29,27 +29,50 @@ class ModelRunner:
             self.model_config.max_position_embeddings,
         )
         self.block_size = config.cache.block_size
-        self._init_model(model_dir)
+        self._init_model(model_dir, config.load_format)
         self._init_kv_cache(config)
+        self.graphs = None  # DecodeGraphs, captured by capture_decode_graphs once adapters are wired in
 
-    def _init_model(self, model_dir: Path) -> None:
+    def _init_model(self, model_dir: Path, load_format: str) -> None:
         cfg = self.model_config
-        self.attention = select_backend(self.device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
-        with torch.device(self.device):
-            model = model_class(cfg.architecture)(cfg, self.attention, self.max_model_len)
-        model.load_weights(iter_weights(model_dir))
-        self.model = model.to(self.dtype).eval()
+        self.attention = select_backend(self.device, self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        # Build directly in the target dtype and device: an 8B model never exists in fp32 on the way.
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_class(cfg.architecture)(cfg, self.attention, self.max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        if load_format == "dummy":
+            _init_dummy_weights(model)
+        else:
+            model.load_weights(iter_weights(model_dir))
+        self.model = model.eval()
 
     def _init_kv_cache(self, config: EngineConfig) -> None:
         self.num_blocks = num_blocks_for(self.model_config, config.cache, self.dtype)
-        self.kv_cache = allocate_kv_cache(self.model_config, self.num_blocks, self.block_size, self.dtype, self.device)
+        # One page past the pool is scratch: padded rows of a captured decode step write there.
+        self.kv_cache = allocate_kv_cache(
+            self.model_config, self.num_blocks + 1, self.block_size, self.dtype, self.device
+        )
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    def capture_decode_graphs(self, max_batch_size: int, with_lora: bool) -> None:
+        """Capture decode steps on CUDA (call after LoRA wrappers are installed: the graphs bake in the modules)."""
+        from kvrun.runtime.cuda_graph import DecodeGraphs
+
+        with torch.inference_mode():
+            self.graphs = DecodeGraphs(self, max_batch_size, with_lora)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        forward_batch = self.prepare(batch)
-        self.attention.plan(forward_batch.attention)
-        logits = self.model(forward_batch, self.kv_cache)
+        if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
+            logits = self.graphs.run(batch)
+        else:
+            forward_batch = self.prepare(batch)
+            self.attention.plan(forward_batch.attention)
+            logits = self.model(forward_batch, self.kv_cache)
         return sample(logits, batch.requests)
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
@@ -77,16 +100,18 @@ class ModelRunner:
         def tensor(values: list[int], dtype=torch.int32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        def host(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32)
+
         attention = AttentionMetadata(
             is_prefill=batch.is_prefill,
-            qo_indptr=tensor(qo_indptr),
-            kv_indptr=tensor(kv_indptr),
-            kv_page_indices=tensor(page_indices),
-            kv_last_page_len=tensor(last_page_lens),
-            seq_lens=tensor(seq_lens),
+            qo_indptr=host(qo_indptr),
+            kv_indptr=host(kv_indptr),
+            kv_page_indices=host(page_indices),
+            kv_last_page_len=host(last_page_lens),
+            seq_lens=host(seq_lens),
             slot_mapping=tensor(slot_mapping, torch.int64),
             page_size=self.block_size,
-            max_seq_len=max(seq_lens),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
         )
@@ -116,3 +141,14 @@ class ModelRunner:
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=self.device),
             token_slots=torch.tensor(token_slots, dtype=torch.int32, device=self.device),
         )
+
+
+@torch.no_grad()
+def _init_dummy_weights(model: torch.nn.Module) -> None:
+    """Random weights at HF's initializer scale, so activations stay finite through every layer."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)

@@ -12,18 +12,22 @@ from kvrun.runtime.forward_batch import ScheduledRequest
 @dataclass(slots=True)
 class SampledToken:
     token_id: int
-    logprob: float  # log-probability of token_id under the model's (untempered) distribution
+    logprob: float | None  # log-probability of token_id under the untempered distribution, when asked for
     top_logprobs: dict[int, float] | None  # the requested top-N alternatives
 
 
 def sample(logits: torch.Tensor, requests: list[ScheduledRequest]) -> list[SampledToken]:
-    """logits: [batch, vocab], one row per request in order."""
+    """logits: [batch, vocab], one row per request in order. One host sync for the greedy rows."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
     greedy = logits.argmax(dim=-1).tolist()
+    wants_logprobs = any(request.num_logprobs is not None for request in requests)
+    logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
     results = []
     for row, request in enumerate(requests):
         token = greedy[row] if request.temperature == 0.0 else _sample_row(logits[row], request)
+        if request.num_logprobs is None:
+            results.append(SampledToken(token, None, None))
+            continue
         top = None
         if request.num_logprobs:
             values, indices = logprobs[row].topk(request.num_logprobs)

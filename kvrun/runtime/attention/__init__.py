@@ -7,11 +7,13 @@ import torch
 from kvrun.runtime.attention.base import AttentionBackend, AttentionMetadata
 
 
-def select_backend(device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> AttentionBackend:
+def select_backend(
+    device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> AttentionBackend:
     if device.type == "cuda":
         from kvrun.runtime.attention.flashinfer import FlashInferBackend
 
-        return FlashInferBackend(device, num_heads, num_kv_heads, head_dim)
+        return FlashInferBackend(device, dtype, num_heads, num_kv_heads, head_dim)
     from kvrun.runtime.attention.torch_ref import TorchReferenceBackend
 
     return TorchReferenceBackend(num_heads, num_kv_heads, head_dim)

@@ -17,22 +17,22 @@ import torch
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    """One step's paged-KV layout; every tensor lives on the model's device.
+    """One step's paged-KV layout.
 
     Requests are laid out one after another: request i owns query rows qo_indptr[i]:qo_indptr[i+1] and the pages
-    kv_page_indices[kv_indptr[i]:kv_indptr[i+1]]. Sequence lengths count the tokens written this step.
+    kv_page_indices[kv_indptr[i]:kv_indptr[i+1]]. Sequence lengths count the tokens written this step. The index
+    arrays stay on the host (FlashInfer plans from host arrays without waiting on the GPU); slot_mapping lives on
+    the model's device because the K/V scatter reads it inside the forward pass.
     """
 
     is_prefill: bool
-    qo_indptr: torch.Tensor  # [batch + 1] int32, query-token offsets
-    kv_indptr: torch.Tensor  # [batch + 1] int32, offsets into kv_page_indices
-    kv_page_indices: torch.Tensor  # [total_pages] int32, page ids of each request in order
-    kv_last_page_len: torch.Tensor  # [batch] int32, tokens used in each request's last page (1..page_size)
-    seq_lens: torch.Tensor  # [batch] int32, KV length of each request after this step
-    slot_mapping: torch.Tensor  # [num_tokens] int64, page * page_size + offset where each new token's K/V goes
+    qo_indptr: torch.Tensor  # [batch + 1] int32, host, query-token offsets
+    kv_indptr: torch.Tensor  # [batch + 1] int32, host, offsets into kv_page_indices
+    kv_page_indices: torch.Tensor  # [total_pages] int32, host, page ids of each request in order
+    kv_last_page_len: torch.Tensor  # [batch] int32, host, tokens used in each request's last page (1..page_size)
+    seq_lens: torch.Tensor  # [batch] int32, host, KV length of each request after this step
+    slot_mapping: torch.Tensor  # [num_tokens] int64, device, page * page_size + offset of each new token's K/V
     page_size: int
-    max_seq_len: int
-    # Host copies of the per-request sizes, so the CPU reference can slice without device syncs.
     query_lens_host: list[int]
     seq_lens_host: list[int]
 

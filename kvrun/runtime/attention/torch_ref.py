@@ -24,12 +24,14 @@ class TorchReferenceBackend:
         indptr = metadata.kv_indptr.tolist()
         counts = [end - start for start, end in zip(indptr, indptr[1:])]
         max_pages = max(counts)
-        table = torch.zeros(len(counts), max_pages, dtype=torch.long, device=metadata.kv_page_indices.device)
+        table = torch.zeros(len(counts), max_pages, dtype=torch.long)
         for row, (start, count) in enumerate(zip(indptr, counts)):
             table[row, :count] = metadata.kv_page_indices[start : start + count]
-        self._page_table = table
-        key_positions = torch.arange(max_pages * metadata.page_size, device=table.device)
-        self._decode_mask = (key_positions[None, :] < metadata.seq_lens[:, None].long())[:, None, None, :]
+        device = metadata.slot_mapping.device
+        self._page_table = table.to(device)
+        key_positions = torch.arange(max_pages * metadata.page_size)
+        mask = (key_positions[None, :] < metadata.seq_lens[:, None].long())[:, None, None, :]
+        self._decode_mask = mask.to(device)
 
     def forward(self, q, k, v, kv_cache):
         metadata = self._metadata
@@ -43,7 +45,7 @@ class TorchReferenceBackend:
         page_size = metadata.page_size
         qo, kv = metadata.qo_indptr.tolist(), metadata.kv_indptr.tolist()
         for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_host, metadata.seq_lens_host)):
-            pages = metadata.kv_page_indices[kv[index] : kv[index + 1]].long()
+            pages = metadata.kv_page_indices[kv[index] : kv[index + 1]].long().to(kv_cache.device)
             keys = kv_cache[pages, 0].reshape(-1, self.num_kv_heads, kv_cache.shape[-1])[:seq_len]
             values = kv_cache[pages, 1].reshape(-1, self.num_kv_heads, kv_cache.shape[-1])[:seq_len]
             # Query j sits at position seq_len - query_len + j and sees every key up to it.

@@ -33,11 +33,12 @@ def _inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> t
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
-        inv_freq = _inverse_frequencies(head_dim, theta, scaling)
+        inv_freq = _inverse_frequencies(head_dim, theta, scaling).float()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)  # [max_positions, head_dim]
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        # Computed in fp32 and stored in the model dtype, as the reference casts them before use.
+        self.register_buffer("cos", angles.cos().to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("sin", angles.sin().to(torch.get_default_dtype()), persistent=False)
 
     def forward(
         self,
@@ -45,8 +46,8 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
