@@ -1,0 +1,170 @@
+"""Validation at push: an adapter directory in, a `ValidatedAdapter` out, or a specific ValidationError.
+
+Everything runs before a single byte is stored, so a rejected push leaves the registry untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters_registry.errors import (
+    DtypeError,
+    FileTooLargeError,
+    MissingFileError,
+    RankError,
+    TensorNameError,
+    TensorShapeError,
+    UnsafeFormatError,
+    ValidationError,
+)
+from adapters_registry.peft_config import CONFIG_FILE, LoraSettings, parse_config
+from adapters_registry.safetensors_format import TensorInfo, check_finite, parse_header
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+SUPPORTED_DTYPES = ("F32", "F16", "BF16")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+# PEFT's saved key: the adapter name ("default") is stripped by save_pretrained.
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<side>[AB])\.weight$")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Push limits; a registry guards itself against mistakes (a full model pushed as an adapter)."""
+
+    max_rank: int = 256
+    max_weights_bytes: int = 2 * 1024**3
+    max_config_bytes: int = 1024**2
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedAdapter:
+    settings: LoraSettings
+    dtype: str
+    # module path (e.g. model.layers.0.self_attn.q_proj) -> (lora_A shape [r, in], lora_B shape [out, r])
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+
+def read_adapter_dir(directory: str | Path, limits: Limits = DEFAULT_LIMITS) -> dict[str, bytes]:
+    """Read the two adapter files from a PEFT `save_pretrained` directory, refusing pickle formats."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise MissingFileError(f"{path}: not a directory")
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFormatError(
+            f"{path / pickles[0]}: pickle-based files (.bin/.pt/.pth/.pkl/.ckpt) can execute arbitrary code when "
+            "loaded, so the registry accepts safetensors only; save with save_pretrained(safe_serialization=True) "
+            "and remove the pickle files"
+        )
+    files: dict[str, bytes] = {}
+    for name, limit in ((CONFIG_FILE, limits.max_config_bytes), (WEIGHTS_FILE, limits.max_weights_bytes)):
+        file = path / name
+        if not file.is_file():
+            raise MissingFileError(f"{file}: missing (a PEFT LoRA adapter directory has {' and '.join(ADAPTER_FILES)})")
+        size = file.stat().st_size
+        if size > limit:
+            raise FileTooLargeError(f"{file}: {size} bytes exceeds the limit of {limit} bytes")
+        files[name] = file.read_bytes()
+    ignored = sorted(p.name for p in path.iterdir() if p.name not in files)
+    if ignored:
+        log.info("not pushing extra files in %s: %s", path, ", ".join(ignored))
+    return files
+
+
+def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS) -> ValidatedAdapter:
+    """Check config and weights of an in-memory adapter; raise a ValidationError naming file/key/shape."""
+    unexpected = sorted(set(files) - set(ADAPTER_FILES))
+    if unexpected:
+        raise ValidationError(f"unexpected file {unexpected[0]!r}: an adapter is exactly {' and '.join(ADAPTER_FILES)}")
+    for name in ADAPTER_FILES:
+        if name not in files:
+            raise MissingFileError(f"{name}: missing")
+    if len(files[CONFIG_FILE]) > limits.max_config_bytes:
+        raise FileTooLargeError(f"{CONFIG_FILE}: exceeds the limit of {limits.max_config_bytes} bytes")
+    if len(files[WEIGHTS_FILE]) > limits.max_weights_bytes:
+        raise FileTooLargeError(f"{WEIGHTS_FILE}: exceeds the limit of {limits.max_weights_bytes} bytes")
+    settings = parse_config(files[CONFIG_FILE], max_rank=limits.max_rank)
+    data = files[WEIGHTS_FILE]
+    tensors = parse_header(data, WEIGHTS_FILE)
+    if not tensors:
+        raise TensorNameError(f"{WEIGHTS_FILE}: contains no tensors")
+    pairs = _pair_tensors(tensors, settings)
+    dtype = _common_dtype(tensors)
+    for module, (a, b) in sorted(pairs.items()):
+        _check_pair_shapes(module, a, b, settings.rank)
+    for info in tensors.values():
+        check_finite(WEIGHTS_FILE, data, info)
+    shapes = {module: (a.shape, b.shape) for module, (a, b) in sorted(pairs.items())}
+    return ValidatedAdapter(settings, dtype, shapes)
+
+
+def _pair_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+    sides: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in tensors.items():
+        match = _KEY_RE.match(key)
+        if match is None:
+            raise TensorNameError(_explain_bad_key(key))
+        module = match["module"]
+        if not any(module == target or module.endswith(f".{target}") for target in settings.target_modules):
+            raise TensorNameError(
+                f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which is not in target_modules "
+                f"{list(settings.target_modules)}"
+            )
+        sides.setdefault(module, {})[match["side"]] = info
+    pairs = {}
+    for module, found in sides.items():
+        missing = {"A", "B"} - set(found)
+        if missing:
+            raise TensorNameError(f"{WEIGHTS_FILE}: module {module!r} has no lora_{missing.pop()}.weight")
+        pairs[module] = (found["A"], found["B"])
+    return pairs
+
+
+def _explain_bad_key(key: str) -> str:
+    prefix = f"{WEIGHTS_FILE}: tensor {key!r}"
+    if re.search(r"\.lora_[AB]\.[^.]+\.weight$", key):
+        return f"{prefix} carries an adapter name; save with PEFT's save_pretrained, which strips it"
+    if "lora_embedding_" in key:
+        return f"{prefix} is an embedding LoRA, which is not supported"
+    if "lora_magnitude_vector" in key:
+        return f"{prefix} is a DoRA magnitude vector; DoRA is not supported"
+    return f"{prefix} is not a PEFT LoRA weight (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
+
+
+def _common_dtype(tensors: dict[str, TensorInfo]) -> str:
+    dtypes = sorted({info.dtype for info in tensors.values()})
+    for info in tensors.values():
+        if info.dtype not in SUPPORTED_DTYPES:
+            raise DtypeError(
+                f"{WEIGHTS_FILE}: tensor {info.key!r} has dtype {info.dtype}; use one of {SUPPORTED_DTYPES}"
+            )
+    if len(dtypes) > 1:
+        raise DtypeError(f"{WEIGHTS_FILE}: tensors mix dtypes {dtypes}; save all LoRA weights in one dtype")
+    return dtypes[0]
+
+
+def _check_pair_shapes(module: str, a: TensorInfo, b: TensorInfo, rank: int) -> None:
+    for info in (a, b):
+        if len(info.shape) != 2 or 0 in info.shape:
+            raise TensorShapeError(f"{WEIGHTS_FILE}: tensor {info.key!r} has shape {list(info.shape)}; expected 2-D")
+    if a.shape[0] != rank:
+        raise RankError(
+            f"{WEIGHTS_FILE}: tensor {a.key!r} has shape {list(a.shape)}, i.e. rank {a.shape[0]}, "
+            f"but adapter_config.json says r={rank} (lora_A is [r, in_features])"
+        )
+    if b.shape[1] != rank:
+        raise RankError(
+            f"{WEIGHTS_FILE}: tensor {b.key!r} has shape {list(b.shape)}, i.e. rank {b.shape[1]}, "
+            f"but adapter_config.json says r={rank} (lora_B is [out_features, r])"
+        )

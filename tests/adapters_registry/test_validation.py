@@ -1,0 +1,263 @@
+"""Malformed adapters are rejected at push with a specific error naming the problem, and store nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_registry import AdapterStore, Limits, errors, open_store
+from tests.adapters_registry.conftest import AdapterFactory, assert_empty, read_tensors, write_tensors
+
+A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+def edit_config(**changes: object) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config.update(changes)
+        path.write_text(json.dumps(config))
+
+    return edit
+
+
+def edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        tensors = read_tensors(directory)
+        change(tensors)
+        write_tensors(directory, tensors)
+
+    return edit
+
+
+def write_weights_bytes(data: bytes) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        (directory / "adapter_model.safetensors").write_bytes(data)
+
+    return edit
+
+
+def raw_safetensors(header: dict[str, object], data: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + data
+
+
+def set_element(key: str, value: float, dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], None]:
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        for name in tensors:
+            tensors[name] = tensors[name].to(dtype)
+        tensors[key] = tensors[key].clone()
+        tensors[key][1, 2] = value
+
+    return change
+
+
+def replace_tensor(key: str, tensor: torch.Tensor) -> Callable[[Path], None]:
+    return edit_tensors(lambda tensors: tensors.__setitem__(key, tensor))
+
+
+def rename_tensor(old: str, new: str) -> Callable[[Path], None]:
+    return edit_tensors(lambda tensors: tensors.__setitem__(new, tensors.pop(old)))
+
+
+def write_file(name: str, data: bytes) -> Callable[[Path], None]:
+    return lambda directory: (directory / name).write_bytes(data)  # type: ignore[return-value]
+
+
+def remove_file(name: str) -> Callable[[Path], None]:
+    return lambda directory: (directory / name).unlink()
+
+
+HALF = torch.float16
+OVERLAPPING = {
+    A_KEY: {"dtype": "F16", "shape": [4, 2], "data_offsets": [0, 16]},
+    B_KEY: {"dtype": "F16", "shape": [2, 4], "data_offsets": [8, 24]},
+}
+SHORT_DATA = {A_KEY: {"dtype": "F16", "shape": [4, 4], "data_offsets": [0, 8]}}
+EMBEDDING_KEY = "base_model.model.model.embed_tokens.lora_embedding_A"
+E = errors
+
+# case -> (how to break a good adapter, the error expected, a fragment of its message)
+MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError], str]] = {
+    "pickle weights": (
+        write_file("adapter_model.bin", b"\x80\x04"),
+        E.UnsafeFormatError,
+        "adapter_model.bin: pickle-based",
+    ),
+    "pickle training args": (write_file("training_args.pt", b"x"), E.UnsafeFormatError, "can execute arbitrary code"),
+    "missing config": (remove_file("adapter_config.json"), E.MissingFileError, "adapter_config.json: missing"),
+    "missing weights": (remove_file("adapter_model.safetensors"), E.MissingFileError, "safetensors: missing"),
+    "config not json": (write_file("adapter_config.json", b"{r: 4"), E.AdapterConfigError, "not valid JSON"),
+    "not lora": (edit_config(peft_type="IA3"), E.UnsupportedConfigError, "peft_type is 'IA3'"),
+    "dora": (edit_config(use_dora=True), E.UnsupportedConfigError, "use_dora=True: DoRA"),
+    "modules_to_save": (edit_config(modules_to_save=["lm_head"]), E.UnsupportedConfigError, "modules_to_save"),
+    "rank_pattern": (edit_config(rank_pattern={"q_proj": 8}), E.UnsupportedConfigError, "rank_pattern"),
+    "unknown field": (edit_config(use_magic=True), E.UnsupportedConfigError, "unsupported field use_magic=True"),
+    "trained bias": (edit_config(bias="all"), E.UnsupportedConfigError, "bias='all'"),
+    "regex targets": (edit_config(target_modules=".*proj"), E.UnsupportedConfigError, "list the module names"),
+    "rank zero": (edit_config(r=0), E.AdapterConfigError, "r must be a positive integer, got 0"),
+    "rank too high": (edit_config(r=512), E.RankError, "r=512 exceeds the registry's maximum rank 256"),
+    "rank mismatch A": (edit_config(r=8), E.RankError, f"tensor '{A_KEY}' has shape [4, 16], i.e. rank 4"),
+    "rank mismatch B": (
+        replace_tensor(B_KEY, torch.zeros(16, 5, dtype=HALF)),
+        E.RankError,
+        f"'{B_KEY}' has shape [16, 5], i.e. rank 5",
+    ),
+    "3-D tensor": (
+        replace_tensor(A_KEY, torch.zeros(4, 16, 1, dtype=HALF)),
+        E.TensorShapeError,
+        "[4, 16, 1]; expected 2-D",
+    ),
+    "key without prefix": (
+        rename_tensor(A_KEY, "model.q_proj.lora_A.weight"),
+        E.TensorNameError,
+        "is not a PEFT LoRA weight",
+    ),
+    "key with adapter name": (
+        rename_tensor(A_KEY, A_KEY.replace("lora_A.", "lora_A.default.")),
+        E.TensorNameError,
+        "carries an adapter name",
+    ),
+    "missing lora_B": (
+        edit_tensors(lambda t: t.pop(B_KEY)),
+        E.TensorNameError,
+        "'model.layers.0.self_attn.q_proj' has no lora_B",
+    ),
+    "untargeted module": (
+        edit_config(target_modules=["v_proj"]),
+        E.TensorNameError,
+        "not in target_modules ['v_proj']",
+    ),
+    "embedding lora": (
+        replace_tensor(EMBEDDING_KEY, torch.zeros(4, 8, dtype=HALF)),
+        E.TensorNameError,
+        "embedding LoRA",
+    ),
+    "nan f16": (
+        edit_tensors(set_element(A_KEY, float("nan"), HALF)),
+        E.NonFiniteError,
+        f"'{A_KEY}' contains nan at element 18",
+    ),
+    "inf bf16": (
+        edit_tensors(set_element(B_KEY, float("inf"), torch.bfloat16)),
+        E.NonFiniteError,
+        "contains inf at element 6",
+    ),
+    "-inf f32": (
+        edit_tensors(set_element(A_KEY, float("-inf"), torch.float32)),
+        E.NonFiniteError,
+        "contains -inf at element 18",
+    ),
+    "integer dtype": (replace_tensor(A_KEY, torch.zeros(4, 16, dtype=torch.int32)), E.DtypeError, "has dtype I32"),
+    "mixed dtypes": (replace_tensor(A_KEY, torch.zeros(4, 16)), E.DtypeError, "mix dtypes ['F16', 'F32']"),
+    "truncated file": (write_weights_bytes(b"\x10\x00"), E.SafetensorsFormatError, "too short"),
+    "header past end": (
+        write_weights_bytes((10**6).to_bytes(8, "little") + b"{}"),
+        E.SafetensorsFormatError,
+        "exceeds the file size",
+    ),
+    "header not json": (
+        write_weights_bytes((4).to_bytes(8, "little") + b"{{{{"),
+        E.SafetensorsFormatError,
+        "not valid JSON",
+    ),
+    "overlapping data": (
+        write_weights_bytes(raw_safetensors(OVERLAPPING, bytes(24))),
+        E.SafetensorsFormatError,
+        "overlaps the previous",
+    ),
+    "wrong byte count": (
+        write_weights_bytes(raw_safetensors(SHORT_DATA, bytes(8))),
+        E.SafetensorsFormatError,
+        "8 bytes of data for shape",
+    ),
+    "no tensors": (write_weights_bytes(raw_safetensors({}, b"")), E.TensorNameError, "contains no tensors"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_adapter_is_rejected(store: AdapterStore, make_adapter: AdapterFactory, case: str) -> None:
+    corrupt, error_type, message = MALFORMED[case]
+    directory = make_adapter()
+    corrupt(directory)
+    with pytest.raises(error_type) as raised:
+        store.push(directory, "team-a/bad")
+    assert message in str(raised.value)
+    assert raised.value.exit_code == errors.EXIT_REJECTED
+    assert_empty(store)
+    assert store.events() == []
+
+
+def test_size_limits(registry_url: str, make_adapter: AdapterFactory) -> None:
+    with open_store(registry_url, token="", limits=Limits(max_weights_bytes=1000)) as store:
+        with pytest.raises(
+            errors.FileTooLargeError, match=r"adapter_model.safetensors: \d+ bytes exceeds the limit of 1000"
+        ):
+            store.push(make_adapter(), "team-a/big")
+        assert_empty(store)
+
+
+def test_configurable_max_rank(registry_url: str, make_adapter: AdapterFactory) -> None:
+    with (
+        open_store(registry_url, token="", limits=Limits(max_rank=2)) as store,
+        pytest.raises(errors.RankError, match="r=4 exceeds the registry's maximum rank 2"),
+    ):
+        store.push(make_adapter(rank=4), "team-a/wide")
+
+
+def test_peft_extras_that_are_off_are_accepted(store: AdapterStore, make_adapter: AdapterFactory) -> None:
+    directory = make_adapter(
+        config={"use_rslora": True, "layers_to_transform": [0, 1], "lora_dropout": 0.1, "future_flag": None}
+    )
+    record = store.push(directory, "team-a/ok")
+    assert record.use_rslora and record.scaling == pytest.approx(8 / 2)
+
+
+BASE_CONFIG = {
+    "hidden_size": 16,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "num_hidden_layers": 2,
+    "intermediate_size": 32,
+}
+
+
+def test_shapes_checked_against_registered_base_model(store: AdapterStore, make_adapter: AdapterFactory) -> None:
+    store.set_base_config("tiny/base", BASE_CONFIG)
+    assert store.list_base_models() == ["tiny/base"]
+    # q_proj fits (16 -> 2 heads x 8), v_proj does not (16 -> 1 KV head x 8 = 8, the adapter says 16).
+    with pytest.raises(errors.BaseModelMismatchError, match=r"v_proj.*expected lora_A \[r, 16\], lora_B \[8, r\]"):
+        store.push(make_adapter(), "team-a/misfit")
+    with pytest.raises(errors.BaseModelMismatchError, match="layer 2 does not exist"):
+        store.push(make_adapter(layers=3, modules=("q_proj",)), "team-a/deep")
+    assert_empty(store)
+    assert store.push(make_adapter(modules=("q_proj", "o_proj")), "team-a/fits").version == 1
+    # An explicit config wins over the registered one.
+    with pytest.raises(errors.BaseModelMismatchError):
+        store.push(make_adapter(), "team-a/misfit", base_config={**BASE_CONFIG, "num_key_value_heads": 1})
+    assert store.push(make_adapter(), "team-a/fits", base_config={**BASE_CONFIG, "num_key_value_heads": 2}).version == 2
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations raised inside PEFT
+def test_real_peft_output_is_accepted_and_fits_its_base(store: AdapterStore, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=64,
+    )  # fmt: skip
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False)
+    get_peft_model(LlamaForCausalLM(base), lora).save_pretrained(tmp_path / "peft")
+    store.set_base_config("tiny/llama", base.to_dict())
+    record = store.push(tmp_path / "peft", "team-a/real", base_model="tiny/llama")
+    assert (record.rank, record.alpha, record.dtype, record.target_modules) == (4, 8.0, "F32", sorted(modules))
+    store.set_base_config("tiny/llama", {**base.to_dict(), "intermediate_size": 48})
+    with pytest.raises(errors.BaseModelMismatchError, match=r"mlp\.(down|gate|up)_proj"):
+        store.push(tmp_path / "peft", "team-a/real", base_model="tiny/llama")
