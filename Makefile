@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)
 
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# Serves the bundled SmolLM2 with the embedded file registry (~/.kvrun/registry); prints the URL and a curl.
 run: setup
-	$(VENV)/bin/kvrun generate --chat --prompt "Write one sentence about the sea." --max-tokens 48
+	$(VENV)/bin/kvrun serve --host $(HOST) --port $(PORT)
 
 # Tests talk to a real redis-server: the one on 127.0.0.1:6379 when it answers, else one started here.
 redis:

@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        return EXIT_ERROR
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped
+        return EXIT_OK
     except (ValueError, LookupError, OSError) as error:
         print(f"kvrun: error: {error}", file=sys.stderr)
         return EXIT_ERROR

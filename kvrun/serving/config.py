@@ -1,0 +1,57 @@
+"""What `kvrun serve` was asked for: one frozen record the app factory builds everything from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvrun.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    model: str | None = None  # HF directory or .gguf; None = the bundled SmolLM2
+    registry: str | None = None  # registry URL; None = env KVRUN_REGISTRY, else the embedded file registry
+    use_registry: bool = True  # False: only adapters loaded through /v1/load_lora_adapter are served
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # the base model's id in /v1 APIs (default: the engine's model name)
+    api_key: str | None = None  # required as `Authorization: Bearer` on /v1/* and /generate*
+    admin_key: str | None = None  # required for load/unload when set (else the api key guards them)
+    max_loras: int = 8  # adapter slots in the model
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 32  # parsed adapters kept in host memory, and adapter versions known to the engine
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    max_queue: int = 256  # requests allowed to wait beyond the running batch before 429/503
+    queue_timeout_s: float = 120.0  # a request that got no token this long (e.g. no free slot) fails with 503
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    dtype: str = "auto"
+    device: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights of the config's shapes (GPU benchmarks without downloads)
+    cuda_graphs: bool = True
+    resolve_ttl_s: float = 30.0  # backstop for cached ref → version resolutions if a change event is missed
+    default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent
+    cors_origins: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
+        if self.max_queue < 0:
+            raise ValueError("--max-queue must be >= 0")
+        if self.queue_timeout_s <= 0:
+            raise ValueError("--queue-timeout must be > 0")
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            load_format=self.load_format,
+            cuda_graphs=self.cuda_graphs,
+            cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes),
+            lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras),
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len),
+        )

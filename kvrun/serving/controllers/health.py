@@ -1,0 +1,68 @@
+"""GET /health (process and engine alive), /ready (able to take traffic), /metrics (Prometheus), /info (TGI)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from litestar import Controller, Request, get
+from litestar.response import Response
+
+from kvrun.serving.state import Serving
+
+SNAPSHOT_TIMEOUT_S = 10.0  # a step longer than this means the engine is wedged
+
+
+class HealthController(Controller):
+    path = "/"
+    tags = ["Operations"]
+
+    @get("/health", summary="Liveness: the engine thread runs")
+    async def health(self, request: Request) -> Response[dict]:
+        client = request.app.state.serving.client
+        if not client.alive:
+            return Response({"status": "engine stopped", "error": client.last_error}, status_code=503)
+        return Response({"status": "ok"})
+
+    @get("/ready", summary="Readiness: the engine answers and the registry is reachable")
+    async def ready(self, request: Request) -> Response[dict]:
+        serving: Serving = request.app.state.serving
+        problems = []
+        try:
+            snapshot = await asyncio.wait_for(serving.client.snapshot(), SNAPSHOT_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure means not ready
+            problems.append(f"engine: {type(error).__name__}: {error}")
+            snapshot = None
+        if serving.watcher is not None and not serving.watcher.connected:
+            problems.append(f"registry {serving.store.url} is unreachable")
+        body = {
+            "status": "not ready" if problems else "ready",
+            "problems": problems,
+            "model": serving.model_name,
+            "registry": serving.store.url if serving.store else None,
+            "running": snapshot.num_running if snapshot else None,
+            "waiting": snapshot.num_waiting if snapshot else None,
+        }
+        return Response(body, status_code=503 if problems else 200)
+
+    @get("/metrics", summary="Prometheus metrics", media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request: Request) -> Response[str]:
+        serving: Serving = request.app.state.serving
+        snapshot = await asyncio.wait_for(serving.client.snapshot(), SNAPSHOT_TIMEOUT_S)
+        text = serving.metrics.render(snapshot, serving.client.num_active)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @get("/info", summary="Model and server limits (TGI's /info)")
+    async def info(self, request: Request) -> dict:
+        serving: Serving = request.app.state.serving
+        config = serving.config
+        return {
+            "model_id": serving.model_name,
+            "router": "kvrun",
+            "max_total_tokens": serving.service.context_limit,
+            "max_concurrent_requests": serving.client.max_active,
+            "max_client_batch_size": 1,
+            "max_loras": config.max_loras,
+            "max_lora_rank": config.max_lora_rank,
+            "max_cpu_loras": config.max_cpu_loras,
+            "registry": serving.store.url if serving.store else None,
+        }

@@ -1,0 +1,204 @@
+"""POST /v1/completions and /v1/chat/completions, in OpenAI's shapes (JSON, or SSE when `stream`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from litestar import Controller, Request, post
+from litestar.params import JSONBody
+from litestar.response import Response, Stream
+from msgspec import UNSET
+
+from kvrun.engine.tokenizer import apply_chat_template
+from kvrun.serving import errors
+from kvrun.serving.adapter_resolver import Resolution
+from kvrun.serving.auth import require_api_key
+from kvrun.serving.controllers.streaming import SSE_HEADERS, collect, run_streams, start_all
+from kvrun.serving.generation import TrackedStream
+from kvrun.serving.openai_format import (
+    chat_logprobs,
+    chat_messages,
+    check_unsupported,
+    completion_logprobs,
+    sampling_params,
+    sse,
+)
+from kvrun.serving.responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    Delta,
+    Usage,
+)
+from kvrun.serving.schemas import ChatCompletionRequest, CompletionRequest
+from kvrun.serving.state import Serving
+
+
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """OpenAI's four prompt forms → a list of prompts (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise errors.invalid("prompt must not be empty", "prompt")
+    if all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]
+    if all(isinstance(item, str) for item in prompt) or all(isinstance(item, list) for item in prompt):
+        return list(prompt)
+    raise errors.invalid("prompt must be a string, a list of strings, token ids, or lists of token ids", "prompt")
+
+
+def _completion_jobs(serving: Serving, data: CompletionRequest) -> tuple[list, int, list[str]]:
+    """One (token ids, params) job per prompt and choice, the prompt tokens to bill, and each job's echo text."""
+    service = serving.service
+    max_tokens = data.max_tokens or 16
+    jobs, prompt_tokens, prompt_texts = [], 0, []
+    for prompt in _prompts(data.prompt):
+        if isinstance(prompt, str):
+            token_ids = service.encode(prompt)
+        else:
+            if not prompt or not all(isinstance(t, int) and 0 <= t < service.vocab_size for t in prompt):
+                raise errors.invalid(f"prompt token ids must be in [0, {service.vocab_size})", "prompt")
+            token_ids = prompt
+        service.check_length(len(token_ids), max_tokens, "prompt", "max_tokens")
+        prompt_tokens += len(token_ids)
+        text = prompt if isinstance(prompt, str) else (serving.tokenizer.decode(prompt) if data.echo else "")
+        for choice in range(data.n):
+            jobs.append((token_ids, sampling_params(data, max_tokens, data.logprobs, choice)))
+            prompt_texts.append(text)
+    return jobs, prompt_tokens, prompt_texts
+
+
+def _headers(resolution: Resolution) -> dict[str, str]:
+    return {"x-kvrun-adapter": resolution.adapter} if resolution.adapter else {}
+
+
+def _usage(prompt_tokens: int, streams: list[TrackedStream]) -> Usage:
+    completion = sum(stream.num_tokens for stream in streams)
+    return Usage(prompt_tokens, completion, prompt_tokens + completion)
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+    guards = [require_api_key]
+    tags = ["OpenAI"]
+
+    @post("/completions", status_code=200, summary="Text completion (OpenAI)")
+    async def completions(self, request: Request, data: JSONBody[CompletionRequest]) -> Response:
+        serving: Serving = request.app.state.serving
+        service = serving.service
+        check_unsupported(data)
+        if data.suffix:
+            raise errors.invalid("suffix is not supported", "suffix")
+        if data.best_of not in (None, data.n):
+            raise errors.invalid("best_of must equal n (or be omitted)", "best_of")
+        resolution = await serving.resolver.resolve(data.model)
+        jobs, prompt_tokens, prompt_texts = _completion_jobs(serving, data)
+        call_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = await start_all(service, "completions", resolution, call_id, jobs)
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        offsets = [0] * len(streams)
+
+        def choice(index: int, output, delta: bool) -> CompletionChoice:
+            text = output.new_text if delta else output.text
+            token_ids = output.new_token_ids if delta else output.token_ids
+            if data.echo and (not delta or len(output.token_ids) == len(output.new_token_ids)):
+                text = prompt_texts[index] + text
+            logprobs = None
+            if data.logprobs is not None:
+                entries = output.logprobs[len(output.logprobs) - len(token_ids):] if delta else output.logprobs
+                logprobs = completion_logprobs(token_ids, entries, data.logprobs, serving.token_text, offsets[index])
+                offsets[index] += len(text)
+            ids = list(token_ids) if data.return_token_ids else UNSET
+            return CompletionChoice(index, text, logprobs, output.finish_reason, output.stop_reason, ids)
+
+        if not data.stream:
+            finals = await collect(request, streams)
+            body = Completion(call_id, created, data.model, [choice(i, out, False) for i, out in enumerate(finals)],
+                              _usage(prompt_tokens, streams))  # fmt: skip
+            return Response(body, headers=_headers(resolution))
+
+        def chunk(index: int, output) -> bytes | None:
+            if not (output.new_text or output.finished or data.logprobs is not None or data.echo
+                    or data.return_token_ids):  # fmt: skip
+                return None  # nothing visible yet (a partial character, or text that may become a stop string)
+            body = Completion(call_id, created, data.model, [choice(index, output, True)],
+                              None if include_usage else UNSET)  # fmt: skip
+            return sse(body)
+
+        def usage_chunk() -> bytes:
+            return sse(Completion(call_id, created, data.model, [], _usage(prompt_tokens, streams)))
+
+        events = run_streams(streams, chunk, usage_chunk if include_usage else None)
+        return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(resolution)})
+
+    @post("/chat/completions", status_code=200, summary="Chat completion (OpenAI)")
+    async def chat_completions(self, request: Request, data: JSONBody[ChatCompletionRequest]) -> Response:
+        serving: Serving = request.app.state.serving
+        service = serving.service
+        check_unsupported(data)
+        messages = chat_messages(data)
+        if data.top_logprobs is not None and not data.logprobs:
+            raise errors.invalid("top_logprobs needs logprobs=true", "top_logprobs")
+        resolution = await serving.resolver.resolve(data.model)
+        try:
+            if data.add_generation_prompt:
+                prompt = apply_chat_template(serving.tokenizer, messages)
+            else:
+                prompt = serving.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as error:  # jinja raises its own types for a template's raise_exception()
+            raise errors.invalid(f"the chat template rejected the messages: {error}", "messages") from None
+        token_ids = service.encode(prompt)
+        max_tokens = data.max_completion_tokens or data.max_tokens
+        max_field = "max_completion_tokens" if data.max_completion_tokens else "max_tokens"
+        if max_tokens is None:
+            max_tokens = service.default_max_tokens(len(token_ids), "messages")
+        service.check_length(len(token_ids), max_tokens, "messages", max_field)
+        top = (data.top_logprobs or 0) if data.logprobs else None
+        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice)) for choice in range(data.n)]
+        call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = await start_all(service, "chat", resolution, call_id, jobs)
+        logprobs_of: Callable = lambda ids, entries: (  # noqa: E731
+            chat_logprobs(ids, entries, top, serving.token_text) if top is not None else None
+        )
+        ids_of: Callable = lambda ids: list(ids) if data.return_token_ids else UNSET  # noqa: E731
+
+        if not data.stream:
+            finals = await collect(request, streams)
+            choices = [
+                ChatChoice(index, ChatMessageOut(output.text), logprobs_of(output.token_ids, output.logprobs or []),
+                           output.finish_reason, output.stop_reason, ids_of(output.token_ids))  # fmt: skip
+                for index, output in enumerate(finals)
+            ]
+            body = ChatCompletion(call_id, created, data.model, choices, _usage(len(token_ids), streams))
+            return Response(body, headers=_headers(resolution))
+
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        usage_field = None if include_usage else UNSET
+
+        def frame(index: int, delta: Delta, logprobs=None, finish_reason: str | None = None, ids=UNSET) -> bytes:
+            choice = ChatChunkChoice(index, delta, logprobs, finish_reason, ids)
+            return sse(ChatCompletionChunk(call_id, created, data.model, [choice], usage_field))
+
+        opening = [frame(index, Delta(role="assistant", content="")) for index in range(len(streams))]
+
+        def chunk(index: int, output) -> bytes | None:
+            frames = b""
+            if output.new_text or ((top is not None or data.return_token_ids) and output.new_token_ids):
+                entries = (output.logprobs or [])[len(output.logprobs or []) - len(output.new_token_ids):]
+                frames += frame(index, Delta(content=output.new_text), logprobs_of(output.new_token_ids, entries),
+                                None, ids_of(output.new_token_ids))  # fmt: skip
+            if output.finished:
+                frames += frame(index, Delta(), None, output.finish_reason)
+            return frames or None
+
+        def usage_chunk() -> bytes:
+            return sse(ChatCompletionChunk(call_id, created, data.model, [], _usage(len(token_ids), streams)))
+
+        events = run_streams(streams, chunk, usage_chunk if include_usage else None, opening)
+        return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(resolution)})

@@ -1,0 +1,185 @@
+"""Response bodies and stream chunks, field for field as OpenAI, vLLM and TGI send them.
+
+OpenAI sends `null` for absent values inside choices (`"logprobs": null`, `"finish_reason": null`) but leaves `usage`
+out of stream chunks unless `stream_options.include_usage` asked for it; UNSET marks fields that are left out.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM: the stop string or token id that ended it
+    token_ids: list[int] | UnsetType = UNSET  # vLLM's `return_token_ids`
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None | UnsetType = UNSET
+    object: str = "text_completion"
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[TokenLogprob]
+
+
+class ChatMessageOut(Struct):
+    content: str
+    role: str = "assistant"
+    refusal: str | None = None
+    tool_calls: list[dict] = msgspec.field(default_factory=list)
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | UnsetType = UNSET
+
+
+class ChatCompletion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    system_fingerprint: str | None = None
+
+
+class Delta(Struct, omit_defaults=True):
+    role: str | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | UnsetType = UNSET
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None | UnsetType = UNSET
+    object: str = "chat.completion.chunk"
+    system_fingerprint: str | None = None
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    object: str = "model"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+# -- TGI ---------------------------------------------------------------------------------------------------------------
+class Token(Struct):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class GenerateDetails(Struct):
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
+    generated_tokens: int
+    seed: int | None
+    prefill: list[Token] = msgspec.field(default_factory=list)
+    tokens: list[Token] = msgspec.field(default_factory=list)
+    top_tokens: list[list[Token]] = msgspec.field(default_factory=list)
+
+
+class GenerateResponse(Struct, omit_defaults=True):
+    generated_text: str
+    details: GenerateDetails | None = None
+
+
+class StreamDetails(Struct):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(Struct):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+    top_tokens: list[Token] = msgspec.field(default_factory=list)
+
+
+# -- adapters ----------------------------------------------------------------------------------------------------------
+class AdapterInfo(Struct):
+    """One adapter as /v1/adapters reports it."""
+
+    id: str  # what a request names: `ns/name`, a tag ref, or a name loaded from a path
+    state: str  # "registry" (only there) | "registered" | "host" | "gpu"
+    source: str  # "registry" | "path"
+    version: int | None = None
+    ref: str | None = None  # the engine-side version this id serves, `ns/name@3`
+    sha256: str | None = None
+    rank: int | None = None
+    slot: int | None = None
+    in_flight: int = 0  # live requests (running or waiting) on this version
+    pinned: int = 0  # running requests pinning its slot
+    tags: list[str] = msgspec.field(default_factory=list)
+    serving: bool = True  # False: a superseded version kept until its in-flight requests finish
+
+
+class AdapterList(Struct):
+    data: list[AdapterInfo]
+    max_loras: int
+    max_cpu_loras: int
+    object: str = "list"
