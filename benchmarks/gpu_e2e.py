@@ -31,6 +31,12 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ROWS: list[tuple[str, str, float, float, str]] = []  # (what, batch, tok/s, ms/step, note)
 
 
+def record(what: str, batch: str, rate: float, step_ms: float, note: str = "") -> None:
+    ROWS.append((what, batch, rate, step_ms, note))
+    print(f"| {what} | {batch} | {rate:.0f} | {step_ms:.2f} | {note} |", flush=True)  # survives a later crash
+DEVICE = "cuda"
+
+
 def copy_bandwidth() -> float:
     source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     target = torch.empty_like(source)
@@ -76,7 +82,7 @@ def decode_run(llm, batch: int, prompt_len: int, new_tokens: int, adapters: list
     generator = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for row in range(batch):
-        prompt = torch.randint(10, 120000, (prompt_len,), generator=generator).tolist()
+        prompt = torch.randint(10, min(120000, engine.model_config.vocab_size), (prompt_len,), generator=generator).tolist()
         engine.add_request(prompt, params, adapters[row % len(adapters)])
     while engine.num_waiting:  # prefill everything first
         engine.step()
@@ -90,6 +96,37 @@ def decode_run(llm, batch: int, prompt_len: int, new_tokens: int, adapters: list
     return tokens / elapsed, 1e3 * elapsed / steps
 
 
+def step_breakdown(llm, batch: int, args) -> None:
+    """Where a decode step's time goes: the captured graph alone vs the whole engine step (host work included)."""
+    from kvrun import SamplingParams
+
+    engine, runner = llm.engine, llm.engine.runner
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for row in range(batch):
+        engine.add_request(list(range(10 + row, 10 + row + args.prompt)), params)
+    while engine.num_waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        engine.step()
+    step_ms = 1e3 * (time.perf_counter() - start) / 20
+    bucket = runner.graphs.bucket_for(batch)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(20):
+        bucket.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    replay_ms = begin.elapsed_time(end) / 20
+    while engine.has_unfinished():
+        engine.step()
+    record("breakdown: whole engine step", str(batch), 0.0, step_ms, "")
+    record("breakdown: CUDA graph replay alone", str(batch), 0.0, replay_ms, "GPU time of the captured forward")
+
+
 def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
     from kvrun import LLM
 
@@ -98,20 +135,21 @@ def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
                   max_cpu_loras=max(args.adapters, 1) * 4, max_num_seqs=max(args.batch),
                   kv_cache_memory_bytes=args.kv_gib << 30, max_num_batched_tokens=8192)
         if max_loras == 0:
+            step_breakdown(llm, args.batch[0], args)
             for batch in args.batch:
                 rate, step_ms = decode_run(llm, batch, args.prompt, args.new_tokens, [None])
-                ROWS.append((label, str(batch), rate, step_ms, ""))
+                record(label, str(batch), rate, step_ms, "")
         else:
             manager = llm.engine.adapters
-            for parsed in random_adapters(args.adapters, args.rank, llm.engine.model_config, torch.bfloat16, "cuda"):
+            for parsed in random_adapters(args.adapters, args.rank, llm.engine.model_config, torch.bfloat16, DEVICE):
                 manager.add(parsed, lambda parsed=parsed: parsed)
             names = list(manager.names())
             for batch in args.batch:
                 rate, step_ms = decode_run(llm, batch, args.prompt, args.new_tokens, [None])
-                ROWS.append(("kvrun base rows (LoRA engine)", str(batch), rate, step_ms, ""))
+                record("kvrun base rows (LoRA engine)", str(batch), rate, step_ms, "")
                 rate, step_ms = decode_run(llm, batch, args.prompt, args.new_tokens, names)
-                ROWS.append((f"kvrun {args.adapters} distinct r{args.rank} adapters", str(batch), rate, step_ms,
-                             f"{min(batch, args.adapters)} adapters per step"))
+                record(f"kvrun {args.adapters} distinct r{args.rank} adapters", str(batch), rate, step_ms,
+                             f"{min(batch, args.adapters)} adapters per step")
             cold_load(llm, args)
             slot_pressure(llm, args)
         floor_rows(llm, args, bandwidth)
@@ -137,10 +175,10 @@ def floor_rows(llm, args, bandwidth: float) -> None:
         distinct = min(batch, args.adapters)
         base_ms = 1e3 * (weight_bytes + kv) / bandwidth
         lora_ms = 1e3 * (weight_bytes + kv + distinct * adapter_bytes) / bandwidth
-        ROWS.append(("floor: base weights + KV", str(batch), batch * 1e3 / base_ms, base_ms,
-                     f"{(weight_bytes + kv) / 1e9:.2f} GB/step"))
-        ROWS.append((f"floor: + {distinct} adapters", str(batch), batch * 1e3 / lora_ms, lora_ms,
-                     f"adapters {distinct * adapter_bytes / 1e9:.2f} GB/step"))
+        record("floor: base weights + KV", str(batch), batch * 1e3 / base_ms, base_ms,
+                     f"{(weight_bytes + kv) / 1e9:.2f} GB/step")
+        record(f"floor: + {distinct} adapters", str(batch), batch * 1e3 / lora_ms, lora_ms,
+                     f"adapters {distinct * adapter_bytes / 1e9:.2f} GB/step")
 
 
 def cold_load(llm, args) -> None:
@@ -176,9 +214,9 @@ def cold_load(llm, args) -> None:
         llm.generate([prompt], params, adapters=["cold"])
         torch.cuda.synchronize()
         done = time.perf_counter()
-    ROWS.append(("cold adapter: load + validate", "1", 0.0, 1e3 * (loaded - start), f"{size / 1e6:.0f} MB safetensors"))
-    ROWS.append(("cold adapter: first token after load", "1", 0.0, 1e3 * (done - loaded),
-                 f"resident adapter TTFT {warm_ms:.1f} ms"))
+    record("cold adapter: load + validate", "1", 0.0, 1e3 * (loaded - start), f"{size / 1e6:.0f} MB safetensors")
+    record("cold adapter: first token after load", "1", 0.0, 1e3 * (done - loaded),
+                 f"resident adapter TTFT {warm_ms:.1f} ms")
 
 
 def slot_pressure(llm, args) -> None:
@@ -193,8 +231,8 @@ def slot_pressure(llm, args) -> None:
     for distinct in (args.adapters // 2, args.adapters, 2 * args.adapters, 3 * args.adapters):
         start = time.perf_counter()
         rate, step_ms = decode_run(llm, 32, args.prompt, args.new_tokens, names[:distinct])
-        ROWS.append((f"kvrun {distinct} adapters, {args.adapters} GPU slots", "32", rate, step_ms,
-                     f"host→slot loads included; wall {time.perf_counter() - start:.1f}s"))
+        record(f"kvrun {distinct} adapters, {args.adapters} GPU slots", "32", rate, step_ms,
+                     f"host→slot loads included; wall {time.perf_counter() - start:.1f}s")
 
 
 def hf_runs(model_dir: Path, args) -> None:
@@ -220,15 +258,16 @@ def hf_runs(model_dir: Path, args) -> None:
         return batch * new_tokens / elapsed, 1e3 * elapsed / new_tokens
 
     rate, step_ms = timed(model, args.new_tokens)
-    ROWS.append(("HF transformers base", str(batch), rate, step_ms, "generate, prefill included"))
+    record("HF transformers base", str(batch), rate, step_ms, "generate, prefill included")
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(TARGETS), init_lora_weights=False)
     peft = get_peft_model(model, lora, adapter_name="bench-0")
     for index in range(1, args.adapters):
         peft.add_adapter(f"bench-{index}", lora)
+    peft.eval()  # PEFT refuses adapter_names in training mode
     names = [f"bench-{index % args.adapters}" for index in range(batch)]
     rate, step_ms = timed(peft, args.hf_peft_tokens, adapter_names=names)
-    ROWS.append((f"HF + PEFT, {args.adapters} adapters (adapter_names)", str(batch), rate, step_ms,
-                 f"{args.hf_peft_tokens} new tokens, prefill included"))
+    record(f"HF + PEFT, {args.adapters} adapters (adapter_names)", str(batch), rate, step_ms,
+                 f"{args.hf_peft_tokens} new tokens, prefill included")
 
 
 def main() -> None:
@@ -241,6 +280,7 @@ def main() -> None:
     parser.add_argument("--hf-peft-tokens", type=int, default=8)
     parser.add_argument("--kv-gib", type=int, default=12)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-kvrun", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -248,7 +288,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
-        kvrun_runs(model_dir, args, bandwidth)
+        if not args.skip_kvrun:
+            kvrun_runs(model_dir, args, bandwidth)
         if not args.skip_hf:
             hf_runs(model_dir, args)
     lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, Llama-3-8B shapes, bf16, "

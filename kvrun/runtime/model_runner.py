@@ -41,7 +41,8 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = model_class(cfg.architecture)(cfg, self.attention, self.max_model_len)
+                fused = self.device.type == "cuda"
+                model = model_class(cfg.architecture)(cfg, self.attention, self.max_model_len, fused)
         finally:
             torch.set_default_dtype(default_dtype)
         if load_format == "dummy":

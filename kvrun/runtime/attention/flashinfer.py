@@ -1,6 +1,6 @@
 """FlashInfer paged attention: one plan per step, shared by every layer; per-bucket wrappers for CUDA graphs.
 
-K/V are written with the same scatter as the reference (write_kv); FlashInfer reads them from the NHD page layout.
+K/V are written by one fused Triton scatter (same semantics as base.write_kv); FlashInfer reads the NHD page layout.
 Page-table index arrays are planned from host copies, so planning never waits on the GPU.
 """
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kvrun.runtime.attention.base import AttentionMetadata, write_kv
+from kvrun.runtime.attention.base import AttentionMetadata
+from kvrun.runtime.layers.fused import write_kv
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 

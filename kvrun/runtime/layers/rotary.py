@@ -31,8 +31,16 @@ def _inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> t
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, fused: bool = False
+    ) -> None:
         super().__init__()
+        if fused:
+            from kvrun.runtime.layers import fused as kernels
+
+            self._rotate = kernels.rotary
+        else:
+            self._rotate = _rotate
         inv_freq = _inverse_frequencies(head_dim, theta, scaling).float()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         angles = torch.cat([freqs, freqs], dim=-1)
@@ -46,9 +54,13 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self._rotate(positions, q, k, self.cos, self.sin)
+
+
+def _rotate(positions, q, k, cos_table, sin_table):
+    cos = cos_table[positions][:, None, :]
+    sin = sin_table[positions][:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

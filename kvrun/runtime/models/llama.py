@@ -49,47 +49,73 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1), batch.lora)
 
 
+def _silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, fused: bool) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = Projection(config.hidden_size, {"gate_proj": size, "up_proj": size}, config.mlp_bias)
         self.down_proj = Projection(size, {"down_proj": config.hidden_size}, config.mlp_bias)
+        if fused:
+            from kvrun.runtime.layers.fused import silu_and_mul
+
+            self._activation = silu_and_mul
+        else:
+            self._activation = _silu_and_mul
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden, batch.lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, batch.lora)
+        return self.down_proj(self._activation(self.gate_up_proj(hidden, batch.lora)), batch.lora)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, attention: AttentionBackend) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, attention: AttentionBackend, fused: bool
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.self_attn = LlamaAttention(config, rotary, attention)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
+        self.mlp = LlamaMLP(config, fused)
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), batch, kv_cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden), batch)
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, kv_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it); the next norm adds the two."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, batch, kv_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden, batch), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, attention: AttentionBackend, max_positions: int) -> None:
+    def __init__(
+        self, config: ModelConfig, attention: AttentionBackend, max_positions: int, fused: bool = False
+    ) -> None:
+        """fused=True (CUDA): norms, rotary and the SwiGLU activation run as single Triton kernels."""
         super().__init__()
         self.config = config
-        rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling)
+        rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta, config.rope_scaling, fused)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, rotary, attention) for _ in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary, attention, fused) for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, fused)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits of each request's last token: [batch, vocab]. kv_cache: [layers, pages, 2, page_size, kv_heads, dim]."""
-        hidden = self.embed_tokens(batch.input_ids)
+        hidden, residual = self.embed_tokens(batch.input_ids), None
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, batch, kv_cache[index])
-        hidden = self.norm(hidden[batch.logits_indices])
+            hidden, residual = layer(hidden, residual, batch, kv_cache[index])
+        last = batch.logits_indices
+        hidden, _ = self.norm(hidden[last], residual[last])
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
 
