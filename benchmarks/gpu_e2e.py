@@ -101,6 +101,8 @@ def step_breakdown(llm, batch: int, args) -> None:
     from kvrun import SamplingParams
 
     engine, runner = llm.engine, llm.engine.runner
+    if runner.graphs is None:
+        return
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     for row in range(batch):
         engine.add_request(list(range(10 + row, 10 + row + args.prompt)), params)
@@ -117,7 +119,7 @@ def step_breakdown(llm, batch: int, args) -> None:
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(20):
-        bucket.graph.replay()
+        bucket.graphs[False].replay()
     end.record()
     torch.cuda.synchronize()
     replay_ms = begin.elapsed_time(end) / 20
@@ -150,8 +152,9 @@ def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
                 rate, step_ms = decode_run(llm, batch, args.prompt, args.new_tokens, names)
                 record(f"kvrun {args.adapters} distinct r{args.rank} adapters", str(batch), rate, step_ms,
                              f"{min(batch, args.adapters)} adapters per step")
-            cold_load(llm, args)
-            slot_pressure(llm, args)
+            if not args.skip_extras:
+                cold_load(llm, args)
+                slot_pressure(llm, args)
         floor_rows(llm, args, bandwidth)
         del llm
         gc.collect()
@@ -281,6 +284,7 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=int, default=12)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-kvrun", action="store_true")
+    parser.add_argument("--skip-extras", action="store_true", help="no cold-load or slot-pressure runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
