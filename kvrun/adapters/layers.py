@@ -59,12 +59,6 @@ class LinearWithLoRA(nn.Module):
         if lora is None:
             return out
         shrunk = torch.empty(len(self.slice_names), x.shape[0], self.max_rank, dtype=self.shrink_dtype, device=x.device)
-        if lora.is_decode:
-            self.ops.bgmv_shrink(x, self.lora_a, lora.token_slots, self.ranks, self.scalings, shrunk)
-            self.ops.bgmv_expand(shrunk, self.lora_b, lora.token_slots, self.ranks, out, self.slice_offsets)
-        else:
-            self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
-            self.ops.sgmv_expand(
-                shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets
-            )
+        self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
+        self.ops.sgmv_expand(shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets)
         return out

@@ -32,7 +32,6 @@ class _Bucket:
         self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
         self.seg_indptr = torch.zeros(size + 1, dtype=torch.int32, device=device)
         self.seg_slots = torch.full((size,), BASE_SLOT, dtype=torch.int32, device=device)
-        self.token_slots = torch.full((size,), BASE_SLOT, dtype=torch.int32, device=device)
         self.max_pages = size * max_pages_per_seq
         self.graphs: dict[bool, torch.cuda.CUDAGraph] = {}  # keyed by "runs the LoRA kernels"
         self.logits: dict[bool, torch.Tensor] = {}
@@ -77,7 +76,7 @@ class DecodeGraphs:
             bucket.graphs[uses_lora] = graph
 
     def _forward_batch(self, bucket: _Bucket, uses_lora: bool) -> ForwardBatch:
-        lora = LoRABatchInfo(False, bucket.seg_indptr, bucket.seg_slots, bucket.token_slots) if uses_lora else None
+        lora = LoRABatchInfo(bucket.seg_indptr, bucket.seg_slots) if uses_lora else None
         return ForwardBatch(bucket.input_ids, bucket.positions, bucket.attention, bucket.logits_indices, lora)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -92,7 +91,7 @@ class DecodeGraphs:
         runner, page_size = self.runner, self.runner.block_size
         input_ids, positions, slot_mapping = [], [], []
         kv_indptr, page_indices, last_page_lens, seq_lens = [0], [], [], []
-        seg_indptr, seg_slots, token_slots = [0], [], []
+        seg_indptr, seg_slots = [0], []
         for request in requests:
             position = request.start_position
             seq_len = position + 1
@@ -104,7 +103,6 @@ class DecodeGraphs:
             kv_indptr.append(len(page_indices))
             last_page_lens.append(seq_len - (len(pages) - 1) * page_size)
             seq_lens.append(seq_len)
-            token_slots.append(request.adapter_slot)
             if seg_slots and seg_slots[-1] == request.adapter_slot:
                 seg_indptr[-1] += 1
             else:
@@ -119,7 +117,6 @@ class DecodeGraphs:
             kv_indptr.append(len(page_indices))
             last_page_lens.append(1)
             seq_lens.append(1)
-            token_slots.append(BASE_SLOT)
         seg_indptr += [seg_indptr[-1]] * (bucket.size + 1 - len(seg_indptr))
         seg_slots += [BASE_SLOT] * (bucket.size - len(seg_slots))
 
@@ -131,7 +128,6 @@ class DecodeGraphs:
         copy(bucket.slot_mapping, slot_mapping)
         copy(bucket.seg_indptr, seg_indptr)
         copy(bucket.seg_slots, seg_slots)
-        copy(bucket.token_slots, token_slots)
 
         def host(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32)

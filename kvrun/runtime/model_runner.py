@@ -128,19 +128,16 @@ class ModelRunner:
         slots = [request.adapter_slot for request in batch.requests]
         if all(slot == BASE_SLOT for slot in slots):
             return None
-        seg_indptr, seg_slots, token_slots = [0], [], []
+        seg_indptr, seg_slots = [0], []
         for slot, count in zip(slots, query_lens):
-            token_slots.extend([slot] * count)
             if seg_slots and seg_slots[-1] == slot:
                 seg_indptr[-1] += count
             else:
                 seg_slots.append(slot)
                 seg_indptr.append(seg_indptr[-1] + count)
         return LoRABatchInfo(
-            is_decode=not batch.is_prefill,
             seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=self.device),
             seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=self.device),
-            token_slots=torch.tensor(token_slots, dtype=torch.int32, device=self.device),
         )
 
 
