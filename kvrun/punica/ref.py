@@ -34,16 +34,17 @@ def sgmv_shrink(
             out[i, t, r:] = 0                       (and out[i, t] = 0 for s == -1)
     """
     out.zero_()
-    bounds = seg_indptr.tolist()
+    # Host copies of the small tables: indexing a tensor per segment costs more than the segment's matmul on CPU.
+    bounds, slice_ranks, scales = seg_indptr.tolist(), ranks.tolist(), scalings.tolist()
     for g, slot in enumerate(seg_slots.tolist()):
         if slot < 0:
             continue
         rows = slice(bounds[g], bounds[g + 1])
         for i, a in enumerate(lora_a):
-            rank = int(ranks[i, slot])
+            rank = slice_ranks[i][slot]
             if rank == 0:
                 continue
-            out[i, rows, :rank] = (x[rows] @ a[slot, :rank].T) * scalings[slot].to(x.dtype)
+            out[i, rows, :rank] = (x[rows] @ a[slot, :rank].T) * scales[slot]
 
 
 def sgmv_expand(
@@ -59,13 +60,13 @@ def sgmv_expand(
         for each segment g with slot s >= 0, rows t, slice i, r = ranks[i, s], o = slice_offsets[i]:
             out[t, o : o + out_features_i] += y[i, t, :r] @ lora_b[i][s, :, :r].T
     """
-    bounds = seg_indptr.tolist()
+    bounds, slice_ranks = seg_indptr.tolist(), ranks.tolist()
     for g, slot in enumerate(seg_slots.tolist()):
         if slot < 0:
             continue
         rows = slice(bounds[g], bounds[g + 1])
         for i, b in enumerate(lora_b):
-            rank = int(ranks[i, slot])
+            rank = slice_ranks[i][slot]
             if rank == 0:
                 continue
             cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[1])
