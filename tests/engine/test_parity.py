@@ -23,38 +23,37 @@ def _rows(adapter_names: list[str]) -> list[tuple[list[int], str | None]]:
     return rows
 
 
-def assert_matches_reference(outputs, rows, reference: HFReference) -> None:
+def assert_matches_reference(outputs, rows, reference: HFReference, max_tokens: int = MAX_TOKENS) -> None:
     for output, (prompt, adapter) in zip(outputs, rows):
-        tokens, logprobs = reference.greedy(prompt, adapter, MAX_TOKENS)
+        tokens, logprobs = reference.greedy(prompt, adapter, max_tokens)
         assert output.token_ids == tokens, f"adapter {adapter}: greedy tokens differ"
         for step, expected in enumerate(logprobs):
-            got = output.logprobs[step]
-            for token_id, value in got.items():
+            for token_id, value in output.logprobs[step].items():
                 want = float(expected[token_id])
                 assert abs(value - want) <= RTOL * max(1.0, abs(want)), (adapter, step, token_id, value, want)
 
 
-def test_mixed_batch_matches_hf_peft(tiny_model):
+def generate_rows(llm: LLM, rows, max_tokens: int = MAX_TOKENS):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=TOP_LOGPROBS, ignore_eos=True)
+    return llm.generate([prompt for prompt, _ in rows], params, adapters=[adapter for _, adapter in rows])
+
+
+def check_mixed_batch(tiny_model, **llm_options) -> None:
     base_dir, adapter_dirs = tiny_model
-    llm = LLM(str(base_dir), max_loras=4, max_lora_rank=16, num_blocks=64, block_size=4)
+    llm = LLM(str(base_dir), max_lora_rank=16, num_blocks=64, block_size=4, **llm_options)
     for name, directory in adapter_dirs.items():
         llm.load_adapter(name, directory)
     rows = _rows(list(adapter_dirs))
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS, ignore_eos=True)
-    outputs = llm.generate([prompt for prompt, _ in rows], params, adapters=[adapter for _, adapter in rows])
-    assert_matches_reference(outputs, rows, HFReference(base_dir, adapter_dirs))
+    assert_matches_reference(generate_rows(llm, rows), rows, HFReference(base_dir, adapter_dirs))
+
+
+def test_mixed_batch_matches_hf_peft(tiny_model):
+    check_mixed_batch(tiny_model, max_loras=4)
 
 
 def test_more_adapters_than_slots_still_match(tiny_model):
     """Two slots for four adapters: requests wait for a slot, adapters are evicted and reloaded, results unchanged."""
-    base_dir, adapter_dirs = tiny_model
-    llm = LLM(str(base_dir), max_loras=2, max_cpu_loras=2, max_lora_rank=16, num_blocks=64, block_size=4)
-    for name, directory in adapter_dirs.items():
-        llm.load_adapter(name, directory)
-    rows = _rows(list(adapter_dirs))
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS, ignore_eos=True)
-    outputs = llm.generate([prompt for prompt, _ in rows], params, adapters=[adapter for _, adapter in rows])
-    assert_matches_reference(outputs, rows, HFReference(base_dir, adapter_dirs))
+    check_mixed_batch(tiny_model, max_loras=2, max_cpu_loras=2)
 
 
 def test_logits_match_within_relative_tolerance(tiny_model):
@@ -100,13 +99,6 @@ def test_bundled_smollm2_with_random_adapters(tmp_path, max_tokens):
         llm.load_adapter(name, directory)
     prompts = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,"]
     rows = [(llm.tokenizer.encode(p), a) for p, a in zip(prompts * 2, [*adapter_dirs, None, None, *adapter_dirs])]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=TOP_LOGPROBS, ignore_eos=True)
-    outputs = llm.generate([prompt for prompt, _ in rows], params, adapters=[adapter for _, adapter in rows])
-    reference = HFReference(base_dir, adapter_dirs)
-    for output, (prompt, adapter) in zip(outputs, rows):
-        tokens, logprobs = reference.greedy(prompt, adapter, max_tokens)
-        assert output.token_ids == tokens, f"adapter {adapter}"
-        for step, expected in enumerate(logprobs):
-            for token_id, value in output.logprobs[step].items():
-                assert abs(value - float(expected[token_id])) <= RTOL * max(1.0, abs(float(expected[token_id])))
+    outputs = generate_rows(llm, rows, max_tokens)
+    assert_matches_reference(outputs, rows, HFReference(base_dir, adapter_dirs), max_tokens)
     assert len({tuple(o.token_ids) for o in outputs[:3]}) > 1  # adapters change what the model says
