@@ -34,7 +34,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
     adapter_slot: int = BASE_SLOT
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     text: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
@@ -69,3 +69,4 @@ class RequestOutput:
     stop_reason: str | int | None = None
     adapter: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # why the request ended when finish_reason is "error"; it alone ends, never its batch
