@@ -10,6 +10,7 @@ Imports nothing from torch, numpy or kvrun, so training boxes can push with only
     for event in store.watch():                            # publish / tag / untag / delete / resync
         ...
 
+Print a registry URL only as `redact_url(url)`: it masks passwords and tokens (`store.url` already is).
 See docs/registry.md for URLs, the Redis key schema, tokens, the CLI and its exit codes.
 """
 
@@ -25,6 +26,7 @@ from adapters_registry.errors import (
 )
 from adapters_registry.names import Ref, parse_ref
 from adapters_registry.records import AdapterSummary, Event, FileEntry, TokenInfo, VersionRecord
+from adapters_registry.redaction import redact_url
 from adapters_registry.store import AdapterStore
 from adapters_registry.urls import DEFAULT_REGISTRY, open_store
 from adapters_registry.validate import Limits
@@ -49,4 +51,5 @@ __all__ = [
     "VersionRecord",
     "open_store",
     "parse_ref",
+    "redact_url",
 ]

@@ -27,6 +27,7 @@ import msgspec
 
 from adapters_registry.errors import MissingChunksError, UnreachableError, UsageError
 from adapters_registry.records import AdapterState, Event, TokenRecord
+from adapters_registry.redaction import redact_url
 from adapters_registry.storage import Mutation, Result
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,16 @@ def write_atomic(path: Path, data: bytes) -> None:
 class FileStorage:
     def __init__(self, root: str | Path, events_maxlen: int = 10_000):
         self.root = Path(root).expanduser()
-        self.url = f"file://{self.root}"
+        self.url = redact_url(f"file://{self.root}")
         self.events_maxlen = events_maxlen
         self._events_cache: tuple[tuple[int, int, int], list[Event]] | None = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UnreachableError(f"registry {self.url} is not usable: {error.strerror}") from None
+
+    def __repr__(self) -> str:
+        return f"FileStorage({self.url!r})"
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from adapters_registry.errors import ConflictError, MissingChunksError, RegistryError, UnreachableError, UsageError
 from adapters_registry.keys import DEFAULT_PREFIX, RedisKeys
 from adapters_registry.records import AdapterState, Event, TokenRecord, VersionRecord
+from adapters_registry.redaction import redact_url
 from adapters_registry.storage import Mutation, Result
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,12 @@ def _parse_event_id(event_id: str | None) -> int:
 class RedisStorage:
     def __init__(self, client: redis.Redis, url: str, prefix: str = DEFAULT_PREFIX, events_maxlen: int = 10_000):
         self.redis = client
-        self.url = url
+        self.url = redact_url(url)
         self.keys = RedisKeys(prefix)
         self.events_maxlen = events_maxlen
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({self.url!r})"
 
     # -- chunks ----------------------------------------------------------------------------------------
     @_translate_errors

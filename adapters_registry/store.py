@@ -54,7 +54,11 @@ class AdapterStore:
 
     @property
     def url(self) -> str:
+        """The registry's URL for messages, credentials masked (see `redact_url`)."""
         return self.storage.url
+
+    def __repr__(self) -> str:
+        return f"AdapterStore({self.url!r})"
 
     def close(self) -> None:
         self.storage.close()

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from adapters_registry.errors import UsageError
 from adapters_registry.keys import DEFAULT_PREFIX
 from adapters_registry.payload import DEFAULT_CHUNK_SIZE
+from adapters_registry.redaction import redact_url
 from adapters_registry.store import DEFAULT_UPLOAD_LEASE_S, AdapterStore
 from adapters_registry.validate import Limits
 
@@ -24,23 +25,27 @@ def registry_url(url: str | None = None) -> str:
     return url or os.environ.get("KVRUN_REGISTRY") or DEFAULT_REGISTRY
 
 
+def _split(url: str) -> SplitResult:
+    """urlsplit, port included: a malformed URL is a usage error whose message quotes none of its secrets."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed lazily; its ValueError would quote part of a mistyped password
+    except ValueError:
+        raise UsageError(
+            f"registry URL {redact_url(url)!r} is malformed (percent-encode any / ? # @ : in a password)"
+        ) from None
+    return parts
+
+
 def _file_path(url: str) -> Path:
-    parts = urlsplit(url)
+    parts = _split(url)
     if not parts.scheme:
         return Path(url).expanduser()
     if parts.netloc == "~":
         return Path("~" + parts.path).expanduser()
     if parts.netloc not in ("", "localhost"):
-        raise UsageError(f"registry URL {url!r}: file URLs name a local path, e.g. file:///srv/registry")
+        raise UsageError(f"registry URL {redact_url(url)!r}: file URLs name a local path, e.g. file:///srv/registry")
     return Path(parts.path)
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def _open_redis(url: str, events_maxlen: int) -> object:
@@ -48,15 +53,19 @@ def _open_redis(url: str, events_maxlen: int) -> object:
 
     from adapters_registry.redis_store import RedisStorage
 
-    parts = urlsplit(url)
+    parts = _split(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", DEFAULT_PREFIX)
     clean_url = urlunsplit(parts._replace(query=urlencode(query)))
     try:
         client = redis.Redis.from_url(clean_url, socket_connect_timeout=5, health_check_interval=30)
-    except ValueError as error:
-        raise UsageError(f"registry URL {_redact(url)!r}: {error}") from None
-    return RedisStorage(client, _redact(url), prefix, events_maxlen)
+        # Connections open lazily; building one's settings now makes a misspelt option (`?pasword=`) a usage
+        # error here instead of a TypeError at the first command.
+        pool = client.connection_pool
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError) as error:  # their messages name options, never values
+        raise UsageError(f"registry URL {redact_url(url)!r}: {error}") from None
+    return RedisStorage(client, url, prefix, events_maxlen)
 
 
 def open_store(
@@ -76,7 +85,7 @@ def open_store(
     url = registry_url(url)
     if not 1024 <= chunk_size <= MAX_CHUNK_SIZE:
         raise UsageError(f"chunk_size must be between 1 KiB and {MAX_CHUNK_SIZE // 1024**2} MiB")
-    scheme = urlsplit(url).scheme
+    scheme = _split(url).scheme
     if scheme in REDIS_SCHEMES:
         storage = _open_redis(url, events_maxlen)
     elif scheme in ("file", ""):
@@ -84,7 +93,7 @@ def open_store(
 
         storage = FileStorage(_file_path(url), events_maxlen)
     else:
-        raise UsageError(f"registry URL {url!r}: use redis://host:port/db or file:///path")
+        raise UsageError(f"registry URL {redact_url(url)!r}: use redis://host:port/db or file:///path")
     return AdapterStore(
         storage,  # type: ignore[arg-type]
         token=token if token is not None else os.environ.get("KVRUN_REGISTRY_TOKEN") or None,
