@@ -74,12 +74,18 @@ def unauthorized(message: str = "Missing or invalid API key (send `Authorization
     )  # fmt: skip
 
 
+def generation_failed(reason: str | None) -> ApiError:
+    """A request the engine ended with finish_reason "error" (only that request: its batch went on)."""
+    message = f"Generation failed: {reason or 'the engine ended this request with an error'}"
+    return ApiError(500, message, type="server_error", code="generation_error", tgi_type="generation")
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, type="server_error", code="unavailable", tgi_type="unavailable")
 
 
 def is_tgi_path(path: str) -> bool:
-    return path.startswith("/generate")
+    return path == "/" or path.startswith("/generate")
 
 
 def render(request: Request, error: ApiError) -> Response:

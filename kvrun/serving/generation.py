@@ -59,6 +59,9 @@ class TrackedStream:
                     previous = now
                 self.num_tokens = len(output.token_ids)
                 self.last = output
+                if output.finished and output.finish_reason == "error":
+                    logger.warning("request %s failed in the engine: %s", output.request_id, output.error)
+                    raise errors.generation_failed(output.error)
                 yield output
         except QueueTimeoutError as error:
             raise errors.overloaded(str(error)) from None

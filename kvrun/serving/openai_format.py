@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from kvrun.engine.sampling_params import SamplingParams
+from kvrun.engine.sampling_params import SamplingParams, StructuredOutputParams
 from kvrun.serving import errors
+from kvrun.serving.sampling import json_schema, logit_bias, make_params, structured
 from kvrun.serving.responses import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 from kvrun.serving.schemas import ChatCompletionRequest, SamplingFields
 
@@ -18,46 +19,63 @@ def sse(payload: object) -> bytes:
     return b"data: " + _encoder.encode(payload) + b"\n\n"
 
 
-def check_unsupported(body: SamplingFields) -> None:
-    if body.presence_penalty:
-        raise errors.invalid("presence_penalty is not supported (only 0)", "presence_penalty")
-    if body.frequency_penalty:
-        raise errors.invalid("frequency_penalty is not supported (only 0)", "frequency_penalty")
-    if body.logit_bias:
-        raise errors.invalid("logit_bias is not supported", "logit_bias")
+def _structured_output(body: SamplingFields) -> tuple[StructuredOutputParams | None, str | None]:
+    response_format = None
+    if body.response_format is not None and body.response_format.type == "json_object":
+        response_format = StructuredOutputParams(json_object=True)
+    elif body.response_format is not None and body.response_format.type == "json_schema":
+        spec = body.response_format.json_schema
+        if spec is None or spec.schema is None:
+            raise errors.invalid("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+        response_format = json_schema(spec.schema, "response_format.json_schema.schema")
+    return structured({
+        "response_format": response_format,
+        "guided_json": None if body.guided_json is None else json_schema(body.guided_json, "guided_json"),
+        "guided_regex": None if body.guided_regex is None else StructuredOutputParams(regex=body.guided_regex),
+        "guided_choice": None if body.guided_choice is None else StructuredOutputParams(choice=body.guided_choice),
+        "guided_grammar": None if body.guided_grammar is None else StructuredOutputParams(grammar=body.guided_grammar),
+    })  # fmt: skip
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, choice: int, vocab_size: int,
+                    constraint: StructuredOutputParams | None = None, constraint_field: str | None = None,
+                    ) -> SamplingParams:  # fmt: skip
+    """`constraint` (tools) replaces the body's own structured-output fields when given."""
     stop = body.stop if isinstance(body.stop, list) else [body.stop] if body.stop is not None else []
     if any(not text for text in stop):
         raise errors.invalid("stop strings must be non-empty", "stop")
     if len(stop) > 16:
         raise errors.invalid("at most 16 stop strings", "stop")
+    if constraint is None:
+        constraint, constraint_field = _structured_output(body)
     # Choices after the first get their own seed, so `n` seeded samples differ yet repeat across calls.
     seed = None if body.seed is None else body.seed + choice
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=max(0, body.top_k or 0),
-            seed=seed,
-            stop=tuple(stop),
-            stop_token_ids=tuple(body.stop_token_ids or ()),
-            ignore_eos=body.ignore_eos,
-            logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-        )
-    except ValueError as error:
-        raise errors.invalid(str(error), str(error).split(" ", 1)[0]) from None
+    return make_params(
+        {"structured_output": constraint_field or "response_format"},
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p,
+        min_tokens=body.min_tokens,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias=logit_bias(body.logit_bias, vocab_size),
+        structured_output=constraint,
+        seed=seed,
+        stop=tuple(stop),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    )
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
     """Messages as the chat template wants them: string content, `developer` read as `system`."""
-    if body.tools:
-        raise errors.invalid("tools are not supported by this server", "tools")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise errors.invalid(f"response_format {body.response_format.type!r} is not supported", "response_format")
+    if body.tools and body.tool_choice != "none":
+        raise errors.invalid("tools are not supported yet (send tool_choice \"none\" to generate text)", "tools")
     if body.echo:
         raise errors.invalid("echo is not supported for chat completions", "echo")
     messages = []

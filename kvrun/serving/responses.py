@@ -123,21 +123,35 @@ class ModelList(Struct):
     object: str = "list"
 
 
-# -- TGI ---------------------------------------------------------------------------------------------------------------
+# -- TGI / LoRAX ------------------------------------------------------------------------------------------------------
+class AlternativeToken(Struct):
+    id: int
+    text: str
+    logprob: float
+
+
+class InputToken(Struct):
+    id: int
+    text: str
+    logprob: float | None = None
+
+
 class Token(Struct):
     id: int
     text: str
-    logprob: float | None
+    logprob: float
     special: bool
+    alternative_tokens: list[AlternativeToken] | None = None  # LoRAX's `return_k_alternatives`
 
 
 class GenerateDetails(Struct):
     finish_reason: str  # "length" | "eos_token" | "stop_sequence"
     generated_tokens: int
     seed: int | None
-    prefill: list[Token] = msgspec.field(default_factory=list)
+    prompt_tokens: int  # LoRAX
+    prefill: list[InputToken] = msgspec.field(default_factory=list)  # filled when `decoder_input_details`
     tokens: list[Token] = msgspec.field(default_factory=list)
-    top_tokens: list[list[Token]] = msgspec.field(default_factory=list)
+    top_tokens: list[list[Token]] | None = None  # TGI's `top_n_tokens`
 
 
 class GenerateResponse(Struct, omit_defaults=True):
@@ -149,7 +163,8 @@ class StreamDetails(Struct):
     finish_reason: str
     generated_tokens: int
     seed: int | None
-    input_length: int
+    input_length: int  # TGI
+    prompt_tokens: int  # LoRAX
 
 
 class StreamResponse(Struct):
@@ -157,7 +172,37 @@ class StreamResponse(Struct):
     token: Token
     generated_text: str | None = None
     details: StreamDetails | None = None
-    top_tokens: list[Token] = msgspec.field(default_factory=list)
+    top_tokens: list[Token] | None = None
+
+
+class TgiInfo(Struct):
+    """GET /info, in TGI's shape (with LoRAX's adapter limits and kvrun's registry beside it)."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_input_length: int  # TGI < 2.1's name for max_input_tokens
+    max_total_tokens: int
+    max_batch_total_tokens: int
+    max_batch_size: int
+    max_waiting_tokens: int
+    waiting_served_ratio: float
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+    registry: str | None
 
 
 # -- adapters ----------------------------------------------------------------------------------------------------------

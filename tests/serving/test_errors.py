@@ -46,15 +46,21 @@ def test_unknown_adapter_is_404(shared_server):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"max_token": 3}, "max_token"),  # a typo must not be ignored
         ({"temperature": 5}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"top_p": 0}, "top_p"),
         ({"max_tokens": 5000}, "max_tokens"),  # prompt + max_tokens beyond the context
         ({"prompt": [1, 2, 10**9]}, "prompt"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"stream_options": {"include_usage": True, "typo": 1}}, "stream_options.typo"),
+        ({"max_tokens": "3"}, "max_tokens"),  # numbers as strings are refused, as OpenAI and vLLM refuse them
+        ({"stream": "false"}, "stream"),
+        ({"stop": 5}, "stop"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"7": 500}}, "logit_bias"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
     ],
 )
 def test_invalid_completion_parameters_are_400_naming_the_field(shared_server, body, param):
@@ -76,10 +82,11 @@ def test_too_long_prompt_is_400(shared_server):
 
 def test_invalid_tgi_parameters_are_400(shared_server):
     with shared_server.client() as http:
-        typo = {"inputs": PROMPT, "parameters": {"max_tokens": 5}}
-        assert "max_tokens" in _tgi_error(http.post("/generate", json=typo), 400)["error"]
-        zero = {"inputs": PROMPT, "parameters": {"temperature": 0}}
-        assert "temperature" in _tgi_error(http.post("/generate_stream", json=zero), 400)["error"]
+        text = {"inputs": PROMPT, "parameters": {"max_new_tokens": "5"}}
+        assert "parameters.max_new_tokens" in _tgi_error(http.post("/generate", json=text), 400)["error"]
+        negative = {"inputs": PROMPT, "parameters": {"temperature": -1}}
+        assert "temperature" in _tgi_error(http.post("/generate_stream", json=negative), 400)["error"]
+        assert "temperature" in _tgi_error(http.post("/", json={**negative, "stream": True}), 400)["error"]
         unsupported = {"inputs": PROMPT, "parameters": {"watermark": True}}
         assert "watermark" in _tgi_error(http.post("/generate", json=unsupported), 400)["error"]
         assert _tgi_error(http.post("/generate", content=b"{not json"), 400)["error_type"] == "validation"

@@ -1,88 +1,51 @@
-"""POST /generate and /generate_stream, as TGI and LoRAX answer them (`parameters.adapter_id` picks the adapter)."""
+"""POST / (TGI's compatibility route), /generate and /generate_stream, as TGI and LoRAX answer them;
+`parameters.adapter_id` picks the adapter (a registry ref, a name loaded from a path, or with
+`adapter_source: "local"` a directory on the server)."""
 
 from __future__ import annotations
 
-import random
+import asyncio
+import hashlib
 import uuid
+from pathlib import Path
 
 from litestar import Controller, Request, post
-from litestar.params import JSONBody
 from litestar.response import Response, Stream
 
 from kvrun.engine.request import RequestOutput
-from kvrun.engine.sampling_params import SamplingParams
 from kvrun.serving import errors
-from kvrun.serving.auth import require_api_key
+from kvrun.serving.adapter_resolver import Resolution
+from kvrun.serving.auth import require_admin_key, require_api_key
 from kvrun.serving.controllers.streaming import SSE_HEADERS, collect, run_streams, start_all, tgi_error_frame
+from kvrun.serving.decoding import decode
 from kvrun.serving.openai_format import sse
-from kvrun.serving.responses import GenerateDetails, GenerateResponse, StreamDetails, StreamResponse, Token
-from kvrun.serving.schemas import GenerateParameters, GenerateRequest
+from kvrun.serving.responses import GenerateDetails, GenerateResponse, StreamDetails, StreamResponse
+from kvrun.serving.schemas import GenerateRequest
 from kvrun.serving.state import Serving
+from kvrun.serving.tgi_format import LOCAL_SOURCE, TokenRenderer, check, finish_reason, sampling
 
 OVERLOADED = 429  # TGI answers "Model is overloaded" with 429
-ADAPTER_SOURCES = (None, "hub", "registry")
 
 
-def _check(parameters: GenerateParameters) -> None:
-    def refuse(field: str, why: str = "is not supported") -> errors.ApiError:
-        return errors.invalid(f"parameters.{field} {why}", f"parameters.{field}")
-
-    if parameters.adapter_source not in ADAPTER_SOURCES:
-        raise refuse("adapter_source", "must be 'hub' or 'registry' (load local paths with /v1/load_lora_adapter)")
-    if parameters.best_of not in (None, 1):
-        raise refuse("best_of", "> 1 is not supported")
-    if parameters.repetition_penalty not in (None, 1.0):
-        raise refuse("repetition_penalty")
-    if parameters.frequency_penalty not in (None, 0.0):
-        raise refuse("frequency_penalty")
-    if parameters.typical_p is not None and parameters.typical_p < 1.0:
-        raise refuse("typical_p")
-    if parameters.watermark:
-        raise refuse("watermark")
-    if parameters.grammar is not None:
-        raise refuse("grammar")
-    if parameters.decoder_input_details:
-        raise refuse("decoder_input_details")
-    if len(parameters.stop) > 16 or any(not stop for stop in parameters.stop):
-        raise refuse("stop", "must be at most 16 non-empty strings")
-
-
-def _sampling(parameters: GenerateParameters, max_new_tokens: int) -> SamplingParams:
-    # TGI samples when asked to, or when any sampling knob is set; otherwise decoding is greedy.
-    sampling = parameters.do_sample or any(
-        value is not None for value in (parameters.temperature, parameters.top_k, parameters.top_p)
-    )
-    seed = parameters.seed
-    if sampling and seed is None:
-        seed = random.getrandbits(63)  # chosen here so `details.seed` can report it
-    return SamplingParams(
-        max_tokens=max_new_tokens,
-        temperature=(parameters.temperature or 1.0) if sampling else 0.0,
-        top_p=parameters.top_p or 1.0,
-        top_k=parameters.top_k or 0,
-        seed=seed if sampling else None,
-        stop=tuple(parameters.stop),
-        logprobs=parameters.top_n_tokens or 0,  # every TGI token carries its logprob
-    )
-
-
-def _finish_reason(output: RequestOutput) -> str:
-    if output.finish_reason == "length":
-        return "length"
-    return "stop_sequence" if isinstance(output.stop_reason, str) else "eos_token"
-
-
-def _tokens(serving: Serving, token_ids: list[int], entries: list[dict[int, float]]) -> list[Token]:
-    special = set(getattr(serving.tokenizer, "all_special_ids", ()) or ())
-    return [
-        Token(token_id, serving.token_text(token_id), entry.get(token_id), token_id in special)
-        for token_id, entry in zip(token_ids, entries)
-    ]
-
-
-def _top_tokens(serving: Serving, entry: dict[int, float], count: int) -> list[Token]:
-    best = sorted(entry.items(), key=lambda item: -item[1])[:count]
-    return [Token(token_id, serving.token_text(token_id), logprob, False) for token_id, logprob in best]
+async def _local_adapter(request: Request, serving: Serving, path: str) -> Resolution:
+    """LoRAX's `adapter_source: "local"`: load the directory as /v1/load_lora_adapter would (same admin key),
+    once, under a name derived from its path; later requests for the same directory reuse it."""
+    require_admin_key(request, None)  # type: ignore[arg-type]
+    resolved = str(Path(path).expanduser().resolve())
+    lock = request.app.state.setdefault("local_adapter_lock", asyncio.Lock())
+    async with lock:  # two first requests for one directory must not both load it
+        for name, loaded in serving.resolver.local.items():
+            if loaded in (path, resolved):
+                return Resolution(name, name)
+        digest = hashlib.sha256(resolved.encode()).hexdigest()[:10]
+        name = f"local/{Path(resolved).name[:64] or 'adapter'}-{digest}"
+        try:
+            await serving.resolver.load_local(name, resolved, replace=False)
+        except errors.ApiError as error:
+            if error.param == "lora_path":
+                raise errors.invalid(f"parameters.adapter_id: {error.message}", "parameters.adapter_id") from None
+            raise
+    return Resolution(name, name)
 
 
 class GenerateController(Controller):
@@ -94,57 +57,79 @@ class GenerateController(Controller):
         serving: Serving = request.app.state.serving
         service = serving.service
         parameters = data.parameters
-        _check(parameters)
-        resolution = await serving.resolver.resolve(parameters.adapter_id)
+        check(parameters)
+        if parameters.adapter_source == LOCAL_SOURCE:
+            resolution = await _local_adapter(request, serving, parameters.adapter_id or "")
+        else:
+            resolution = await serving.resolver.resolve(parameters.adapter_id)
         token_ids = service.encode(data.inputs)
         if parameters.truncate is not None:
             token_ids = token_ids[-parameters.truncate :]
         max_new_tokens = parameters.max_new_tokens or serving.config.default_max_new_tokens
         service.check_length(len(token_ids), max_new_tokens, "inputs", "parameters.max_new_tokens")
-        params = _sampling(parameters, max_new_tokens)
+        params = sampling(parameters, max_new_tokens)
         call_id = f"gen-{uuid.uuid4().hex}"
         streams = await start_all(service, "generate", resolution, call_id, [(token_ids, params)], OVERLOADED)
         headers = {"x-kvrun-adapter": resolution.adapter} if resolution.adapter else {}
-        return serving, streams, params, len(token_ids), headers
+        special = set(getattr(serving.tokenizer, "all_special_ids", ()) or ())
+        renderer = TokenRenderer(serving.token_text, special, parameters)
+        return streams, params, token_ids, headers, renderer
 
+    @post("/", status_code=200, summary="Generate; streams when `stream` is true (TGI's compatibility route)")
+    async def compat(self, request: Request) -> Response:
+        data = decode(await request.body(), GenerateRequest)
+        if data.stream:
+            return await self._stream(request, data)
+        response = await self._generate(request, data)
+        return Response([response.content], headers=response.headers)  # TGI answers this route with a list
 
     @post("/generate", status_code=200, summary="Generate (TGI / LoRAX)")
-    async def generate(self, request: Request, data: JSONBody[GenerateRequest]) -> Response:
+    async def generate(self, request: Request) -> Response:
+        data = decode(await request.body(), GenerateRequest)
         if data.stream:  # TGI's compatibility: `"stream": true` on /generate streams
             return await self._stream(request, data)
-        serving, streams, params, _, headers = await self._start(request, data)
-        output = (await collect(request, streams))[0]
-        text = data.inputs + output.text if data.parameters.return_full_text else output.text
-        details = None
-        if data.parameters.details:
-            entries = output.logprobs or [{}] * len(output.token_ids)
-            tokens = _tokens(serving, output.token_ids, entries)
-            count = data.parameters.top_n_tokens or 0
-            top_tokens = [_top_tokens(serving, entry, count) for entry in entries] if count else []
-            details = GenerateDetails(_finish_reason(output), len(output.token_ids), params.seed, [], tokens, top_tokens)
-        return Response(GenerateResponse(text, details), headers=headers)
+        return await self._generate(request, data)
 
     @post("/generate_stream", status_code=200, summary="Generate, streamed as server-sent events (TGI / LoRAX)")
-    async def generate_stream(self, request: Request, data: JSONBody[GenerateRequest]) -> Stream:
-        return await self._stream(request, data)
+    async def generate_stream(self, request: Request) -> Stream:
+        return await self._stream(request, decode(await request.body(), GenerateRequest))
+
+    async def _generate(self, request: Request, data: GenerateRequest) -> Response[GenerateResponse]:
+        streams, params, prompt, headers, renderer = await self._start(request, data)
+        output = (await collect(request, streams))[0]
+        parameters = data.parameters
+        text = data.inputs + output.text if parameters.return_full_text else output.text
+        details = None
+        if parameters.details or parameters.decoder_input_details:
+            entries = output.logprobs or [{}] * len(output.token_ids)
+            tokens = [renderer.token(token_id, entry) for token_id, entry in zip(output.token_ids, entries)]
+            top_tokens = [renderer.top_tokens(entry) for entry in entries] if parameters.top_n_tokens else None
+            prefill = renderer.prefill(prompt) if parameters.decoder_input_details else []
+            details = GenerateDetails(finish_reason(output), len(output.token_ids), params.seed, len(prompt), prefill,
+                                      tokens, top_tokens)  # fmt: skip
+        return Response(GenerateResponse(text, details), headers=headers)
 
     async def _stream(self, request: Request, data: GenerateRequest) -> Stream:
-        serving, streams, params, input_length, headers = await self._start(request, data)
-        prefix = data.inputs if data.parameters.return_full_text else ""
+        streams, params, prompt, headers, renderer = await self._start(request, data)
+        parameters = data.parameters
+        prefix = data.inputs if parameters.return_full_text else ""
 
         def chunk(_: int, output: RequestOutput) -> bytes | None:
             if not output.new_token_ids:
                 return None
-            entries = (output.logprobs or [])[-len(output.new_token_ids) :] or [{}] * len(output.new_token_ids)
+            new = output.new_token_ids
+            entries = (output.logprobs or [])[-len(new) :] or [{}] * len(new)
             frames = b""
-            for position, token in enumerate(_tokens(serving, output.new_token_ids, entries)):
-                token.text = output.new_text if position == len(output.new_token_ids) - 1 else ""
-                last = output.finished and position == len(output.new_token_ids) - 1
+            for position, (token_id, entry) in enumerate(zip(new, entries)):
+                token = renderer.token(token_id, entry)
+                token.text = output.new_text if position == len(new) - 1 else ""  # text comes whole characters
+                last = output.finished and position == len(new) - 1
                 details = None
-                if last and data.parameters.details:
-                    details = StreamDetails(_finish_reason(output), len(output.token_ids), params.seed, input_length)
+                if last and parameters.details:
+                    details = StreamDetails(finish_reason(output), len(output.token_ids), params.seed, len(prompt),
+                                            len(prompt))  # fmt: skip
                 generated = prefix + output.text if last else None
-                top = _top_tokens(serving, entries[position], data.parameters.top_n_tokens or 0)
+                top = renderer.top_tokens(entry) if parameters.top_n_tokens else None
                 frames += sse(StreamResponse(0, token, generated, details, top))
             return frames
 

@@ -7,7 +7,9 @@ import asyncio
 from litestar import Controller, Request, get
 from litestar.response import Response
 
+from kvrun.serving.responses import TgiInfo
 from kvrun.serving.state import Serving
+from kvrun.serving.version import kvrun_version
 
 SNAPSHOT_TIMEOUT_S = 10.0  # a step longer than this means the engine is wedged
 
@@ -51,18 +53,37 @@ class HealthController(Controller):
         text = serving.metrics.render(snapshot, serving.client.num_active)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @get("/info", summary="Model and server limits (TGI's /info)")
-    async def info(self, request: Request) -> dict:
+    @get("/info", summary="Model and server limits (TGI's /info, with LoRAX's adapter limits)")
+    async def info(self, request: Request) -> TgiInfo:
         serving: Serving = request.app.state.serving
         config = serving.config
-        return {
-            "model_id": serving.model_name,
-            "router": "kvrun",
-            "max_total_tokens": serving.service.context_limit,
-            "max_concurrent_requests": serving.client.max_active,
-            "max_client_batch_size": 1,
-            "max_loras": config.max_loras,
-            "max_lora_rank": config.max_lora_rank,
-            "max_cpu_loras": config.max_cpu_loras,
-            "registry": serving.store.url if serving.store else None,
-        }
+        engine = serving.client.engine
+        context = serving.service.context_limit
+        weight = next(engine.runner.model.parameters())
+        return TgiInfo(
+            model_id=serving.model_name,
+            model_sha=None,
+            model_dtype=str(weight.dtype).removeprefix("torch."),
+            model_device_type=weight.device.type,
+            model_pipeline_tag="text-generation",
+            max_concurrent_requests=serving.client.max_active,
+            max_best_of=1,
+            max_stop_sequences=16,
+            max_input_tokens=context - 1,
+            max_input_length=context - 1,
+            max_total_tokens=context,
+            max_batch_total_tokens=serving.service.kv_capacity,
+            max_batch_size=config.max_num_seqs,
+            max_waiting_tokens=0,  # TGI scheduler knobs kvrun does not have
+            waiting_served_ratio=0.0,
+            validation_workers=1,
+            max_client_batch_size=1,
+            router="kvrun",
+            version=kvrun_version(),
+            sha=None,
+            docker_label=None,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras,
+            registry=serving.store.url if serving.store else None,
+        )

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Callable
 
 from litestar import Controller, Request, post
-from litestar.params import JSONBody
 from litestar.response import Response, Stream
 from msgspec import UNSET
 
@@ -15,12 +14,12 @@ from kvrun.engine.tokenizer import apply_chat_template
 from kvrun.serving import errors
 from kvrun.serving.adapter_resolver import Resolution
 from kvrun.serving.auth import require_api_key
+from kvrun.serving.decoding import decode
 from kvrun.serving.controllers.streaming import SSE_HEADERS, collect, run_streams, start_all
 from kvrun.serving.generation import TrackedStream
 from kvrun.serving.openai_format import (
     chat_logprobs,
     chat_messages,
-    check_unsupported,
     completion_logprobs,
     sampling_params,
     sse,
@@ -69,7 +68,7 @@ def _completion_jobs(serving: Serving, data: CompletionRequest) -> tuple[list, i
         prompt_tokens += len(token_ids)
         text = prompt if isinstance(prompt, str) else (serving.tokenizer.decode(prompt) if data.echo else "")
         for choice in range(data.n):
-            jobs.append((token_ids, sampling_params(data, max_tokens, data.logprobs, choice)))
+            jobs.append((token_ids, sampling_params(data, max_tokens, data.logprobs, choice, service.vocab_size)))
             prompt_texts.append(text)
     return jobs, prompt_tokens, prompt_texts
 
@@ -89,10 +88,10 @@ class OpenAIController(Controller):
     tags = ["OpenAI"]
 
     @post("/completions", status_code=200, summary="Text completion (OpenAI)")
-    async def completions(self, request: Request, data: JSONBody[CompletionRequest]) -> Response:
+    async def completions(self, request: Request) -> Response:
+        data = decode(await request.body(), CompletionRequest)
         serving: Serving = request.app.state.serving
         service = serving.service
-        check_unsupported(data)
         if data.suffix:
             raise errors.invalid("suffix is not supported", "suffix")
         if data.best_of not in (None, data.n):
@@ -138,10 +137,10 @@ class OpenAIController(Controller):
         return Stream(events, media_type="text/event-stream", headers={**SSE_HEADERS, **_headers(resolution)})
 
     @post("/chat/completions", status_code=200, summary="Chat completion (OpenAI)")
-    async def chat_completions(self, request: Request, data: JSONBody[ChatCompletionRequest]) -> Response:
+    async def chat_completions(self, request: Request) -> Response:
+        data = decode(await request.body(), ChatCompletionRequest)
         serving: Serving = request.app.state.serving
         service = serving.service
-        check_unsupported(data)
         messages = chat_messages(data)
         if data.top_logprobs is not None and not data.logprobs:
             raise errors.invalid("top_logprobs needs logprobs=true", "top_logprobs")
@@ -160,7 +159,7 @@ class OpenAIController(Controller):
             max_tokens = service.default_max_tokens(len(token_ids), "messages")
         service.check_length(len(token_ids), max_tokens, "messages", max_field)
         top = (data.top_logprobs or 0) if data.logprobs else None
-        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice)) for choice in range(data.n)]
+        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice, service.vocab_size)) for choice in range(data.n)]
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await start_all(service, "chat", resolution, call_id, jobs)
         logprobs_of: Callable = lambda ids, entries: (  # noqa: E731
