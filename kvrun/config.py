@@ -90,13 +90,19 @@ class LoRAConfig:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64  # requests in one decode batch
-    max_num_batched_tokens: int = 4096  # prompt tokens in one prefill step
+    max_num_seqs: int = 64  # requests running at once (rows of one step)
+    max_num_batched_tokens: int = 4096  # tokens in one step: a token per decoding request, then prompt chunks
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_chunked_prefill: bool = True  # False: a prompt runs whole in one step (the step's first may exceed the budget)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}): every running request needs a token of each step's budget"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,9 +137,8 @@ class LLMEngine:
             return []
         sampled = self.runner.execute(batch)
         outputs = []
-        for scheduled, token in zip(batch.requests, sampled):
+        for scheduled, token in zip(batch.sampling_requests(), sampled):
             request = self._requests[scheduled.request_id]
-            request.num_computed_tokens = request.num_tokens
             outputs.append(self._append(request, token.token_id, token.top_logprobs, token.logprob))
         return outputs
 

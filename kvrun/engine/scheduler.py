@@ -1,20 +1,47 @@
-"""Continuous batching: each step is a prefill of newly admitted requests or one decode token for every runner.
+"""Continuous batching with chunked prefill: each step spends one token budget, running decodes first.
 
-Admission takes waiting requests in arrival order while KV blocks, batch limits and an adapter slot allow; a request
-whose adapter finds every slot pinned is passed over (it waits) so base-model and other-adapter requests behind it
-still run. When decode needs a block the pool lacks, the newest running request is preempted: its blocks and slot
-pin are released and it goes back to the front of the queue, to be recomputed from its tokens later.
+A step runs at most max_num_batched_tokens tokens. Running requests that decode take one token each first, so a long
+prompt never stalls the streams already producing; running requests part-way through their prompt take the next
+chunk of what is left; then waiting requests are admitted in arrival order with their first chunk while the budget,
+max_num_seqs, KV blocks and an adapter slot allow. A row whose chunk reaches the end of its tokens samples the next
+token; a chunk that stops short only fills the KV cache (the runner computes no logits for it). With chunked prefill
+off, a prompt runs whole: it joins a step only when the budget left holds it, except the step's first prompt, which
+may run over.
+
+Admission keeps the queue's order for memory: a request that waits for KV blocks holds back everyone behind it. A
+request whose adapter finds every slot pinned is passed over (it waits), so base-model and other-adapter requests
+behind it still run. When a running request needs a block the pool lacks, the newest running request not yet placed
+in this step is preempted (the asking one itself when no newer one is left): its blocks and slot pin are released and
+it goes back to the front of the queue, to be recomputed from its tokens later. A step that preempted admits nobody.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 
 from kvrun.adapters.manager import LoRAManager
 from kvrun.config import SchedulerConfig
 from kvrun.engine.block_manager import BlockManager
 from kvrun.engine.request import Request, RequestStatus
 from kvrun.runtime.forward_batch import BASE_SLOT, ScheduledBatch, ScheduledRequest
+
+
+@dataclass(slots=True)
+class _Step:
+    """The step being built: its rows in the order they were placed and the token budget left."""
+
+    budget: int
+    rows: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens it runs this step)
+    placed: set[str] = field(default_factory=set)  # request ids of rows
+    has_prompt: bool = False
+    preempted: bool = False
+
+    def add(self, request: Request, num_tokens: int) -> None:
+        self.rows.append((request, num_tokens))
+        self.placed.add(request.request_id)
+        self.budget = max(0, self.budget - num_tokens)
+        self.has_prompt = self.has_prompt or num_tokens > 1
 
 
 class Scheduler:
@@ -32,22 +59,28 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        admitted = self._admit()
-        if admitted:
-            return self._batch(admitted, is_prefill=True)
-        if not self.running:
-            return None
-        self._make_room_for_decode()
-        return self._batch(self.running, is_prefill=False)
+        """Choose this step's rows and advance each row's num_computed_tokens past the tokens it runs."""
+        step = _Step(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted:
+            self._admit(step)
+        return self._batch(step) if step.rows else None
 
-    def _admit(self) -> list[Request]:
-        admitted: list[Request] = []
-        num_tokens = 0
+    def _schedule_running(self, step: _Step) -> None:
+        # Decodes (one token left to run) before prompt chunks; each group keeps admission order (sorted is stable).
+        for request in sorted(self.running, key=lambda request: request.num_tokens - request.num_computed_tokens > 1):
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step to make room for an older row
+            count = self._chunk(request, step)
+            if count and self._reserve(request, count, step):
+                step.add(request, count)
+
+    def _admit(self, step: _Step) -> None:
         for request in list(self.waiting):
-            if len(self.running) + len(admitted) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs:
                 break
-            count = request.num_tokens
-            if admitted and num_tokens + count > self.config.max_num_batched_tokens:
+            count = self._chunk(request, step)
+            if not count:
                 break
             if not self.blocks.can_grow(request.block_table, count):
                 break  # memory is the queue's order: nobody behind may jump a request that waits for blocks
@@ -56,29 +89,35 @@ class Scheduler:
             self.blocks.grow(request.block_table, count)
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = 0
-            admitted.append(request)
-            num_tokens += count
-        self.running.extend(admitted)
-        return admitted
+            self.running.append(request)
+            step.add(request, count)
 
-    def _make_room_for_decode(self) -> None:
-        index = 0
-        while index < len(self.running):
-            request = self.running[index]
-            if self.blocks.can_grow(request.block_table, request.num_tokens):
-                self.blocks.grow(request.block_table, request.num_tokens)
-                index += 1
-                continue
-            victim = self.running[-1]
+    def _chunk(self, request: Request, step: _Step) -> int:
+        """How many of request's uncomputed tokens run this step (0: none fit)."""
+        remaining = request.num_tokens - request.num_computed_tokens
+        if remaining <= step.budget:
+            return remaining
+        if self.config.enable_chunked_prefill:
+            return step.budget
+        return 0 if step.has_prompt else remaining
+
+    def _reserve(self, request: Request, count: int, step: _Step) -> bool:
+        """Grow request's blocks to cover count more tokens, preempting newer unplaced requests while the pool lacks."""
+        needed = request.num_computed_tokens + count
+        while not self.blocks.can_grow(request.block_table, needed):
+            victim = next(other for other in reversed(self.running) if other.request_id not in step.placed)
             self.preempt(victim)
+            step.preempted = True
             if victim is request:
-                break
+                return False
+        self.blocks.grow(request.block_table, needed)
+        return True
 
     def preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
         request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.waiting.appendleft(request)
 
@@ -107,20 +146,17 @@ class Scheduler:
             self.adapters.release(request.adapter)
         request.adapter_slot = BASE_SLOT
 
-    def _batch(self, requests: list[Request], is_prefill: bool) -> ScheduledBatch:
-        # Group rows by adapter slot so each adapter's rows form one contiguous LoRA segment.
-        ordered = sorted(requests, key=lambda request: request.adapter_slot)
+    def _batch(self, step: _Step) -> ScheduledBatch:
+        # Group rows by adapter slot so each adapter's rows form one contiguous LoRA segment (the sort is stable).
         scheduled = []
-        for request in ordered:
-            if is_prefill:
-                token_ids, start = request.all_token_ids, 0
-            else:
-                token_ids, start = [request.all_token_ids[-1]], request.num_tokens - 1
+        for request, count in sorted(step.rows, key=lambda row: row[0].adapter_slot):
+            start = request.num_computed_tokens
+            request.num_computed_tokens = start + count
             params = request.params
             scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=token_ids,
+                    token_ids=_token_slice(request, start, start + count),
                     start_position=start,
                     block_table=request.block_table,
                     adapter_slot=request.adapter_slot,
@@ -129,6 +165,15 @@ class Scheduler:
                     top_k=params.top_k,
                     generator=request.generator,
                     num_logprobs=params.logprobs,
+                    samples=start + count == request.num_tokens,
                 )
             )
+        is_prefill = any(len(row.token_ids) > 1 or not row.samples for row in scheduled)
         return ScheduledBatch(is_prefill=is_prefill, requests=scheduled)
+
+
+def _token_slice(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without copying the whole sequence (a decode row needs one token)."""
+    prompt, output = request.prompt_token_ids, request.output_token_ids
+    head = prompt[start:end] if start < len(prompt) else []
+    return head + output[max(0, start - len(prompt)) : max(0, end - len(prompt))]

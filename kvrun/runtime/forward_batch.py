@@ -25,16 +25,21 @@ class ScheduledRequest:
     top_k: int
     generator: torch.Generator | None
     num_logprobs: int | None  # top-N logprobs to return with the sampled token; None = none
+    samples: bool = True  # False: a prompt chunk short of the prompt's end, which only fills the KV cache
 
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    is_prefill: bool
+    is_prefill: bool  # False only when every row is one token that samples (a pure decode step: CUDA graphs)
     requests: list[ScheduledRequest]  # grouped by adapter_slot, so LoRA segments are contiguous
 
     @property
     def num_tokens(self) -> int:
         return sum(len(request.token_ids) for request in self.requests)
+
+    def sampling_requests(self) -> list[ScheduledRequest]:
+        """The rows that produce a token this step, in batch order (logits come back for these alone)."""
+        return [request for request in self.requests if request.samples]
 
 
 @dataclass(slots=True)
@@ -55,5 +60,5 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     attention: AttentionMetadata
-    logits_indices: torch.Tensor  # [batch] int64, row of each request's last token
+    logits_indices: torch.Tensor  # [sampling rows] int64, row of each sampling request's last token
     lora: LoRABatchInfo | None = field(default=None)  # None when no row of the step uses an adapter

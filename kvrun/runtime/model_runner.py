@@ -74,7 +74,7 @@ class ModelRunner:
             forward_batch = self.prepare(batch)
             self.attention.plan(forward_batch.attention)
             logits = self.model(forward_batch, self.kv_cache)
-        return sample(logits, batch.requests)
+        return sample(logits, batch.sampling_requests())
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         input_ids: list[int] = []
@@ -120,7 +120,9 @@ class ModelRunner:
             input_ids=tensor(input_ids, torch.int64),
             positions=tensor(positions, torch.int64),
             attention=attention,
-            logits_indices=tensor([end - 1 for end in qo_indptr[1:]], torch.int64),
+            logits_indices=tensor(
+                [end - 1 for end, request in zip(qo_indptr[1:], batch.requests) if request.samples], torch.int64
+            ),
             lora=self._lora_info(batch, query_lens),
         )
 
