@@ -1,0 +1,96 @@
+"""Running streams' inter-token latency while a long prompt arrives: whole prompts vs chunked prefill, one run.
+
+Each configuration runs the bundled SmolLM2-135M-Instruct on CPU (fp32, greedy, EOS ignored): `--streams` requests
+decode; once each has produced `--warmup-tokens`, a `--long`-token prompt arrives. The table gives the streams'
+inter-token latency (ITL) over the window from that arrival until the long prompt's first token, that window's
+length (the long prompt's time to first token) and its step count, and the longest gap any stream saw. The first
+row is the baseline: the prompt runs whole in one step (chunked prefill off).
+
+    .venv/bin/python benchmarks/chunked_prefill.py [--streams 8] [--long 2000] [--budgets 256,512,1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def run(llm, args, label: str) -> dict:
+    from kvrun import SamplingParams
+
+    engine = llm.engine
+    generator = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    stream_params = SamplingParams(max_tokens=args.warmup_tokens + 400, temperature=0.0, ignore_eos=True)
+    streams = [
+        engine.add_request(torch.randint(100, vocab, (args.prompt,), generator=generator).tolist(), stream_params)
+        for _ in range(args.streams)
+    ]
+    while min(len(stream.output_token_ids) for stream in streams) < args.warmup_tokens:
+        engine.step()
+    long_prompt = torch.randint(100, vocab, (args.long,), generator=generator).tolist()
+    long_request = engine.add_request(long_prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    last_token = {stream.request_id: time.perf_counter() for stream in streams}
+    gaps: list[float] = []
+    arrival = time.perf_counter()
+    steps = 0
+    while not long_request.is_finished:
+        outputs = engine.step()
+        now = time.perf_counter()
+        steps += 1
+        for output in outputs:
+            if output.request_id in last_token:
+                gaps.append(now - last_token[output.request_id])
+                last_token[output.request_id] = now
+    ttft = time.perf_counter() - arrival
+    for stream in streams:
+        engine.abort_request(stream.request_id)
+    gaps.sort()
+    return {
+        "label": label,
+        "itl_p50": statistics.median(gaps) * 1e3,
+        "itl_p99": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] * 1e3,
+        "itl_max": gaps[-1] * 1e3,
+        "ttft": ttft,
+        "steps": steps,
+        "tokens": len(gaps),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens of each running stream")
+    parser.add_argument("--warmup-tokens", type=int, default=8)
+    parser.add_argument("--long", type=int, default=2000, help="tokens of the prompt that arrives")
+    parser.add_argument("--budgets", default="256,512,1024", help="max_num_batched_tokens of the chunked runs")
+    args = parser.parse_args()
+
+    from kvrun import LLM
+
+    budgets = [int(value) for value in args.budgets.split(",")]
+    whole_budget = max(budgets)
+    configurations = [("whole prompts (chunked prefill off)", whole_budget, False)]
+    configurations += [(f"chunked, budget {budget} tokens", budget, True) for budget in budgets]
+    results = []
+    for label, budget, chunked in configurations:
+        llm = LLM(max_loras=0, max_num_seqs=max(args.streams + 1, 8), max_num_batched_tokens=budget,
+                  enable_chunked_prefill=chunked, num_blocks=-(-(args.long + 2048 * args.streams) // 16))  # fmt: skip
+        run(llm, argparse.Namespace(**{**vars(args), "long": 64}), "warm-up")
+        results.append(run(llm, args, label))
+        del llm
+
+    print(f"\n{args.streams} streams decoding, a {args.long}-token prompt arrives; CPU threads: "
+          f"{torch.get_num_threads()}\n")  # fmt: skip
+    print("| configuration | stream ITL p50 ms | ITL p99 ms | longest gap ms | long prompt TTFT s | steps |")
+    print("|---|---|---|---|---|---|")
+    for row in results:
+        print(f"| {row['label']} | {row['itl_p50']:.1f} | {row['itl_p99']:.1f} | {row['itl_max']:.1f} | "
+              f"{row['ttft']:.2f} | {row['steps']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
