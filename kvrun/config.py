@@ -108,6 +108,7 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf; None = bundled SmolLM2
+    tokenizer: str | None = None  # a tokenizer directory other than the model's (vLLM's --tokenizer)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks; nothing to download)

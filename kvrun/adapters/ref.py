@@ -21,4 +21,6 @@ class AdapterRef:
         return self.alpha / (self.rank**0.5 if self.use_rslora else self.rank)
 
     def __str__(self) -> str:
-        return f"{self.name}@{self.version}" if self.version else self.name
+        # Registry versions are named `ns/name@3` already; path-loaded ones carry their version only here.
+        suffix = f"@{self.version}"
+        return self.name if not self.version or self.name.endswith(suffix) else self.name + suffix

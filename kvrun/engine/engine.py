@@ -32,7 +32,7 @@ class LLMEngine:
         self.runner = ModelRunner(model_dir, config, self.model_name)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else model_dir)
         self.adapters = (
             LoRAManager(self.runner.model, self.model_config, config.lora) if config.lora.max_loras > 0 else None
         )

@@ -6,9 +6,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from adapters_registry import open_store
+from adapters_registry import open_store, redact_url
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -22,29 +24,60 @@ from kvrun.serving.config import ServerConfig
 from kvrun.serving.controllers.adapters import AdaptersController
 from kvrun.serving.controllers.generate import GenerateController
 from kvrun.serving.controllers.health import HealthController
+from kvrun.serving.controllers.models import ModelsController
 from kvrun.serving.controllers.openai import OpenAIController
 from kvrun.serving.engine_client import EngineClient
+from kvrun.serving import errors
 from kvrun.serving.errors import EXCEPTION_HANDLERS
 from kvrun.serving.generation import GenerationService
 from kvrun.serving.metrics import ServingMetrics
 from kvrun.serving.openai_format import TokenText
 from kvrun.serving.registry_watcher import RegistryWatcher
 from kvrun.serving.state import Serving
+from kvrun.serving.status import status_lines
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig | None = None, on_ready: Callable[[Serving], None] | None = None) -> Litestar:
-    """The app for `config`; `on_ready` runs once the engine is loaded and the server is about to take requests."""
+class StartupFailed(Exception):
+    """The server cannot start as configured (the message says why, in one line)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """What loading takes seconds or minutes for, done before the server binds (so `kvrun serve` can report a bad
+    model in one line and time the load)."""
+
+    engine: LLMEngine
+    tokenizer: object | None  # the serving side's own instance: the engine thread uses the engine's
+
+
+def load_model(config: ServerConfig) -> LoadedModel:
+    engine = LLMEngine(config.engine_config())
+    tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else resolve_model(config.model,
+                                                                                            needs_weights=False))
+    if tokenizer is not None and config.chat_template is not None:
+        tokenizer.chat_template = config.chat_template
+    return LoadedModel(engine, tokenizer)
+
+
+def create_app(
+    config: ServerConfig | None = None,
+    on_ready: Callable[[Serving], None] | None = None,
+    loaded: LoadedModel | None = None,
+    on_failure: Callable[[Exception], None] | None = None,
+) -> Litestar:
+    """The app for `config`; `on_ready` runs once the engine is loaded and the server is about to take requests,
+    `on_failure` when start-up fails. `loaded`: the model, already loaded (else the lifespan loads it)."""
     config = config or ServerConfig()
     cors = CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None
     return Litestar(
-        route_handlers=[OpenAIController, GenerateController, AdaptersController, HealthController],
+        route_handlers=[OpenAIController, GenerateController, ModelsController, AdaptersController, HealthController],
         lifespan=[_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
         openapi_config=OpenAPIConfig(title="kvrun", version="0.1.0", description="Multi-LoRA serving"),
         cors_config=cors,
-        state=State({"config": config, "on_ready": on_ready}),
+        state=State({"config": config, "on_ready": on_ready, "loaded": loaded, "on_failure": on_failure}),
         logging_config=None,  # `kvrun serve` configures logging; the app must not replace it
     )
 
@@ -52,13 +85,21 @@ def create_app(config: ServerConfig | None = None, on_ready: Callable[[Serving],
 @asynccontextmanager
 async def _lifespan(app: Litestar) -> AsyncIterator[None]:
     config: ServerConfig = app.state.config
-    serving = await _build(config)
+    try:
+        serving = await _build(config, app.state.loaded)
+    except Exception as error:
+        if app.state.on_failure is not None:
+            app.state.on_failure(error)
+        raise
     app.state.serving = serving
+    status = asyncio.ensure_future(status_lines(serving, config.log_interval_s)) if config.log_interval_s else None
     if app.state.on_ready is not None:
         app.state.on_ready(serving)
     try:
         yield
     finally:
+        if status is not None:
+            status.cancel()
         if serving.watcher is not None:
             await serving.watcher.stop()
         await serving.client.stop()
@@ -66,10 +107,11 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
             serving.store.close()
 
 
-async def _build(config: ServerConfig) -> Serving:
-    # Loading takes seconds; a worker thread keeps the loop (and its signal handling) responsive meanwhile.
-    engine = await asyncio.to_thread(LLMEngine, config.engine_config())
-    tokenizer = await asyncio.to_thread(load_tokenizer, resolve_model(config.model, needs_weights=False))
+async def _build(config: ServerConfig, loaded: LoadedModel | None) -> Serving:
+    if loaded is None:
+        # Loading takes seconds; a worker thread keeps the loop (and its signal handling) responsive meanwhile.
+        loaded = await asyncio.to_thread(load_model, config)
+    engine, tokenizer = loaded.engine, loaded.tokenizer
     model_name = config.served_model_name or engine.model_name
     store = open_store(config.registry) if config.use_registry else None
     client = EngineClient(
@@ -88,9 +130,15 @@ async def _build(config: ServerConfig) -> Serving:
     if store is not None:
         watcher = RegistryWatcher(store, resolver)
         await watcher.start()
+    for name, path in config.lora_modules:
+        try:
+            await resolver.load_local(name, path, replace=False)
+        except errors.ApiError as error:
+            raise StartupFailed(f"--lora-modules {name}={path}: {error.message}") from None
+        logger.info("loaded adapter %s from %s (--lora-modules)", name, path)
     metrics = ServingMetrics(model_name)
     service = GenerationService(client, resolver, metrics, tokenizer)
     logger.info("serving %s (%d KV blocks) with registry %s", model_name, engine.blocks.num_blocks,
-                store.url if store else "none")  # fmt: skip
+                redact_url(store.url) if store else "none")  # fmt: skip
     return Serving(config, model_name, client, resolver, service, metrics, tokenizer, TokenText(tokenizer), store,
                    watcher)  # fmt: skip

@@ -15,6 +15,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # the base model's id in /v1 APIs (default: the engine's model name)
+    tokenizer: str | None = None  # a tokenizer directory other than the model's
+    chat_template: str | None = None  # a Jinja template replacing the tokenizer's
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) adapters loaded at start and kept loaded
     api_key: str | None = None  # required as `Authorization: Bearer` on /v1/* and /generate*
     admin_key: str | None = None  # required for load/unload when set (else the api key guards them)
     max_loras: int = 8  # adapter slots in the model
@@ -35,6 +38,7 @@ class ServerConfig:
     resolve_ttl_s: float = 30.0  # backstop for cached ref → version resolutions if a change event is missed
     default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent
     cors_origins: tuple[str, ...] = field(default=())
+    log_interval_s: float = 10.0  # a status line this often while requests run; 0 = none
 
     def __post_init__(self) -> None:
         if self.max_cpu_loras < self.max_loras:
@@ -43,10 +47,16 @@ class ServerConfig:
             raise ValueError("--max-queue must be >= 0")
         if self.queue_timeout_s <= 0:
             raise ValueError("--queue-timeout must be > 0")
+        if self.log_interval_s < 0:
+            raise ValueError("--log-interval must be >= 0")
+        names = [name for name, _ in self.lora_modules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--lora-modules names must differ, got {names}")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             model=self.model,
+            tokenizer=self.tokenizer,
             dtype=self.dtype,
             device=self.device,
             load_format=self.load_format,

@@ -109,6 +109,9 @@ def from_validation(error: ValidationException) -> ApiError:
 
 
 def handle_api_error(request: Request, error: ApiError) -> Response:
+    if error.code in ("model_not_found", "adapter_incompatible"):
+        # An operator should see why an adapter was refused without asking the client.
+        logger.warning("refused %s %s: %s", request.method, request.url.path, error.message)
     return render(request, error)
 
 

@@ -52,10 +52,11 @@ class TrackedStream:
             async for output in self.stream:
                 now = time.monotonic()
                 if output.new_token_ids:
+                    self.metrics.tokens_streamed += len(output.new_token_ids)
                     if previous is None:
-                        self.metrics.ttft.observe(now - self.arrival)
+                        self.metrics.first_token(now - self.arrival)
                     else:
-                        self.metrics.itl.observe((now - previous) / len(output.new_token_ids))
+                        self.metrics.inter_token((now - previous) / len(output.new_token_ids))
                     previous = now
                 self.num_tokens = len(output.token_ids)
                 self.last = output
@@ -75,7 +76,7 @@ class TrackedStream:
             last = self.last
             outcome = last.finish_reason if last is not None and last.finished else "abort"
             if outcome != "abort":
-                self.metrics.latency.observe(time.monotonic() - self.arrival)
+                self.metrics.completed(time.monotonic() - self.arrival)
             self.metrics.finished(self.endpoint, self.label, outcome or "abort", self.prompt_tokens, self.num_tokens)
 
 

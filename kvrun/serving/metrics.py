@@ -1,9 +1,11 @@
 """Prometheus text exposition (format 0.0.4) with no client library: counters and histograms updated on the event
 loop, gauges computed at scrape time from an engine snapshot.
 
-Besides `kvrun_*`, the gauges inference gateways read from vLLM are exported under vLLM's names
-(`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, `vllm:lora_requests_info`), so
-a gateway can route by queue depth and adapter affinity without knowing kvrun.
+Besides `kvrun_*`, what dashboards and inference gateways read from vLLM is exported under vLLM's names and labels
+(`model_name`): the request histograms (TTFT, inter-token latency, end-to-end latency), token and request counters,
+queue and KV gauges, and `vllm:lora_requests_info`, whose adapter lists use the canonical `ns/name@version` the
+engine runs (however a client spelled the ref), so a gateway can route by queue depth and adapter affinity without
+knowing kvrun.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def _gauge(name: str, help: str, samples: list[tuple[dict[str, str], float]]) ->
 class ServingMetrics:
     def __init__(self, model_name: str) -> None:
         self.model_name = model_name
+        self.tokens_streamed = 0  # every generated token as it reaches the HTTP side (the status line's tok/s)
         self.requests = Counter("kvrun_requests_total", "Requests finished, by endpoint and outcome.",
                                 ("endpoint", "outcome"))  # fmt: skip
         self.rejected = Counter("kvrun_requests_rejected_total", "Requests refused before reaching the engine.",
@@ -95,6 +98,32 @@ class ServingMetrics:
         self.ttft = Histogram("kvrun_time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
         self.itl = Histogram("kvrun_inter_token_latency_seconds", "Time between streamed tokens.", ITL_BUCKETS)
         self.latency = Histogram("kvrun_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
+        model = ("model_name",)
+        self.vllm_ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token (vLLM name).",
+                                   LATENCY_BUCKETS, model)  # fmt: skip
+        self.vllm_itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency (vLLM name).", ITL_BUCKETS,
+                                  model)  # fmt: skip
+        self.vllm_tpot = Histogram("vllm:time_per_output_token_seconds", "Inter-token latency (older vLLM name).",
+                                   ITL_BUCKETS, model)  # fmt: skip
+        self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token (vLLM name).",
+                                  LATENCY_BUCKETS, model)  # fmt: skip
+        self.vllm_success = Counter("vllm:request_success_total", "Finished requests (vLLM name).",
+                                    ("model_name", "finished_reason"))  # fmt: skip
+        self.vllm_prompt_tokens = Counter("vllm:prompt_tokens_total", "Prompt tokens (vLLM name).", model)
+        self.vllm_generation_tokens = Counter("vllm:generation_tokens_total", "Generated tokens (vLLM name).", model)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.vllm_ttft.observe(seconds, self.model_name)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+        self.vllm_itl.observe(seconds, self.model_name)
+        self.vllm_tpot.observe(seconds, self.model_name)
+
+    def completed(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+        self.vllm_e2e.observe(seconds, self.model_name)
 
     def finished(self, endpoint: str, adapter: str | None, outcome: str, prompt_tokens: int, tokens: int) -> None:
         self.requests.inc(1, endpoint, outcome)
@@ -103,11 +132,17 @@ class ServingMetrics:
         label = adapter or self.model_name
         self.adapter_requests.inc(1, label)
         self.adapter_tokens.inc(tokens, label)
+        self.vllm_prompt_tokens.inc(prompt_tokens, self.model_name)
+        self.vllm_generation_tokens.inc(tokens, self.model_name)
+        if outcome in ("stop", "length", "abort", "error"):
+            self.vllm_success.inc(1, self.model_name, outcome)
 
     def render(self, snapshot: EngineSnapshot, in_flight: int) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.rejected, self.prompt_tokens, self.generation_tokens, self.adapter_requests,
-                       self.adapter_tokens, self.adapter_fetches, self.ttft, self.itl, self.latency):  # fmt: skip
+                       self.adapter_tokens, self.adapter_fetches, self.ttft, self.itl, self.latency, self.vllm_ttft,
+                       self.vllm_itl, self.vllm_tpot, self.vllm_e2e, self.vllm_success, self.vllm_prompt_tokens,
+                       self.vllm_generation_tokens):  # fmt: skip
             lines += metric.render()
         model = {"model_name": self.model_name}
         lines += _gauge("kvrun_requests_running", "Requests in the running batch.", [({}, snapshot.num_running)])
@@ -127,11 +162,22 @@ class ServingMetrics:
         lines += _gauge("vllm:num_requests_waiting", "Waiting requests (vLLM name).", [(model, snapshot.num_waiting)])
         lines += _gauge("vllm:kv_cache_usage_perc", "KV usage, 0-1 (vLLM name).", [(model, snapshot.kv_usage)])
         lines += _gauge("vllm:gpu_cache_usage_perc", "KV usage, 0-1 (older vLLM name).", [(model, snapshot.kv_usage)])
-        info = {
-            "max_lora": str(snapshot.max_loras),
-            "running_lora_adapters": ",".join(snapshot.running_adapters),
-            "waiting_lora_adapters": ",".join(snapshot.waiting_adapters),
-        }
-        lines += _gauge("vllm:lora_requests_info", "Running and waiting adapters (value: scrape time).",
-                        [(info, time.time())])  # fmt: skip
+        lines += _gauge("vllm:lora_requests_info", "Adapters by canonical name: running, waiting, and resident in a "
+                        "slot (value: scrape time).", [(lora_info(snapshot), time.time())])  # fmt: skip
         return "\n".join(lines) + "\n"
+
+
+def lora_info(snapshot: EngineSnapshot) -> dict[str, str]:
+    """vLLM's labels, naming each adapter version as the engine runs it (`ns/name@3`, or a path-loaded name), so
+    `team/x`, `team/x:prod` and `team/x@1` are one adapter, as they are one slot. `running`: some running request
+    uses it; `waiting`: only queued requests do; `resident_lora_adapters` (kvrun's) adds the idle ones that still
+    hold a slot, which a router can send work to without a load."""
+    running = [adapter.name for adapter in snapshot.adapters if adapter.pins]
+    waiting = [adapter.name for adapter in snapshot.adapters if adapter.holds > adapter.pins]
+    resident = [adapter.name for adapter in snapshot.adapters if adapter.slot is not None]
+    return {
+        "max_lora": str(snapshot.max_loras),
+        "running_lora_adapters": ",".join(running),
+        "waiting_lora_adapters": ",".join(waiting),
+        "resident_lora_adapters": ",".join(resident),
+    }

@@ -8,7 +8,7 @@ from kvrun.engine.sampling_params import SamplingParams, StructuredOutputParams
 from kvrun.serving import errors
 from kvrun.serving.sampling import json_schema, logit_bias, make_params, structured
 from kvrun.serving.responses import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
-from kvrun.serving.schemas import ChatCompletionRequest, SamplingFields
+from kvrun.serving.schemas import ChatCompletionRequest, ChatMessage, SamplingFields
 
 _encoder = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
@@ -72,14 +72,17 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
     )
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    """Messages as the chat template wants them: string content, `developer` read as `system`."""
+def check_chat(body: ChatCompletionRequest) -> None:
     if body.tools and body.tool_choice != "none":
         raise errors.invalid("tools are not supported yet (send tool_choice \"none\" to generate text)", "tools")
     if body.echo:
         raise errors.invalid("echo is not supported for chat completions", "echo")
+
+
+def chat_messages(body_messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template wants them: string content, `developer` read as `system`."""
     messages = []
-    for index, message in enumerate(body.messages):
+    for index, message in enumerate(body_messages):
         content = message.content
         if isinstance(content, list):
             texts = []
@@ -90,8 +93,35 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
                 texts.append(part.text)
             content = "".join(texts)
         role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content or ""})
+        entry = {"role": role, "content": content or ""}
+        if message.tool_calls:
+            entry["tool_calls"] = [msgspec.structs.asdict(call) | {"function": msgspec.structs.asdict(call.function)}
+                                   for call in message.tool_calls]  # fmt: skip
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            entry["name"] = message.name
+        messages.append(entry)
     return messages
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, template_kwargs: dict | None = None,
+                tools: list[dict] | None = None) -> str:  # fmt: skip
+    """The prompt text of a chat, through the model's (or --chat-template's) template."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise errors.invalid("this model has no chat template: use /v1/completions (or start kvrun with "
+                             "--chat-template)", "messages")  # fmt: skip
+    if continue_final_message and add_generation_prompt:
+        raise errors.invalid("continue_final_message needs add_generation_prompt=false", "continue_final_message")
+    kwargs = dict(template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)  # fmt: skip
+    except Exception as error:  # jinja raises its own types for a template's raise_exception()
+        raise errors.invalid(f"the chat template rejected the messages: {error}", "messages") from None
 
 
 class TokenText:

@@ -123,6 +123,21 @@ class ModelList(Struct):
     object: str = "list"
 
 
+class TokenizeResponse(Struct):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(Struct):
+    prompt: str
+
+
+class VersionResponse(Struct):
+    version: str
+
+
 # -- TGI / LoRAX ------------------------------------------------------------------------------------------------------
 class AlternativeToken(Struct):
     id: int
@@ -221,6 +236,7 @@ class AdapterInfo(Struct):
     pinned: int = 0  # running requests pinning its slot
     tags: list[str] = msgspec.field(default_factory=list)
     serving: bool = True  # False: a superseded version kept until its in-flight requests finish
+    why_not_servable: str | None = None  # set: this server cannot serve it (not listed in /v1/models)
 
 
 class AdapterList(Struct):

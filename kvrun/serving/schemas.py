@@ -149,6 +149,24 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     echo: bool = False  # unsupported unless false
 
 
+class TokenizeRequest(Struct, kw_only=True):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Struct, kw_only=True):
+    model: str | None = None
+    tokens: list[int]
+
+
 # -- TGI / LoRAX -------------------------------------------------------------------------------------------------------
 class Grammar(Struct):
     """TGI's `grammar`: `{"type": "json", "value": <schema>}` or `{"type": "regex", "value": "<pattern>"}`."""

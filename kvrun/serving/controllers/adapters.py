@@ -1,17 +1,18 @@
-"""GET /v1/models, GET /v1/adapters, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
+"""GET /v1/adapters, and vLLM's POST /v1/load_lora_adapter and /v1/unload_lora_adapter."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from adapters_registry import AdapterSummary, RegistryError
+from adapters_registry import AdapterSummary
 from litestar import Controller, Request, get, post
 from litestar.params import JSONBody
 from litestar.response import Response
 
 from kvrun.serving.auth import require_admin_key, require_api_key
-from kvrun.serving.responses import AdapterInfo, AdapterList, ModelCard, ModelList
+from kvrun.serving.controllers.models import registry_adapters, why_not_servable
+from kvrun.serving.responses import AdapterInfo, AdapterList
 from kvrun.serving.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from kvrun.serving.snapshot import AdapterResidency
 from kvrun.serving.state import Serving
@@ -19,18 +20,8 @@ from kvrun.serving.state import Serving
 logger = logging.getLogger(__name__)
 
 
-async def _registry_adapters(serving: Serving) -> list[AdapterSummary]:
-    if serving.store is None:
-        return []
-    try:
-        return await asyncio.to_thread(serving.store.list_adapters)
-    except RegistryError as error:
-        logger.warning("cannot list the registry %s: %s", serving.store.url, error)
-        return []
-
-
-def _registry_entry(id: str, summary: AdapterSummary, version: int,
-                    residency: dict[str, AdapterResidency]) -> AdapterInfo:  # fmt: skip
+def _registry_entry(id: str, summary: AdapterSummary, version: int, residency: dict[str, AdapterResidency],
+                    serving: Serving) -> AdapterInfo:  # fmt: skip
     record = summary.latest
     canonical = f"{summary.name}@{version}"
     resident = residency.get(canonical)
@@ -47,6 +38,7 @@ def _registry_entry(id: str, summary: AdapterSummary, version: int,
         in_flight=resident.holds if resident else 0,
         pinned=resident.pins if resident else 0,
         tags=tags,
+        why_not_servable=why_not_servable(serving, record) if record.version == version else None,
     )
 
 
@@ -54,35 +46,20 @@ class AdaptersController(Controller):
     path = "/v1"
     tags = ["Adapters"]
 
-    @get("/models", guards=[require_api_key], summary="List the base model and its adapters (OpenAI / vLLM)")
-    async def models(self, request: Request) -> ModelList:
-        serving: Serving = request.app.state.serving
-        base = serving.model_name
-        created = serving.started
-        cards = [ModelCard(base, created, "kvrun", serving.config.model or base, None, serving.service.max_model_len)]
-        for name, path in sorted(serving.resolver.local.items()):
-            cards.append(ModelCard(name, created, "kvrun", path, base))
-        for summary in await _registry_adapters(serving):
-            cards.append(ModelCard(summary.name, created, "kvrun", summary.latest.ref, base))
-            for tag, version in summary.tags.items():
-                if tag != "latest":
-                    cards.append(ModelCard(f"{summary.name}:{tag}", created, "kvrun", f"{summary.name}@{version}", base))
-        return ModelList(cards)
-
     @get("/adapters", guards=[require_api_key], summary="Every adapter: registry only, host memory or GPU slot")
     async def adapters(self, request: Request) -> AdapterList:
         serving: Serving = request.app.state.serving
-        snapshot, summaries = await asyncio.gather(serving.client.snapshot(), _registry_adapters(serving))
+        snapshot, summaries = await asyncio.gather(serving.client.snapshot(), registry_adapters(serving))
         residency = {adapter.name: adapter for adapter in snapshot.adapters}
         entries: list[AdapterInfo] = []
         covered: set[str] = set()
         for summary in summaries:
             latest = summary.latest.version
-            entries.append(_registry_entry(summary.name, summary, latest, residency))
+            entries.append(_registry_entry(summary.name, summary, latest, residency, serving))
             covered.add(f"{summary.name}@{latest}")
             for tag, version in sorted(summary.tags.items()):
                 if version != latest:
-                    entries.append(_registry_entry(f"{summary.name}:{tag}", summary, version, residency))
+                    entries.append(_registry_entry(f"{summary.name}:{tag}", summary, version, residency, serving))
                     covered.add(f"{summary.name}@{version}")
         for adapter in snapshot.adapters:
             if adapter.name in covered:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from adapters_registry import redact_url
 from litestar import Controller, Request, get
 from litestar.response import Response
 
-from kvrun.serving.responses import TgiInfo
+from kvrun.serving.responses import TgiInfo, VersionResponse
 from kvrun.serving.state import Serving
 from kvrun.serving.version import kvrun_version
 
@@ -85,5 +86,9 @@ class HealthController(Controller):
             max_loras=config.max_loras,
             max_lora_rank=config.max_lora_rank,
             max_cpu_loras=config.max_cpu_loras,
-            registry=serving.store.url if serving.store else None,
+            registry=redact_url(serving.store.url) if serving.store else None,
         )
+
+    @get("/version", summary="kvrun's version (vLLM's /version)")
+    async def version(self) -> VersionResponse:
+        return VersionResponse(kvrun_version())

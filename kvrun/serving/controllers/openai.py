@@ -10,7 +10,6 @@ from litestar import Controller, Request, post
 from litestar.response import Response, Stream
 from msgspec import UNSET
 
-from kvrun.engine.tokenizer import apply_chat_template
 from kvrun.serving import errors
 from kvrun.serving.adapter_resolver import Resolution
 from kvrun.serving.auth import require_api_key
@@ -20,7 +19,9 @@ from kvrun.serving.generation import TrackedStream
 from kvrun.serving.openai_format import (
     chat_logprobs,
     chat_messages,
+    check_chat,
     completion_logprobs,
+    render_chat,
     sampling_params,
     sse,
 )
@@ -141,17 +142,13 @@ class OpenAIController(Controller):
         data = decode(await request.body(), ChatCompletionRequest)
         serving: Serving = request.app.state.serving
         service = serving.service
-        messages = chat_messages(data)
+        check_chat(data)
+        messages = chat_messages(data.messages)
         if data.top_logprobs is not None and not data.logprobs:
             raise errors.invalid("top_logprobs needs logprobs=true", "top_logprobs")
         resolution = await serving.resolver.resolve(data.model)
-        try:
-            if data.add_generation_prompt:
-                prompt = apply_chat_template(serving.tokenizer, messages)
-            else:
-                prompt = serving.tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as error:  # jinja raises its own types for a template's raise_exception()
-            raise errors.invalid(f"the chat template rejected the messages: {error}", "messages") from None
+        prompt = render_chat(serving.tokenizer, messages, data.add_generation_prompt, data.continue_final_message,
+                             data.chat_template_kwargs)  # fmt: skip
         token_ids = service.encode(prompt)
         max_tokens = data.max_completion_tokens or data.max_tokens
         max_field = "max_completion_tokens" if data.max_completion_tokens else "max_tokens"
@@ -159,7 +156,8 @@ class OpenAIController(Controller):
             max_tokens = service.default_max_tokens(len(token_ids), "messages")
         service.check_length(len(token_ids), max_tokens, "messages", max_field)
         top = (data.top_logprobs or 0) if data.logprobs else None
-        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice, service.vocab_size)) for choice in range(data.n)]
+        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice, service.vocab_size))
+                for choice in range(data.n)]
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await start_all(service, "chat", resolution, call_id, jobs)
         logprobs_of: Callable = lambda ids, entries: (  # noqa: E731
