@@ -2,7 +2,8 @@
 
 A registry with no tokens is open (the embedded, single-user default). `kvrun-adapters token init` creates
 the first admin token (or adopts `KVRUN_REGISTRY_ADMIN_TOKEN` so deployments can provision it) and works
-only while no token exists; from then on every write needs a token whose scopes cover the adapter's name.
+only while no token exists; from then on every write needs a token whose scopes cover the adapter's name, and
+the registry never becomes open again: the last admin token cannot be revoked.
 The token id is the first 12 hex digits of the secret's sha256: public, enough to revoke, useless to forge.
 
 The CLI and library enforce this; anyone holding raw Redis credentials or write access to the registry
@@ -117,10 +118,12 @@ def revoke(storage: Storage, admin_secret: str | None, revoked_id: str) -> Token
         record = tokens.get(revoked_id)
         if record is None:
             raise NotFoundError(f"no token with id {revoked_id!r} (see `kvrun-adapters token list`)")
-        admins = [other for other in tokens.values() if other.admin]
-        if record.admin and len(admins) == 1 and len(tokens) > 1:
+        # A registry with tokens always keeps an admin: without one nobody could manage tokens, and with no
+        # tokens left at all the registry would silently fall back to open writes.
+        if record.admin and sum(other.admin for other in tokens.values()) == 1:
             raise ConflictError(
-                f"token {revoked_id} is the last admin token; create another admin token before revoking it"
+                f"token {revoked_id} is the last admin token and cannot be revoked (a registry with tokens keeps "
+                "an admin); create another with `token create --admin --scope '*'` first, then revoke this one"
             )
         del tokens[revoked_id]
         return record

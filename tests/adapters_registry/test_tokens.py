@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import msgspec
 import pytest
 
-from adapters_registry import AdapterStore, AuthError, ConflictError, NotFoundError, open_store
+from adapters_registry import AdapterStore, AuthError, ConflictError, NotFoundError, errors, open_store
 from tests.adapters_registry.conftest import TEST_CHUNK_SIZE, AdapterFactory, assert_empty
+from tests.adapters_registry.test_cli import assert_one_line_error, run_cli
 
 
 def as_user(registry_url: str, token: str | None) -> AdapterStore:
@@ -114,3 +116,40 @@ def test_refused_push_stores_nothing(registry_url: str, store: AdapterStore, mak
     with pytest.raises(AuthError):
         as_user(registry_url, "kvr_wrong-token-value").push(make_adapter(hidden=64), "team-a/x")
     assert_empty(store)
+
+
+def test_last_admin_token_cannot_be_revoked(
+    registry_url: str, store: AdapterStore, make_adapter: AdapterFactory
+) -> None:
+    admin = as_user(registry_url, store.init_admin_token())
+    [admin_info] = admin.list_tokens()
+    with pytest.raises(ConflictError, match=f"token {admin_info.id} is the last admin token and cannot be revoked"):
+        admin.revoke_token(admin_info.id)
+    with pytest.raises(AuthError, match="requires a token for writes"):
+        store.push(make_adapter(), "team-a/x")  # the registry stayed closed
+    assert_empty(store)
+
+    # Revoking every other token, admins included, still leaves one admin, so the registry stays closed.
+    scoped, scoped_info = admin.create_token(["team-a/*"])
+    second, second_info = admin.create_token(["*"], admin=True)
+    admin.revoke_token(scoped_info.id)
+    as_user(registry_url, second).revoke_token(admin_info.id)
+    with pytest.raises(ConflictError, match="last admin token"):
+        as_user(registry_url, second).revoke_token(second_info.id)
+    assert [t.id for t in as_user(registry_url, second).list_tokens()] == [second_info.id]
+    for token in (None, scoped, "kvr_not-a-token-at-all"):
+        with pytest.raises(AuthError):
+            as_user(registry_url, token).push(make_adapter(), "team-a/x")
+    assert_empty(store)
+
+
+def test_last_admin_token_from_the_command_line(registry_url: str, make_adapter: AdapterFactory) -> None:
+    admin_secret = "admin-secret-provisioned-by-ops"
+    init = run_cli("--json", "token", "init", registry=registry_url, env={"KVRUN_REGISTRY_ADMIN_TOKEN": admin_secret})
+    assert init.returncode == 0, init.stderr
+    [listed] = json.loads(run_cli("--json", "token", "list", "--token", admin_secret, registry=registry_url).stdout)
+    refused = run_cli("token", "revoke", listed["id"], "--token", admin_secret, registry=registry_url)
+    assert_one_line_error(refused, errors.EXIT_CONFLICT, "is the last admin token and cannot be revoked")
+    denied = run_cli("push", str(make_adapter()), "--name", "team-a/x", registry=registry_url)
+    assert_one_line_error(denied, errors.EXIT_AUTH, "requires a token for writes")
+    assert run_cli("list", registry=registry_url).stdout.strip() == "no adapters"
