@@ -23,16 +23,18 @@ from adapters_registry.errors import (
     UnreachableError,
     UsageError,
     ValidationError,
+    WeightMagnitudeError,
 )
 from adapters_registry.names import Ref, parse_ref
 from adapters_registry.records import AdapterSummary, Event, FileEntry, TokenInfo, VersionRecord
 from adapters_registry.redaction import redact_url
 from adapters_registry.store import AdapterStore
 from adapters_registry.urls import DEFAULT_REGISTRY, open_store
-from adapters_registry.validate import Limits
+from adapters_registry.validate import LORA_MAGNITUDE_BOUND, Limits, check_lora_magnitude
 
 __all__ = [
     "DEFAULT_REGISTRY",
+    "LORA_MAGNITUDE_BOUND",
     "AdapterStore",
     "AdapterSummary",
     "AuthError",
@@ -49,6 +51,8 @@ __all__ = [
     "UsageError",
     "ValidationError",
     "VersionRecord",
+    "WeightMagnitudeError",
+    "check_lora_magnitude",
     "open_store",
     "parse_ref",
     "redact_url",

@@ -124,5 +124,9 @@ class NonFiniteError(ValidationError):
     """A weight is NaN or +-Inf."""
 
 
+class WeightMagnitudeError(ValidationError):
+    """A weight is finite but far larger than any trained LoRA weight (see validate.LORA_MAGNITUDE_BOUND)."""
+
+
 class BaseModelMismatchError(ValidationError):
     """The adapter's shapes do not fit the base model config known to the registry."""

@@ -20,9 +20,10 @@ from adapters_registry.errors import (
     TensorShapeError,
     UnsafeFormatError,
     ValidationError,
+    WeightMagnitudeError,
 )
 from adapters_registry.peft_config import CONFIG_FILE, LoraSettings, parse_config
-from adapters_registry.safetensors_format import TensorInfo, check_finite, parse_header
+from adapters_registry.safetensors_format import TensorInfo, check_finite, decode, find_at_least, parse_header
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+# PEFT starts lora_A within +-1/sqrt(in_features) and lora_B at zero; trained adapters and the SVD-based
+# initialisations (PiSSA, OLoRA, LoftQ) keep every element within a few tens. A bound of 2**10 leaves ample
+# headroom for those and refuses weights blown up by a broken export or a scaling bug (x1e30 passed NaN/Inf
+# checks and served degenerate text). A power of two, so the byte scan can test it from exponents alone.
+LORA_MAGNITUDE_POWER = 10
+LORA_MAGNITUDE_BOUND = float(2**LORA_MAGNITUDE_POWER)
 
 # PEFT's saved key: the adapter name ("default") is stripped by save_pretrained.
 _KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<side>[AB])\.weight$")
@@ -104,9 +112,33 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
     for module, (a, b) in sorted(pairs.items()):
         _check_pair_shapes(module, a, b, settings.rank)
     for info in tensors.values():
-        check_finite(WEIGHTS_FILE, data, info)
+        _check_values(data, info)
     shapes = {module: (a.shape, b.shape) for module, (a, b) in sorted(pairs.items())}
     return ValidatedAdapter(settings, dtype, shapes)
+
+
+def check_lora_magnitude(tensor_name: str, max_abs: float) -> None:
+    """Refuse a LoRA weight tensor whose largest |value| reaches LORA_MAGNITUDE_BOUND (NaN counts as too large).
+
+    Push validation and kvrun's own adapter loader both call this, so they refuse with the same words.
+    """
+    if not max_abs < LORA_MAGNITUDE_BOUND:
+        raise WeightMagnitudeError(
+            f"tensor {tensor_name!r} has max |value| {max_abs:.4g}, at or above {LORA_MAGNITUDE_BOUND:g}, the bound "
+            "for a trained LoRA weight; check how these weights were exported or scaled"
+        )
+
+
+def _check_values(data: bytes, info: TensorInfo) -> None:
+    """No NaN or Inf, and no element at or above the magnitude bound; one byte scan when all is well."""
+    payload = data[info.begin : info.end]
+    if find_at_least(info.dtype, payload, LORA_MAGNITUDE_POWER) is None:
+        return  # NaN and Inf would have been found too: their exponent is the largest there is
+    check_finite(WEIGHTS_FILE, data, info)
+    try:
+        check_lora_magnitude(info.key, max(map(abs, decode(info.dtype, payload))))
+    except WeightMagnitudeError as error:
+        raise WeightMagnitudeError(f"{WEIGHTS_FILE}: {error}") from None
 
 
 def _pair_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dict[str, tuple[TensorInfo, TensorInfo]]:

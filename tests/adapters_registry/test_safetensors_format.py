@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from adapters_registry.safetensors_format import describe_element, find_non_finite, parse_header
+from adapters_registry.safetensors_format import decode, describe_element, find_at_least, find_non_finite, parse_header
 
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -61,3 +61,42 @@ def test_agrees_with_torch_on_random_bit_patterns(dtype: str) -> None:
         bad = (~torch.isfinite(tensor)).nonzero()
         expected = int(bad[0]) if len(bad) else None
         assert find_non_finite(dtype, raw_bytes(tensor)) == expected
+
+
+def random_bit_patterns(dtype: str, seed: int) -> torch.Tensor:
+    """Every exponent, sign and mantissa is as likely as any other: NaN, Inf, subnormals, huge and tiny."""
+    width = {"F16": torch.int16, "BF16": torch.int16, "F32": torch.int32}[dtype]
+    generator = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-(2**15), 2**15, (4096,), generator=generator).to(width)
+    if width is torch.int32:
+        bits = (bits * 65536 + torch.randint(0, 2**15, (4096,), generator=generator)).to(width)
+    return bits.view(DTYPES[dtype])
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("power", [0, 9, 10, 11, 15])
+def test_magnitude_scan_agrees_with_torch(dtype: str, power: int) -> None:
+    for seed in range(10):
+        tensor = random_bit_patterns(dtype, seed)
+        # Sparse enough that the first hit is not always element 0: keep 1 in 64 elements.
+        tensor = torch.where(torch.arange(4096) % 64 == 0, tensor, torch.zeros((), dtype=tensor.dtype))
+        large = (tensor.float().abs() >= 2.0**power) | ~torch.isfinite(tensor)
+        hits = large.nonzero()
+        assert find_at_least(dtype, raw_bytes(tensor), power) == (int(hits[0]) if len(hits) else None)
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_bound_edges(dtype: str) -> None:
+    bound = torch.tensor(1024.0, dtype=DTYPES[dtype])
+    below = torch.nextafter(bound, torch.zeros((), dtype=bound.dtype))
+    tensor = torch.stack([below, -below, bound.new_zeros(()), -bound, bound])
+    assert find_at_least(dtype, raw_bytes(tensor), 10) == 3
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_decode_matches_torch(dtype: str) -> None:
+    tensor = random_bit_patterns(dtype, 3)
+    decoded = torch.tensor(decode(dtype, raw_bytes(tensor)), dtype=torch.float64)
+    assert torch.equal(decoded.isnan(), tensor.isnan())
+    finite = ~tensor.isnan()
+    assert torch.equal(decoded[finite], tensor.double()[finite])

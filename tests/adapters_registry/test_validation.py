@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters_registry import AdapterStore, Limits, errors, open_store
+from adapters_registry import LORA_MAGNITUDE_BOUND, AdapterStore, Limits, check_lora_magnitude, errors, open_store
 from tests.adapters_registry.conftest import AdapterFactory, assert_empty, read_tensors, write_tensors
+from tests.adapters_registry.test_cli import assert_one_line_error, run_cli
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -71,6 +72,11 @@ def write_file(name: str, data: bytes) -> Callable[[Path], None]:
 
 def remove_file(name: str) -> Callable[[Path], None]:
     return lambda directory: (directory / name).unlink()
+
+
+def huge_then_nan(tensors: dict[str, torch.Tensor]) -> None:
+    set_element(A_KEY, 5e4, HALF)(tensors)  # element 18: far above the magnitude bound, but finite
+    tensors[A_KEY][3, 3] = float("nan")  # element 51: reported, since NaN is the worse problem
 
 
 HALF = torch.float16
@@ -153,6 +159,37 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
         E.NonFiniteError,
         "contains -inf at element 18",
     ),
+    "weights scaled by 1e30": (
+        edit_tensors(lambda tensors: tensors.update({k: t.float() * 1e30 for k, t in tensors.items()})),
+        E.WeightMagnitudeError,
+        "has max |value| ",
+    ),
+    "one huge f32 weight": (
+        edit_tensors(set_element(B_KEY, -3e30, torch.float32)),
+        E.WeightMagnitudeError,
+        f"adapter_model.safetensors: tensor '{B_KEY}' has max |value| 3e+30, at or above 1024, the bound for a "
+        "trained LoRA weight",
+    ),
+    "huge bf16 weight": (
+        edit_tensors(set_element(A_KEY, 1e30, torch.bfloat16)),
+        E.WeightMagnitudeError,
+        f"tensor '{A_KEY}' has max |value| 1e+30, at or above 1024",
+    ),
+    "large f16 weight": (
+        edit_tensors(set_element(A_KEY, -2000.0, HALF)),
+        E.WeightMagnitudeError,
+        f"tensor '{A_KEY}' has max |value| 2000, at or above 1024",
+    ),
+    "weight exactly at the bound": (
+        edit_tensors(set_element(B_KEY, 1024.0, torch.float32)),
+        E.WeightMagnitudeError,
+        "has max |value| 1024, at or above 1024",
+    ),
+    "nan after a huge weight": (
+        edit_tensors(huge_then_nan),
+        E.NonFiniteError,
+        f"'{A_KEY}' contains nan at element 51",
+    ),
     "integer dtype": (replace_tensor(A_KEY, torch.zeros(4, 16, dtype=torch.int32)), E.DtypeError, "has dtype I32"),
     "mixed dtypes": (replace_tensor(A_KEY, torch.zeros(4, 16)), E.DtypeError, "mix dtypes ['F16', 'F32']"),
     "truncated file": (write_weights_bytes(b"\x10\x00"), E.SafetensorsFormatError, "too short"),
@@ -191,6 +228,38 @@ def test_malformed_adapter_is_rejected(store: AdapterStore, make_adapter: Adapte
     assert raised.value.exit_code == errors.EXIT_REJECTED
     assert_empty(store)
     assert store.events() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_weights_just_below_the_magnitude_bound_are_accepted(
+    store: AdapterStore, make_adapter: AdapterFactory, dtype: torch.dtype
+) -> None:
+    bound = torch.tensor(LORA_MAGNITUDE_BOUND, dtype=dtype)
+    largest = torch.nextafter(bound, torch.zeros((), dtype=dtype)).item()
+    directory = make_adapter()
+    edit_tensors(set_element(A_KEY, -largest, dtype))(directory)
+    assert store.push(directory, "team-a/loud").version == 1
+
+
+def test_magnitude_check_shared_with_the_engine() -> None:
+    for fine in (0.0, 0.5, 1023.99):
+        check_lora_magnitude("layers.0.q_proj.lora_A", fine)
+    for bad, shown in ((1024.0, "1024"), (1e30, "1e+30"), (float("inf"), "inf"), (float("nan"), "nan")):
+        with pytest.raises(errors.WeightMagnitudeError) as raised:
+            check_lora_magnitude("layers.0.q_proj.lora_A", bad)
+        assert str(raised.value) == (
+            f"tensor 'layers.0.q_proj.lora_A' has max |value| {shown}, at or above 1024, the bound for a trained "
+            "LoRA weight; check how these weights were exported or scaled"
+        )
+        assert raised.value.exit_code == errors.EXIT_REJECTED
+
+
+def test_cli_rejects_scaled_weights(registry_url: str, make_adapter: AdapterFactory) -> None:
+    directory = make_adapter()
+    edit_tensors(lambda tensors: tensors.update({k: t.float() * 1e30 for k, t in tensors.items()}))(directory)
+    result = run_cli("push", str(directory), "--name", "team-a/loud", registry=registry_url)
+    assert_one_line_error(result, errors.EXIT_REJECTED, "at or above 1024, the bound for a trained LoRA weight")
+    assert run_cli("list", registry=registry_url).stdout.strip() == "no adapters"
 
 
 def test_size_limits(registry_url: str, make_adapter: AdapterFactory) -> None:
