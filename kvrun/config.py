@@ -64,6 +64,7 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV page
     num_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    enable_prefix_caching: bool = True  # share the K/V of full blocks between requests with one prefix and adapter
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

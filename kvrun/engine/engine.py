@@ -38,7 +38,8 @@ class LLMEngine:
         )
         if config.cuda_graphs and self.runner.device.type == "cuda":
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
-        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        cache = config.cache
+        self.blocks = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -135,7 +136,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        sampled = self.runner.execute(batch)
+        try:
+            sampled = self.runner.execute(batch)
+        except BaseException:
+            self.scheduler.abandon_step()
+            raise
         outputs = []
         for scheduled, token in zip(batch.sampling_requests(), sampled):
             request = self._requests[scheduled.request_id]

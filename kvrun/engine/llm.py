@@ -30,6 +30,7 @@ class LLM:
         max_num_batched_tokens: int = 4096,
         max_model_len: int | None = None,
         enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
         load_format: str = "auto",
         cuda_graphs: bool = True,
     ) -> None:
@@ -39,7 +40,7 @@ class LLM:
             device=device,
             load_format=load_format,
             cuda_graphs=cuda_graphs,
-            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_bytes),
+            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching),
             lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras)),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         )

@@ -31,7 +31,9 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V sit in the cache (or are written by the step being run)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks hashed so far
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache when it was first admitted
     adapter_slot: int = BASE_SLOT
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"

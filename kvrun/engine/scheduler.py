@@ -13,6 +13,12 @@ request whose adapter finds every slot pinned is passed over (it waits), so base
 behind it still run. When a running request needs a block the pool lacks, the newest running request not yet placed
 in this step is preempted (the asking one itself when no newer one is left): its blocks and slot pin are released and
 it goes back to the front of the queue, to be recomputed from its tokens later. A step that preempted admits nobody.
+
+With prefix caching (see block_manager), an admitted request first takes the cached blocks of its longest cached
+prefix under its adapter and computes only the rest; the last token always runs, since its logits give the next
+token. Blocks are offered to the cache as soon as a placed row will fill them, so a request admitted later in the
+same step already shares them (every layer writes the step's K/V before any row attends). If the step fails, the
+blocks it offered are forgotten.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 
 from kvrun.adapters.manager import LoRAManager
 from kvrun.config import SchedulerConfig
-from kvrun.engine.block_manager import BlockManager
+from kvrun.engine.block_manager import BlockManager, block_key, root_key
 from kvrun.engine.request import Request, RequestStatus
 from kvrun.runtime.forward_batch import BASE_SLOT, ScheduledBatch, ScheduledRequest
 
@@ -44,6 +50,16 @@ class _Step:
         self.has_prompt = self.has_prompt or num_tokens > 1
 
 
+@dataclass(slots=True)
+class SchedulerStats:
+    """Counters since start-up, for metrics (vLLM's prefix_cache_queries / prefix_cache_hits are in tokens)."""
+
+    prefix_cache_queries: int = 0  # tokens of admitted requests, looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens whose K/V came from the cache
+    computed_prompt_tokens: int = 0  # prompt tokens run through the model (the cache's misses, and recomputation)
+    num_preemptions: int = 0
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: LoRAManager | None) -> None:
         self.config = config
@@ -51,6 +67,8 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.stats = SchedulerStats()
+        self._cached_this_step: list[int] = []  # blocks this step offered to the prefix cache
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -61,10 +79,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """Choose this step's rows and advance each row's num_computed_tokens past the tokens it runs."""
         step = _Step(self.config.max_num_batched_tokens)
+        self._cached_this_step = []
         self._schedule_running(step)
         if not step.preempted:
             self._admit(step)
         return self._batch(step) if step.rows else None
+
+    def abandon_step(self) -> None:
+        """The last scheduled step failed: its K/V may be half written, so no later request may reuse them."""
+        self.blocks.uncache(self._cached_this_step)
+        self._cached_this_step = []
 
     def _schedule_running(self, step: _Step) -> None:
         # Decodes (one token left to run) before prompt chunks; each group keeps admission order (sorted is stable).
@@ -73,24 +97,64 @@ class Scheduler:
                 continue  # preempted earlier in this step to make room for an older row
             count = self._chunk(request, step)
             if count and self._reserve(request, count, step):
-                step.add(request, count)
+                self._place(step, request, count)
 
     def _admit(self, step: _Step) -> None:
         for request in list(self.waiting):
-            if len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs or not step.budget:
                 break
+            self._take_cached_prefix(request)
             count = self._chunk(request, step)
-            if not count:
-                break
-            if not self.blocks.can_grow(request.block_table, count):
+            if not count or not self.blocks.can_grow(request.block_table, request.num_computed_tokens + count):
+                self._drop_blocks(request)
                 break  # memory is the queue's order: nobody behind may jump a request that waits for blocks
             if not self._pin_adapter(request):
+                self._drop_blocks(request)
                 continue  # its adapter waits for a slot; others behind it may run
-            self.blocks.grow(request.block_table, count)
+            self.blocks.grow(request.block_table, request.num_computed_tokens + count)
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            step.add(request, count)
+            self.stats.prefix_cache_queries += request.num_tokens
+            self.stats.prefix_cache_hits += request.num_computed_tokens
+            if not request.num_preemptions:
+                request.num_cached_tokens = request.num_computed_tokens
+            self._place(step, request, count)
+
+    def _place(self, step: _Step, request: Request, count: int) -> None:
+        """Add a row to the step, and offer the blocks it fills to the prefix cache."""
+        step.add(request, count)
+        if not self.blocks.enable_caching:
+            return
+        size = self.blocks.block_size
+        first, end = request.num_computed_tokens // size, (request.num_computed_tokens + count) // size
+        keys = self._block_keys(request, end)
+        for index in range(first, end):
+            block = request.block_table[index]
+            if self.blocks.cache(block, keys[index]):
+                self._cached_this_step.append(block)
+
+    def _take_cached_prefix(self, request: Request) -> None:
+        """Start a waiting request's block table with the cached blocks of its longest cached prefix."""
+        if not self.blocks.enable_caching:
+            return
+        # The last token always runs: its logits give the next token.
+        hits = self.blocks.match(self._block_keys(request, (request.num_tokens - 1) // self.blocks.block_size))
+        self.blocks.share(request.block_table, hits)
+        request.num_computed_tokens = len(hits) * self.blocks.block_size
+
+    def _drop_blocks(self, request: Request) -> None:
+        self.blocks.free(request.block_table)
+        request.num_computed_tokens = 0
+
+    def _block_keys(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The prefix-cache keys of request's first num_blocks full blocks, hashed once per request."""
+        keys, size = request.block_keys, self.blocks.block_size
+        parent = keys[-1] if keys else root_key(_adapter_identity(request))
+        for index in range(len(keys), num_blocks):
+            parent = block_key(parent, _token_slice(request, index * size, (index + 1) * size))
+            keys.append(parent)
+        return keys
 
     def _chunk(self, request: Request, step: _Step) -> int:
         """How many of request's uncomputed tokens run this step (0: none fit)."""
@@ -119,6 +183,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request) -> None:
@@ -152,6 +217,7 @@ class Scheduler:
         for request, count in sorted(step.rows, key=lambda row: row[0].adapter_slot):
             start = request.num_computed_tokens
             request.num_computed_tokens = start + count
+            self.stats.computed_prompt_tokens += max(0, min(start + count, len(request.prompt_token_ids)) - start)
             params = request.params
             scheduled.append(
                 ScheduledRequest(
@@ -170,6 +236,14 @@ class Scheduler:
             )
         is_prefill = any(len(row.token_ids) > 1 or not row.samples for row in scheduled)
         return ScheduledBatch(is_prefill=is_prefill, requests=scheduled)
+
+
+def _adapter_identity(request: Request) -> bytes:
+    """What, besides the tokens, the K/V depend on: the adapter's weights (by content) and scaling; b"" = base."""
+    ref = request.adapter
+    if ref is None:
+        return b""
+    return f"{ref.sha256}:{ref.alpha!r}:{ref.use_rslora}".encode()
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:
