@@ -7,7 +7,9 @@ traceback for anything a user can cause; `-v` adds logging (and the traceback of
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -49,6 +51,17 @@ def _add_global_options(parser: argparse.ArgumentParser, *, in_subcommand: bool)
     group.add_argument("-v", "--verbose", action="count", default=default(0), help="log progress (-vv: debug)")
 
 
+def _seconds(text: str, *, allow_zero: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (0 <= value if allow_zero else 0 < value) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'non-negative' if allow_zero else 'positive'} "
+                                         "number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROGRAM,
@@ -72,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--base-model", help="base model name (default: base_model_name_or_path of the config)")
     push.add_argument("--base-config", metavar="FILE", help="check shapes against this base config.json")
     push.add_argument("--max-rank", type=int, help="highest rank accepted (default 256)")
+    push.add_argument(
+        "--lease-s", type=functools.partial(_seconds, allow_zero=False),
+        help="if this push is killed, its partial upload is collected after this many silent seconds (default 900)",
+    )  # fmt: skip
     push.set_defaults(handler=cli_commands.push)
 
     listing = command("list", "list adapters, optionally of one namespace")
@@ -105,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_commands(command("base", "register base model configs for shape checks"))
 
     gc = command("gc", "delete chunks of deleted versions and of pushes that died midway")
-    gc.add_argument("--lease-s", type=float, help="a push silent this long counts as dead (default 900)")
+    gc.add_argument(
+        "--lease-s", type=functools.partial(_seconds, allow_zero=True),
+        help="also count pushes silent this long as dead (default: each push's own lease; 0: every push)",
+    )  # fmt: skip
     gc.set_defaults(handler=cli_commands.collect_garbage)
 
     events = command("events", "print change events as JSON lines")

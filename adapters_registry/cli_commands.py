@@ -54,6 +54,8 @@ def _megabytes(size: int) -> str:
 def push(store: AdapterStore, args: argparse.Namespace) -> int:
     if args.max_rank is not None:
         store.limits = Limits(args.max_rank, store.limits.max_weights_bytes, store.limits.max_config_bytes)
+    if args.lease_s is not None:
+        store.upload_lease_s = args.lease_s
     base_config = Path(args.base_config).read_bytes() if args.base_config else None
     directory = Path(args.directory)
     total = sum(p.stat().st_size for p in directory.glob("adapter_*") if p.is_file()) if directory.is_dir() else 0

@@ -3,7 +3,7 @@
     {root}/.lock                        fcntl lock taken by every metadata change
     {root}/adapters/{ns}/{name}.json    AdapterState: counter, versions (VersionRecord), tags
     {root}/chunks/{sha[:2]}/{sha}       content-addressed chunks
-    {root}/uploads/{id}.json            pushes in progress: heartbeat + the chunks they rely on
+    {root}/uploads/{id}.json            pushes in progress: lease (heartbeat, expiry) + the chunks they rely on
     {root}/events.log                   change log, one Event JSON per line, ids 1, 2, 3, ...
     {root}/tokens.json, bases.json      token records (hashed) and base model configs
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from adapters_registry.errors import MissingChunksError, UnreachableError, UsageError
-from adapters_registry.records import AdapterState, Event, TokenRecord
+from adapters_registry.records import DEFAULT_UPLOAD_LEASE_S, AdapterState, Event, FileUpload, TokenRecord
 from adapters_registry.redaction import redact_url
 from adapters_registry.storage import Mutation, Result
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _state_decoder = msgspec.json.Decoder(AdapterState)
 _event_decoder = msgspec.json.Decoder(Event)
 _tokens_decoder = msgspec.json.Decoder(dict[str, TokenRecord])
+_upload_decoder = msgspec.json.Decoder(FileUpload)
 _POLL_INTERVAL_S = 0.05
 
 
@@ -84,44 +85,73 @@ class FileStorage:
     def list_chunks(self) -> Iterator[str]:
         return (path.name for path in (self.root / "chunks").glob("*/*") if not path.name.startswith("."))
 
-    def delete_chunks(self, shas: Collection[str]) -> int:
-        deleted = 0
-        for sha in shas:
-            with contextlib.suppress(FileNotFoundError):
-                self._chunk_path(sha).unlink()
-                deleted += 1
-        return deleted
-
     # -- uploads ---------------------------------------------------------------------------------------
     def _upload_path(self, upload_id: str) -> Path:
         return self.root / "uploads" / f"{upload_id}.json"
 
-    def touch_upload(self, upload_id: str, shas: Sequence[str], now: float) -> None:
-        path = self._upload_path(upload_id)
-        known: list[str] = msgspec.json.decode(path.read_bytes())["chunks"] if path.exists() else []
-        chunks = sorted(set(known) | set(shas))
-        write_atomic(path, msgspec.json.encode({"heartbeat": now, "chunks": chunks}))
+    @staticmethod
+    def _read_upload(path: Path) -> FileUpload | None:
+        try:
+            return _upload_decoder.decode(path.read_bytes())
+        except (FileNotFoundError, msgspec.DecodeError):
+            return None
+
+    def touch_upload(self, upload_id: str, shas: Sequence[str], lease_s: float) -> None:
+        # Under the lock, like sweep_chunks: a sweep never decides on a half-registered upload.
+        with self._locked():
+            now = time.time()
+            path = self._upload_path(upload_id)
+            known = self._read_upload(path)
+            chunks = sorted(set(known.chunks if known else ()) | set(shas))
+            write_atomic(path, msgspec.json.encode(FileUpload(now, now + lease_s, chunks)))
 
     def finish_upload(self, upload_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._upload_path(upload_id).unlink()
 
-    def live_upload_chunks(self, lease_s: float, now: float) -> set[str]:
-        live: set[str] = set()
-        for path in (self.root / "uploads").glob("*.json"):
-            with contextlib.suppress(FileNotFoundError, msgspec.DecodeError):
-                upload = msgspec.json.decode(path.read_bytes())
-                if upload["heartbeat"] + lease_s > now:
-                    live.update(upload["chunks"])
+    def sweep_chunks(
+        self, candidates: Collection[str] | None, in_use: Callable[[], set[str]], silent_s: float | None = None
+    ) -> int:
+        # The lock serializes this with touch_upload and commit, so nothing registers or publishes meanwhile.
+        with self._locked():
+            now = time.time()
+            pool = set(self.list_chunks() if candidates is None else candidates)
+            live: set[str] = set()
+            over: dict[Path, list[str]] = {}
+            for path in (self.root / "uploads").glob("*.json"):
+                upload = self._read_upload(path)
+                if upload is not None and not upload.is_over(now, silent_s):
+                    live.update(upload.chunks)
                 else:
-                    log.info("dropping upload %s (no heartbeat for %.0f s)", path.stem, now - upload["heartbeat"])
+                    over[path] = upload.chunks if upload is not None else []
+            abandoned = {sha for chunks in over.values() for sha in chunks} - live
+            pool = (pool | abandoned) - live
+            if pool:
+                pool -= in_use()
+            deleted = sum(self._delete_chunk(sha) for sha in pool)
+            for path in over:
+                log.info("dropped upload %s (lease over)", path.stem)
+                with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        self._remove_stale_temporaries(now - lease_s)
-        return live
+            full_sweep_age = DEFAULT_UPLOAD_LEASE_S if silent_s is None else silent_s
+            self._remove_temporaries(abandoned, now - full_sweep_age if candidates is None else None)
+            return deleted
 
-    def _remove_stale_temporaries(self, before: float) -> None:
-        """Temporary files of writers killed before their rename; younger ones may still be in flight."""
-        for path in self.root.glob("**/.*.tmp"):
+    def _delete_chunk(self, sha: str) -> bool:
+        try:
+            self._chunk_path(sha).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _remove_temporaries(self, shas: Collection[str], before: float | None) -> None:
+        """Half-written chunk files of writers killed before their rename: those of `shas`, and when `before`
+        is given every temporary file in the registry older than it (younger ones may still be in flight)."""
+        for sha in shas:
+            for path in self._chunk_path(sha).parent.glob(f".{sha}.*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        for path in self.root.glob("**/.*.tmp") if before is not None else ():
             with contextlib.suppress(FileNotFoundError):
                 if path.stat().st_mtime < before:
                     path.unlink()

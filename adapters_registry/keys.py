@@ -6,7 +6,8 @@ several registries can share one Redis database; `redis://host:6379/0?prefix=tea
     {p}adapter:{ns/name}:tags       HASH   tag -> version number ("latest" is maintained by the registry)
     {p}adapter:{ns/name}:counter    STRING highest version ever assigned (kept after deletes: never reused)
     {p}chunk:{sha256}               STRING one piece (<= 4 MiB) of a file's bytes, content-addressed
-    {p}uploads                      HASH   upload id -> last heartbeat (unix seconds) of a push in progress
+    {p}uploads                      HASH   upload id -> lease JSON {"heartbeat", "expires"} of a push in progress
+                                           (Redis server time, unix seconds)
     {p}upload:{id}                  SET    sha256 of every chunk that push relies on (guards them from GC)
     {p}events                       STREAM change log: entry id "N-0" for event N (1, 2, ...), one field
                                            "event" = Event JSON; bounded with exact MAXLEN
@@ -17,7 +18,7 @@ several registries can share one Redis database; `redis://host:6379/0?prefix=tea
 Writes to one adapter happen in one MULTI/EXEC guarded by WATCH on its versions/tags/counter keys, the
 chunks the new version needs and the event stream, so a version appears together with its change-log entry
 and never before all its chunks exist. Chunks are written before that transaction; a push that dies leaves
-only chunks, which `collect_garbage` removes once the push's heartbeat is older than the lease.
+only chunks, which the next push or delete collects once the push's lease is over (see `sweep_chunks`).
 """
 
 from __future__ import annotations

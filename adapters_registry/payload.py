@@ -1,8 +1,10 @@
 """Moving file bytes in and out of a backend: content-addressed chunks, verification, garbage collection.
 
-A push first registers every chunk it needs under its upload id (so a concurrent garbage collection keeps
-them), then writes only the chunks the registry lacks, identical data being stored once. A chunk is never
-trusted on the way out: each is checked against its sha256, and the whole file against its own.
+A push first registers every chunk it needs under its upload id with a lease (so garbage collection keeps
+them), then writes only the chunks the registry lacks, identical data being stored once, renewing the lease
+as it goes. A push that is killed stops renewing; once its lease is over, the next push, delete or `gc`
+collects what it wrote. A chunk is never trusted on the way out: each is checked against its sha256, and
+the whole file against its own.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Upload:
     """Chunks written for one push; `pieces` keeps the bytes so a publish retry can write them again."""
 
     upload_id: str
+    lease_s: float  # the push counts as dead when silent this long
     entries: list[FileEntry]
     pieces: dict[str, memoryview]
     written: set[str]
@@ -51,9 +54,9 @@ def split_file(name: str, data: bytes, chunk_size: int) -> tuple[FileEntry, dict
     return FileEntry(name, len(data), hashlib.sha256(data).hexdigest(), chunks), pieces
 
 
-def prepare_upload(files: Mapping[str, bytes], chunk_size: int) -> Upload:
+def prepare_upload(files: Mapping[str, bytes], chunk_size: int, lease_s: float) -> Upload:
     """Split and hash the files; nothing is stored yet."""
-    upload = Upload(uuid.uuid4().hex, [], {}, set())
+    upload = Upload(uuid.uuid4().hex, lease_s, [], {}, set())
     for name in sorted(files):
         entry, pieces = split_file(name, files[name], chunk_size)
         upload.entries.append(entry)
@@ -63,7 +66,7 @@ def prepare_upload(files: Mapping[str, bytes], chunk_size: int) -> Upload:
 
 def store_chunks(storage: Storage, upload: Upload, progress: Progress | None = None) -> None:
     """Register the upload (protecting its chunks from GC), then write the chunks the registry lacks."""
-    storage.touch_upload(upload.upload_id, list(upload.pieces), time.time())
+    storage.touch_upload(upload.upload_id, list(upload.pieces), upload.lease_s)
     missing = storage.missing_chunks(list(upload.pieces))
     if progress:
         progress(sum(len(piece) for sha, piece in upload.pieces.items() if sha not in missing))
@@ -71,6 +74,7 @@ def store_chunks(storage: Storage, upload: Upload, progress: Progress | None = N
 
 
 def write_chunks(storage: Storage, upload: Upload, shas: Iterable[str], progress: Progress | None = None) -> None:
+    heartbeat_s = min(HEARTBEAT_INTERVAL_S, upload.lease_s / 3)  # renew well before the lease can run out
     last_heartbeat = time.monotonic()
     for sha in sorted(shas):
         piece = upload.pieces[sha]
@@ -78,8 +82,8 @@ def write_chunks(storage: Storage, upload: Upload, shas: Iterable[str], progress
         upload.written.add(sha)
         if progress:
             progress(len(piece))
-        if time.monotonic() - last_heartbeat > HEARTBEAT_INTERVAL_S:
-            storage.touch_upload(upload.upload_id, [], time.time())
+        if time.monotonic() - last_heartbeat > heartbeat_s:
+            storage.touch_upload(upload.upload_id, [], upload.lease_s)
             last_heartbeat = time.monotonic()
 
 
@@ -110,17 +114,14 @@ def referenced_chunks(storage: Storage) -> set[str]:
     return referenced
 
 
-def collect_garbage(storage: Storage, lease_s: float, candidates: Iterable[str] | None = None) -> int:
-    """Delete chunks no version references and no live upload relies on; returns how many were deleted.
+def collect_garbage(storage: Storage, candidates: Iterable[str] | None = (), silent_s: float | None = None) -> int:
+    """Delete chunks no published version references and no live push holds; returns how many were deleted.
 
-    The order matters: candidates are listed first, then live uploads and versions are read, so a chunk
-    that a push registers meanwhile is either protected by its upload or caught by the publish check.
+    Always considers the chunks of pushes whose lease is over (killed midway); `candidates` adds chunks to
+    consider (None: every stored chunk), and `silent_s` also counts pushes silent that long as dead.
     """
-    pool = set(storage.list_chunks() if candidates is None else candidates)
-    pool -= storage.live_upload_chunks(lease_s, time.time())
-    if pool:
-        pool -= referenced_chunks(storage)
-    deleted = storage.delete_chunks(pool) if pool else 0
+    pool = None if candidates is None else set(candidates)
+    deleted = storage.sweep_chunks(pool, lambda: referenced_chunks(storage), silent_s)
     if deleted:
         log.info("collected %d unreferenced chunk(s) from %s", deleted, storage.url)
     return deleted

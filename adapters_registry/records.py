@@ -109,6 +109,27 @@ class Event(msgspec.Struct, frozen=True, omit_defaults=True):
     id: str = ""  # change-log position "1", "2", ... in both backends (Redis stream id "N-0")
 
 
+DEFAULT_UPLOAD_LEASE_S = 900.0  # a push silent this long is presumed dead; its chunks become garbage
+
+
+class UploadLease(msgspec.Struct, frozen=True):
+    """A push in progress: when it last showed life and until when it counts as alive (backend clock, unix s)."""
+
+    heartbeat: float
+    expires: float | None = None  # None: written before uploads carried their own lease
+
+    def is_over(self, now: float, silent_s: float | None = None) -> bool:
+        """True once the lease ran out, or once the push has been silent for `silent_s` (an operator's override)."""
+        expires = self.expires if self.expires is not None else self.heartbeat + DEFAULT_UPLOAD_LEASE_S
+        return now >= expires or (silent_s is not None and now >= self.heartbeat + silent_s)
+
+
+class FileUpload(UploadLease, frozen=True):
+    """The directory backend's `uploads/{id}.json`: the lease and the chunks the push relies on."""
+
+    chunks: list[str] = []
+
+
 class TokenRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A write token, stored by its sha256; the secret itself is shown once at creation and never stored."""
 

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from adapters_registry.errors import ConflictError, MissingChunksError, RegistryError, UnreachableError, UsageError
 from adapters_registry.keys import DEFAULT_PREFIX, RedisKeys
-from adapters_registry.records import AdapterState, Event, TokenRecord, VersionRecord
+from adapters_registry.records import AdapterState, Event, TokenRecord, UploadLease, VersionRecord
 from adapters_registry.redaction import redact_url
 from adapters_registry.storage import Mutation, Result
 
@@ -33,6 +33,7 @@ MAX_ATTEMPTS = 200  # optimistic-transaction retries before giving up with Confl
 _record_decoder = msgspec.json.Decoder(VersionRecord)
 _event_decoder = msgspec.json.Decoder(Event)
 _token_decoder = msgspec.json.Decoder(TokenRecord)
+_lease_decoder = msgspec.json.Decoder(UploadLease)
 
 
 def _translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,6 +53,17 @@ def _translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
 
 def _event_number(stream_id: bytes) -> int:
     return int(stream_id.split(b"-")[0])
+
+
+def _decode_lease(raw: bytes) -> UploadLease:
+    try:
+        return _lease_decoder.decode(raw)
+    except msgspec.DecodeError:
+        pass
+    try:
+        return UploadLease(float(raw))  # a bare heartbeat, as written before uploads carried their own lease
+    except ValueError:
+        return UploadLease(0.0)  # unreadable: long over, so it is dropped rather than protecting chunks forever
 
 
 def _parse_event_id(event_id: str | None) -> int:
@@ -93,18 +105,20 @@ class RedisStorage:
         keys = self.redis.scan_iter(match=self.keys.chunk_pattern, count=1000)
         return iter([self.keys.chunk_sha(key.decode()) for key in keys])
 
-    @_translate_errors
-    def delete_chunks(self, shas: Collection[str]) -> int:
-        keys = [self.keys.chunk(sha) for sha in shas]
-        return sum(self.redis.delete(*keys[i : i + 500]) for i in range(0, len(keys), 500))
-
     # -- uploads ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _now(client: Any) -> float:
+        """Redis server time: one clock for every pusher and collector, whatever their own clocks say."""
+        seconds, microseconds = client.time()
+        return seconds + microseconds / 1e6
+
     @_translate_errors
-    def touch_upload(self, upload_id: str, shas: Sequence[str], now: float) -> None:
+    def touch_upload(self, upload_id: str, shas: Sequence[str], lease_s: float) -> None:
+        now = self._now(self.redis)
         pipe = self.redis.pipeline(transaction=True)
         if shas:
             pipe.sadd(self.keys.upload(upload_id), *shas)
-        pipe.hset(self.keys.uploads, upload_id, repr(now))
+        pipe.hset(self.keys.uploads, upload_id, msgspec.json.encode(UploadLease(now, now + lease_s)))
         pipe.execute()
 
     @_translate_errors
@@ -114,14 +128,44 @@ class RedisStorage:
         ).execute()
 
     @_translate_errors
-    def live_upload_chunks(self, lease_s: float, now: float) -> set[str]:
-        uploads = {key.decode(): float(value) for key, value in self.redis.hgetall(self.keys.uploads).items()}
-        dead = [upload_id for upload_id, heartbeat in uploads.items() if heartbeat + lease_s <= now]
-        for upload_id in dead:
-            log.info("dropping upload %s (no heartbeat for %.0f s)", upload_id, now - uploads[upload_id])
-            self.finish_upload(upload_id)
-        live = [self.keys.upload(upload_id) for upload_id in uploads if upload_id not in dead]
-        return {sha.decode() for sha in self.redis.sunion(live)} if live else set()
+    def sweep_chunks(
+        self, candidates: Collection[str] | None, in_use: Callable[[], set[str]], silent_s: float | None = None
+    ) -> int:
+        # WATCH on the uploads hash (every touch_upload writes it) and the event stream (every commit appends
+        # to it): if either changes while we decide, EXEC fails and we decide again.
+        keys = self.keys
+        with self.redis.pipeline(transaction=True) as pipe:
+            for attempt in range(MAX_ATTEMPTS):
+                try:
+                    pipe.watch(keys.uploads, keys.events)
+                    now = self._now(pipe)
+                    leases = {key.decode(): _decode_lease(raw) for key, raw in pipe.hgetall(keys.uploads).items()}
+                    over = sorted(upload_id for upload_id, lease in leases.items() if lease.is_over(now, silent_s))
+                    pool = set(self.list_chunks() if candidates is None else candidates)
+                    for upload_id in over:
+                        pool.update(sha.decode() for sha in pipe.smembers(keys.upload(upload_id)))
+                    live = [keys.upload(upload_id) for upload_id in leases if upload_id not in over]
+                    if pool and live:
+                        pool -= {sha.decode() for sha in pipe.sunion(live)}
+                    if pool:
+                        pool -= in_use()
+                    if not pool and not over:
+                        pipe.unwatch()
+                        return 0
+                    pipe.multi()
+                    chunk_keys = [keys.chunk(sha) for sha in sorted(pool)]
+                    batches = range(0, len(chunk_keys), 500)
+                    for start in batches:
+                        pipe.delete(*chunk_keys[start : start + 500])
+                    for upload_id in over:
+                        pipe.hdel(keys.uploads, upload_id).delete(keys.upload(upload_id))
+                    replies = pipe.execute()
+                    for upload_id in over:
+                        log.info("dropped upload %s (lease over)", upload_id)
+                    return sum(replies[: len(batches)])
+                except WatchError:
+                    time.sleep(random.uniform(0, 0.002 * min(attempt + 1, 20)))
+        raise ConflictError("the registry changed too often during garbage collection; try again")
 
     # -- adapters --------------------------------------------------------------------------------------
     @_translate_errors

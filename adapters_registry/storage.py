@@ -30,14 +30,26 @@ class Storage(Protocol):
     def list_chunks(self) -> Iterator[str]: ...
     def delete_chunks(self, shas: Collection[str]) -> int: ...
 
-    # -- pushes in progress (protect their chunks from garbage collection) -------------------------
-    def touch_upload(self, upload_id: str, shas: Sequence[str], now: float) -> None:
-        """Create or extend an upload: record `shas` and refresh its heartbeat to `now`."""
+    # -- pushes in progress (protect their chunks from garbage collection) --------------------------
+    def touch_upload(self, upload_id: str, shas: Sequence[str], lease_s: float) -> None:
+        """Create or extend an upload: add `shas` to it and renew its lease to `lease_s` from now.
+
+        "Now" is the backend's clock (Redis server time), so pushers with skewed clocks agree on expiry.
+        """
 
     def finish_upload(self, upload_id: str) -> None: ...
 
-    def live_upload_chunks(self, lease_s: float, now: float) -> set[str]:
-        """Chunks of uploads whose heartbeat is younger than `lease_s`; older uploads are dropped."""
+    def sweep_chunks(
+        self, candidates: Collection[str] | None, in_use: Callable[[], set[str]], silent_s: float | None = None
+    ) -> int:
+        """Delete garbage chunks; returns how many. Atomic with respect to touch_upload and commit.
+
+        Uploads whose lease ran out (or, given `silent_s`, not touched for that long) are dropped and their
+        chunks join `candidates` (None: every stored chunk). A candidate is deleted unless a live upload holds
+        it or `in_use()` (the chunks published versions reference) names it. If an upload or a commit changes
+        meanwhile, the sweep starts over, so a chunk a push has just found already stored cannot vanish
+        between that push's publish and this deletion.
+        """
 
     # -- adapter metadata ----------------------------------------------------------------------------
     def names(self) -> list[str]: ...

@@ -11,21 +11,28 @@ import getpass
 import logging
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from adapters_registry import changes, payload, tokens
 from adapters_registry.base_model import BaseShapes, base_shapes, parse_base_config
-from adapters_registry.errors import MissingChunksError, NotFoundError
+from adapters_registry.errors import MissingChunksError, NotFoundError, RegistryError
 from adapters_registry.file_store import write_atomic
 from adapters_registry.names import Ref, check_base_model, check_name, check_namespace, check_user_tag, parse_ref
-from adapters_registry.records import AdapterSummary, Event, TokenInfo, VersionRecord, content_digest, utc_now
+from adapters_registry.records import (
+    DEFAULT_UPLOAD_LEASE_S,
+    AdapterSummary,
+    Event,
+    TokenInfo,
+    VersionRecord,
+    content_digest,
+    utc_now,
+)
 from adapters_registry.storage import Storage
 from adapters_registry.validate import DEFAULT_LIMITS, Limits, read_adapter_dir, validate_adapter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UPLOAD_LEASE_S = 900.0  # a push silent this long is presumed dead; its chunks become garbage
 PUBLISH_ATTEMPTS = 3
 
 
@@ -142,7 +149,7 @@ class AdapterStore:
         base = self._base_shapes(base_model, base_config)
         if base is not None:
             base.check_adapter(adapter.shapes)
-        upload = payload.prepare_upload(files, self.chunk_size)
+        upload = payload.prepare_upload(files, self.chunk_size, self.upload_lease_s)
         succeeded = False
         try:
             payload.store_chunks(self.storage, upload, progress)
@@ -158,9 +165,17 @@ class AdapterStore:
             log.info("published %s (%s)", record.ref, record.sha256[:12])
             return record
         finally:
-            self.storage.finish_upload(upload.upload_id)
-            if not succeeded and upload.written:
-                payload.collect_garbage(self.storage, self.upload_lease_s, candidates=upload.written)
+            self._clean_up(f"pushing {name}", () if succeeded else upload.written, upload.upload_id)
+
+    def _clean_up(self, after: str, candidates: Collection[str], upload_id: str | None = None) -> None:
+        """End `upload_id`, then collect `candidates` and the chunks of pushes whose lease is over (killed ones).
+        Never raises: the push or delete stands, and whatever is left a later sweep collects."""
+        try:
+            if upload_id is not None:
+                self.storage.finish_upload(upload_id)
+            payload.collect_garbage(self.storage, candidates)
+        except RegistryError as error:
+            log.warning("cleaning up after %s in %s failed; a later sweep retries: %s", after, self.url, error)
 
     def _base_shapes(
         self, base_model: str | None, base_config: Mapping[str, object] | bytes | None
@@ -184,6 +199,7 @@ class AdapterStore:
                 if attempt == PUBLISH_ATTEMPTS - 1:
                     raise
                 log.warning("%s; re-uploading them", error)
+                self.storage.touch_upload(upload.upload_id, error.shas, upload.lease_s)  # if our lease lapsed
                 payload.write_chunks(self.storage, upload, error.shas)
         raise AssertionError("unreachable")
 
@@ -211,13 +227,14 @@ class AdapterStore:
         )
         self.storage.commit(ref.name, mutation)
         freed = {sha for record in outcome.records for entry in record.files for sha in entry.chunks}
-        payload.collect_garbage(self.storage, self.upload_lease_s, candidates=freed)
+        self._clean_up(f"deleting {ref}", freed)
         return outcome.records
 
     def collect_garbage(self, lease_s: float | None = None) -> int:
-        """Delete chunks of dead pushes and deleted versions; a push silent for `lease_s` counts as dead."""
+        """Delete every chunk no version references and no live push holds. A push counts as dead once its
+        own lease is over or, given `lease_s`, once it has been silent that long (0: every push in flight)."""
         tokens.authorize_admin(self.storage, self.token, "garbage collection", open_ok=True)
-        return payload.collect_garbage(self.storage, self.upload_lease_s if lease_s is None else lease_s)
+        return payload.collect_garbage(self.storage, None, silent_s=lease_s)
 
     # -- change events -------------------------------------------------------------------------------------
     def events(self, after_id: str | None = None, *, block_ms: int = 0, limit: int = 1000) -> list[Event]:

@@ -12,8 +12,9 @@ from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 from adapters_registry.errors import UsageError
 from adapters_registry.keys import DEFAULT_PREFIX
 from adapters_registry.payload import DEFAULT_CHUNK_SIZE
+from adapters_registry.records import DEFAULT_UPLOAD_LEASE_S
 from adapters_registry.redaction import redact_url
-from adapters_registry.store import DEFAULT_UPLOAD_LEASE_S, AdapterStore
+from adapters_registry.store import AdapterStore
 from adapters_registry.validate import Limits
 
 DEFAULT_REGISTRY = "file://~/.kvrun/registry"
@@ -85,6 +86,8 @@ def open_store(
     url = registry_url(url)
     if not 1024 <= chunk_size <= MAX_CHUNK_SIZE:
         raise UsageError(f"chunk_size must be between 1 KiB and {MAX_CHUNK_SIZE // 1024**2} MiB")
+    if not 0 < upload_lease_s < float("inf"):
+        raise UsageError(f"upload_lease_s must be a positive number of seconds, not {upload_lease_s!r}")
     scheme = _split(url).scheme
     if scheme in REDIS_SCHEMES:
         storage = _open_redis(url, events_maxlen)

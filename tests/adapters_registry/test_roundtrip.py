@@ -118,6 +118,6 @@ def test_corrupted_chunk_is_detected_on_pull(store: AdapterStore, make_adapter: 
     with pytest.raises(IntegrityError, match=r"adapter_model\.safetensors: chunk 1"):
         store.pull("team-a/x", tmp_path / "out")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
-    store.storage.delete_chunks([victim])
+    assert store.storage.sweep_chunks([victim], in_use=set) == 1  # a sweep told no version uses it
     with pytest.raises(IntegrityError, match="missing"):
         store.fetch_files(record)
