@@ -1,11 +1,19 @@
 """What a request's `model` / `adapter_id` means: the base model, an adapter loaded from a path, or a registry ref.
 
-Registry refs (`ns/name`, `ns/name@3`, `ns/name:prod`) resolve to an immutable version whose canonical string
-`ns/name@3` is the engine-side adapter name: a version never changes content, so the engine, its slots and its
-caches never see weights change under a name. Resolutions are cached and dropped when a change event names the
-adapter (see registry_watcher.py), with a TTL as a backstop. A version the engine lacks is fetched and parsed in a
-worker thread — once, however many requests want it — and published on the engine thread with the request that
-needed it, so requests for other adapters never wait on the registry.
+Identity is content. A registry ref (`ns/name`, `ns/name@3`, `ns/name:prod`) resolves to a version record, and the
+engine knows that version by its canonical ref *and* its content digest (see adapter_names.py), so a version number
+the registry reuses after losing its data (same `ns/name@1`, other weights) can never select the weights the engine
+already holds under the old digest.
+
+Names are namespaced. Registry names always hold a `/` (`ns/name`); on a server with a registry, adapters loaded
+from a path must use names without one, so a path load can neither claim a registry name (pushed or not) nor
+shadow one, and /v1/unload_lora_adapter cannot remove registry versions.
+
+Resolutions are remembered: fresh for `ttl_s` (a change event naming the adapter, or a resync, ends that early),
+and afterwards as the last known answer. When the registry does not answer, a ref whose last known version the
+engine holds keeps serving it (marked stale); anything else gets 503 with Retry-After. A version the engine lacks is
+fetched and parsed on the registry pool, once however many requests want it, and published on the engine thread
+with the request that needed it, so requests for other adapters never wait on the registry.
 """
 
 from __future__ import annotations
@@ -14,20 +22,26 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from adapters_registry import AdapterStore, NotFoundError, RegistryError, UnreachableError, UsageError, parse_ref
+from adapters_registry import NotFoundError, UsageError, parse_ref
 from adapters_registry.records import Event, VersionRecord
 
 from kvrun.adapters.manager import check_adapter_name
 from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ParsedAdapter, parse_adapter
 from kvrun.config import ModelConfig
 from kvrun.serving import errors
+from kvrun.serving.adapter_names import engine_name, parse_engine_name
 from kvrun.serving.engine_client import AdapterPublication, EngineClient
+from kvrun.serving.registry_client import FETCH_TIMEOUT_S, RETRY_AFTER_S, RegistryClient, RegistryUnavailable
+from kvrun.serving.spill import SpillDirectory
 
 logger = logging.getLogger(__name__)
+
+MAX_KNOWN = 10_000  # remembered resolutions (refs as clients typed them); least recently used are forgotten
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +49,39 @@ class Resolution:
     adapter: str | None  # engine-side adapter name; None = the base model
     label: str | None  # what the client wrote (None for the base model)
     record: VersionRecord | None = None  # the registry version, for registry refs
+    sha256: str | None = None  # the content served: the registry's digest, or the weights' sha256 for path loads
+    stale: bool = False  # the registry did not answer: its last known answer, for a version the engine holds
+
+    @property
+    def served(self) -> str | None:
+        """What is served, as clients name it: `ns/name@3`, or a path-loaded name."""
+        return self.record.ref if self.record is not None else self.adapter
+
+    def headers(self) -> dict[str, str]:
+        if self.adapter is None:
+            return {}
+        headers = {"x-kvrun-adapter": self.served, "x-kvrun-adapter-sha256": self.sha256 or ""}
+        if self.stale:
+            headers["x-kvrun-adapter-stale"] = "true"
+        return headers
+
+
+@dataclass(slots=True)
+class KnownResolution:
+    record: VersionRecord
+    fresh_until: float  # time.monotonic(); afterwards (or once an event names the adapter) ask the registry again
+
+
+def registry_unavailable(message: str) -> errors.ApiError:
+    return errors.ApiError(503, message, type="server_error", code="registry_unavailable", tgi_type="unavailable",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
 
 
 class AdapterResolver:
     def __init__(
         self,
         client: EngineClient,
-        store: AdapterStore | None,
+        registry: RegistryClient | None,
         base_names: set[str],
         model_config: ModelConfig,
         max_rank: int,
@@ -49,99 +89,152 @@ class AdapterResolver:
         ttl_s: float,
     ) -> None:
         self.client = client
-        self.store = store
+        self.registry = registry
         self.base_names = base_names
         self.model_config = model_config
         self.max_rank = max_rank
         self.dtype = dtype
         self.ttl_s = ttl_s
         self.local: dict[str, str] = {}  # adapters loaded from a path: name → path
-        self._cache: dict[str, tuple[VersionRecord, float]] = {}  # ref as typed → (version, expiry)
+        self._local_sha: dict[str, str] = {}  # name → sha256 of its weights
+        self._known: OrderedDict[str, KnownResolution] = OrderedDict()  # ref as typed → its last resolution
         self._generation: dict[str, int] = {}  # adapter name → bumped by every change event naming it
-        self._epoch = 0  # bumped on resync: every cached resolution is suspect
-        self._fetches: dict[str, asyncio.Future] = {}  # canonical ref → parse in progress
-        self._rejected: dict[tuple[str, str], str] = {}  # (canonical ref, sha256) → why it cannot be served
+        self._epoch = 0  # bumped on resync: every resolution is suspect
+        self._fetches: dict[str, asyncio.Future] = {}  # engine name → fetch and parse in progress
+        self._rejected: dict[str, str] = {}  # sha256 → why that content cannot be served here
+        self.spill = SpillDirectory() if registry is not None else None
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.remove()
 
     # -- resolving ---------------------------------------------------------------------------------------------------
     async def resolve(self, model: str | None) -> Resolution:
         if model is None or model in self.base_names:
             return Resolution(None, None)
         if model in self.local:
-            return Resolution(model, model)
-        if self.store is None:
+            return Resolution(model, model, sha256=self._local_sha[model])
+        if self.registry is None:
             raise errors.unknown_model(model, "This server has no adapter registry; load adapters by path.")
         try:
             ref = parse_ref(model)
         except UsageError as error:
             raise errors.unknown_model(model, str(error)) from None
         key = str(ref)
-        cached = self._cache.get(key)
-        if cached is not None and cached[1] > time.monotonic():
-            record = cached[0]
-        else:
+        known = self._known.get(key)
+        if known is not None:
+            self._known.move_to_end(key)
+            if known.fresh_until > time.monotonic():
+                return self._resolution(model, known.record)
+            if not self.registry.reachable and self._holds(known.record):
+                return self._resolution(model, known.record, stale=True)  # no need to wait for a registry that's down
+        try:
             record = await self._lookup(key, ref.name)
-        return Resolution(record.ref, model, record)
+        except RegistryUnavailable as error:
+            known = self._known.get(key)  # a delete event may have dropped it meanwhile
+            if known is not None and self._holds(known.record):
+                return self._resolution(model, known.record, stale=True)
+            raise registry_unavailable(f"{error}; adapter {model} is not loaded here, retry shortly") from None
+        return self._resolution(model, record)
+
+    def _resolution(self, model: str, record: VersionRecord, stale: bool = False) -> Resolution:
+        return Resolution(engine_name(record), model, record, record.sha256, stale)
+
+    def _holds(self, record: VersionRecord) -> bool:
+        return engine_name(record) in self.client.adapter_names
 
     async def _lookup(self, key: str, name: str) -> VersionRecord:
         generation = (self._epoch, self._generation.get(name, 0))
         try:
-            record = await asyncio.to_thread(self.store.resolve, key)
-        except NotFoundError as error:
+            record = await self.registry.call(self.registry.store.resolve, key)
+        except NotFoundError as error:  # the registry answered: the name, version or tag is gone
+            self._known.pop(key, None)
             raise errors.unknown_model(key, str(error)) from None
-        except UnreachableError as error:
-            raise errors.unavailable(f"the adapter registry is unreachable: {error}") from None
-        except RegistryError as error:
-            raise errors.unavailable(f"the adapter registry failed: {error}") from None
-        # A change event that arrived while we asked may have moved the tag: cache only an answer nothing superseded.
+        # A change event that arrived while we asked may have moved the tag: keep only an answer nothing superseded.
         if generation == (self._epoch, self._generation.get(name, 0)):
-            self._cache[key] = (record, time.monotonic() + self.ttl_s)
+            self._remember(key, record)
         return record
+
+    def _remember(self, key: str, record: VersionRecord) -> None:
+        self._known[key] = KnownResolution(record, time.monotonic() + self.ttl_s)
+        self._known.move_to_end(key)
+        while len(self._known) > MAX_KNOWN:
+            self._known.popitem(last=False)
+
+    def known(self) -> dict[str, VersionRecord]:
+        """The last known resolution of every ref clients used (what /v1/adapters shows while the registry is down)."""
+        return {key: known.record for key, known in self._known.items()}
 
     # -- fetching ----------------------------------------------------------------------------------------------------
     async def publication(self, record: VersionRecord) -> AdapterPublication:
-        """The parsed version, fetched and parsed off the event loop; concurrent callers share one fetch."""
-        canonical = record.ref
-        rejected = self._rejected.get((canonical, record.sha256))
+        """The parsed version, fetched and parsed on the registry pool; concurrent callers share one fetch."""
+        rejected = self._rejected.get(record.sha256)
         if rejected is not None:
             raise errors.incompatible_adapter(rejected)
-        future = self._fetches.get(canonical)
+        name = engine_name(record)
+        future = self._fetches.get(name)
         if future is None:
-            future = asyncio.ensure_future(asyncio.to_thread(self._fetch_and_parse, record))
-            self._fetches[canonical] = future
-            future.add_done_callback(lambda _: self._fetches.pop(canonical, None))
+            future = asyncio.ensure_future(self.registry.call(self._fetch_and_parse, record, timeout_s=FETCH_TIMEOUT_S))
+            self._fetches[name] = future
+            future.add_done_callback(lambda _: self._fetches.pop(name, None))
         try:
             parsed = await asyncio.shield(future)  # one impatient client must not cancel the others' fetch
         except AdapterError as error:
-            self._rejected[(canonical, record.sha256)] = str(error)
+            self._rejected[record.sha256] = str(error)
             raise errors.incompatible_adapter(str(error)) from None
         except NotFoundError as error:
-            raise errors.unknown_model(canonical, str(error)) from None
-        except RegistryError as error:
-            raise errors.unavailable(f"fetching {canonical} from the registry failed: {error}") from None
-        return AdapterPublication(parsed, lambda: self._fetch_and_parse(record))
+            raise errors.unknown_model(record.ref, str(error)) from None
+        except RegistryUnavailable as error:
+            raise registry_unavailable(f"fetching {record.ref}: {error}") from None
+        return AdapterPublication(parsed, lambda: self._reparse(record))
 
     def _fetch_and_parse(self, record: VersionRecord) -> ParsedAdapter:
         started = time.perf_counter()
-        files = self.store.fetch_files(record)
-        name = record.ref
+        files = self.registry.store.fetch_files(record)
+        parsed = self._parse(record, files)
+        held = {parts[2] for parts in map(parse_engine_name, self.client.adapter_names) if parts is not None}
+        self.spill.prune(held)
+        self.spill.put(record.sha256, files)  # only content that parsed is kept for re-parsing
+        logger.info("fetched and parsed %s in %.0f ms", record.ref, 1000 * (time.perf_counter() - started))
+        return parsed
+
+    def _reparse(self, record: VersionRecord) -> ParsedAdapter:
+        """On the engine thread, when the host cache dropped a version the engine still names: from the local
+        copy, so no registry I/O (and no registry outage) reaches the engine thread; the registry is the fallback."""
+        files = self.spill.get(record.sha256, (CONFIG_FILE, WEIGHTS_FILE))
+        if files is None:
+            logger.warning("the local copy of %s is gone; fetching it from the registry again", record.ref)
+            files = self.registry.store.fetch_files(record)
+        return self._parse(record, files)
+
+    def _parse(self, record: VersionRecord, files: dict[str, bytes]) -> ParsedAdapter:
+        name = engine_name(record)
         try:
             config = json.loads(files[CONFIG_FILE])
         except (KeyError, ValueError) as error:
-            raise AdapterError(f"adapter {name!r}: {CONFIG_FILE} is missing or not JSON ({error})") from None
+            raise AdapterError(f"adapter {record.ref!r}: {CONFIG_FILE} is missing or not JSON ({error})") from None
         if WEIGHTS_FILE not in files:
-            raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is missing")
-        parsed = parse_adapter(
+            raise AdapterError(f"adapter {record.ref!r}: {WEIGHTS_FILE} is missing")
+        return parse_adapter(
             name, config, files[WEIGHTS_FILE], self.model_config, self.max_rank, self.dtype, record.version
         )
-        logger.info("fetched and parsed %s in %.0f ms", name, 1000 * (time.perf_counter() - started))
-        return parsed
 
     # -- adapters loaded from a path (vLLM's /v1/load_lora_adapter) ------------------------------------------------
+    def _check_local_name(self, name: str) -> None:
+        if self.registry is not None and "/" in name:
+            raise errors.invalid(
+                f"lora_name {name!r} has the form of an adapter registry name (namespace/name); those belong to the "
+                "registry, so an adapter loaded from a path cannot take one. Use a name without '/', or push the "
+                "adapter with `kvrun-adapters push`.",
+                "lora_name",
+            )
+
     async def load_local(self, name: str, path: str, replace: bool) -> None:
         try:
             check_adapter_name(name)
         except ValueError as error:
             raise errors.invalid(str(error), "lora_name") from None
+        self._check_local_name(name)
         if name in self.base_names:
             raise errors.invalid(f"{name!r} is the base model's name", "lora_name")
         if name in self.local and not replace:
@@ -159,43 +252,60 @@ class AdapterResolver:
         source = lambda: manager.parse_path(name, path, parsed.ref.version)  # noqa: E731
         await self.client.publish(name, AdapterPublication(parsed, source, evictable=False))
         self.local[name] = path
+        self._local_sha[name] = parsed.ref.sha256
 
     async def unload(self, name: str) -> None:
-        removed = await self.client.remove_adapter(name)
-        self.local.pop(name, None)
-        if not removed:
+        if name not in self.local:
+            self._check_local_name(name)  # a registry version is removed from the registry, not from one replica
             raise errors.ApiError(404, f"The lora adapter '{name}' cannot be found.", type="not_found_error",
                                   param="lora_name", code="adapter_not_found", tgi_type="not_found")  # fmt: skip
+        await self.client.remove_adapter(name)
+        self.local.pop(name, None)
+        self._local_sha.pop(name, None)
 
     # -- change events (called on the event loop by the registry watcher) ------------------------------------------
     def on_event(self, event: Event) -> None:
         if event.kind == "resync":
             self._epoch += 1
-            self._cache.clear()
+            for known in self._known.values():
+                known.fresh_until = 0.0
             return
         self._generation[event.name] = self._generation.get(event.name, 0) + 1
-        for key in [key for key, (record, _) in self._cache.items() if record.name == event.name]:
-            del self._cache[key]
-        loaded = [name for name in self.client.adapter_names if _version_of(name, event.name, None)]
-        if event.kind == "delete":
+        deleted = event.kind == "delete"
+        for key, known in list(self._known.items()):
+            if known.record.name != event.name:
+                continue
+            if deleted and event.version in (None, known.record.version):
+                del self._known[key]  # never served again, not even while the registry is down
+            else:
+                known.fresh_until = 0.0
+        loaded = [name for name in self.client.adapter_names if (parse_engine_name(name) or ("",))[0] == event.name]
+        if deleted:
             for name in loaded:
-                if _version_of(name, event.name, event.version):  # in-flight requests hold it and finish on it
+                if event.version in (None, parse_engine_name(name)[1]):  # in-flight requests hold it and finish on it
                     _background(self.client.remove_adapter(name), f"unloading {name}")
         elif event.kind in ("publish", "tag") and loaded and event.version is not None:
-            # The adapter is in use here: load the version its tag now names before requests ask for it.
-            _background(self._prefetch(event.name, event.version), f"prefetching {event.name}@{event.version}")
+            # The adapter is in use here: load the version its tags now name before requests ask for it.
+            tags = event.tags if event.kind == "publish" else [event.tag]
+            _background(self._prefetch(event.name, event.version, tags), f"prefetching {event.name}@{event.version}")
         logger.info("registry %s %s%s: resolutions refreshed", event.kind, event.name,
                     "" if event.version is None else f"@{event.version}")  # fmt: skip
 
-    async def _prefetch(self, name: str, version: int) -> None:
-        canonical = f"{name}@{version}"
-        generation = self._generation.get(name, 0)
-        if canonical in self.client.adapter_names:
-            return
-        record = await asyncio.to_thread(self.store.resolve, canonical)
-        publication = await self.publication(record)
-        if self._generation.get(name, 0) == generation:  # a later change (e.g. a delete) makes it moot
-            await self.client.publish(canonical, publication)
+    async def _prefetch(self, name: str, version: int, tags: list[str | None]) -> None:
+        generation = (self._epoch, self._generation.get(name, 0))
+        record = await self.registry.call(self.registry.store.resolve, f"{name}@{version}")
+        if engine_name(record) not in self.client.adapter_names:
+            publication = await self.publication(record)
+            if generation != (self._epoch, self._generation.get(name, 0)):
+                return  # a later change (e.g. a delete) makes it moot
+            await self.client.publish(engine_name(record), publication)
+        if generation == (self._epoch, self._generation.get(name, 0)):
+            # The event said which tags name this version now: new requests need not ask the registry.
+            for tag in tags:
+                if tag == "latest":
+                    self._remember(name, record)
+                if tag:
+                    self._remember(f"{name}:{tag}", record)
 
 
 def _background(coroutine, what: str) -> None:
@@ -206,9 +316,3 @@ def _background(coroutine, what: str) -> None:
             logger.warning("%s failed: %s", what, task.exception())
 
     asyncio.ensure_future(coroutine).add_done_callback(report)
-
-
-def _version_of(engine_name: str, adapter: str, version: int | None) -> bool:
-    if version is None:
-        return engine_name.startswith(f"{adapter}@")
-    return engine_name == f"{adapter}@{version}"

@@ -32,6 +32,7 @@ from kvrun.serving.errors import EXCEPTION_HANDLERS
 from kvrun.serving.generation import GenerationService
 from kvrun.serving.metrics import ServingMetrics
 from kvrun.serving.openai_format import TokenText
+from kvrun.serving.registry_client import RegistryClient
 from kvrun.serving.registry_watcher import RegistryWatcher
 from kvrun.serving.state import Serving
 from kvrun.serving.status import status_lines
@@ -103,6 +104,9 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
         if serving.watcher is not None:
             await serving.watcher.stop()
         await serving.client.stop()
+        serving.resolver.close()
+        if serving.registry is not None:
+            serving.registry.close()
         if serving.store is not None:
             serving.store.close()
 
@@ -114,6 +118,7 @@ async def _build(config: ServerConfig, loaded: LoadedModel | None) -> Serving:
     engine, tokenizer = loaded.engine, loaded.tokenizer
     model_name = config.served_model_name or engine.model_name
     store = open_store(config.registry) if config.use_registry else None
+    registry = RegistryClient(store) if store is not None else None
     client = EngineClient(
         engine,
         max_active=config.max_num_seqs + config.max_queue,
@@ -123,12 +128,12 @@ async def _build(config: ServerConfig, loaded: LoadedModel | None) -> Serving:
     await client.start()
     dtype = engine.adapters.dtype if engine.adapters is not None else torch.float32
     resolver = AdapterResolver(
-        client, store, {model_name, engine.model_name}, engine.model_config, config.max_lora_rank, dtype,
+        client, registry, {model_name, engine.model_name}, engine.model_config, config.max_lora_rank, dtype,
         config.resolve_ttl_s,
     )  # fmt: skip
     watcher = None
     if store is not None:
-        watcher = RegistryWatcher(store, resolver)
+        watcher = RegistryWatcher(registry, resolver)
         await watcher.start()
     for name, path in config.lora_modules:
         try:
@@ -141,4 +146,4 @@ async def _build(config: ServerConfig, loaded: LoadedModel | None) -> Serving:
     logger.info("serving %s (%d KV blocks) with registry %s", model_name, engine.blocks.num_blocks,
                 redact_url(store.url) if store else "none")  # fmt: skip
     return Serving(config, model_name, client, resolver, service, metrics, tokenizer, TokenText(tokenizer), store,
-                   watcher)  # fmt: skip
+                   registry, watcher)  # fmt: skip

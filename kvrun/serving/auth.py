@@ -1,4 +1,8 @@
-"""Bearer-key guards: `--api-key` for the inference APIs, `--admin-key` for loading and unloading adapters."""
+"""Bearer-key guards: `--api-key` for the inference APIs, `--admin-key` for loading and unloading adapters.
+
+The guards are coroutines on purpose: Litestar runs a plain-function guard on a worker thread, where the key check
+of every request would queue behind whatever else occupies those threads. A comparison needs no thread.
+"""
 
 from __future__ import annotations
 
@@ -23,13 +27,13 @@ def _matches(presented: str | None, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
 
 
-def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     config = connection.app.state.serving.config
     if config.api_key and not _matches(_presented(connection), config.api_key):
         raise errors.unauthorized()
 
 
-def require_admin_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+async def require_admin_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """The admin key when one is set; else the api key when one is set; else open (a local, single-user server)."""
     config = connection.app.state.serving.config
     expected = config.admin_key or config.api_key

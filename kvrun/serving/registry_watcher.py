@@ -1,8 +1,11 @@
 """Follows the registry's change log in a thread and hands each event to the resolver on the event loop.
 
-The file backend polls its log every 50 ms and Redis blocks on its stream, so a moved tag or a delete reaches new
-requests well within a second. If the registry is unreachable the watcher retries, and afterwards treats the gap
-as a resync (every cached resolution is dropped), since it cannot know what it missed.
+The file backend polls its log every 50 ms and Redis blocks on its stream for at most 0.5 s, so a moved tag or a
+delete reaches new requests well within a second, and every answer tells the RegistryClient the registry is alive.
+When the registry cannot be read, the watcher retries every second and afterwards treats the gap as a resync
+(every resolution must be asked again), since it cannot know what it missed. A log that was trimmed past our
+position or reset (a Redis that restarted without its data numbers events from 1 again) is a resync too; reading
+then restarts from the log's current end.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ import asyncio
 import logging
 import threading
 
-from adapters_registry import AdapterStore, RegistryError
+from adapters_registry import RegistryError
 from adapters_registry.records import Event
 
 from kvrun.serving.adapter_resolver import AdapterResolver
+from kvrun.serving.registry_client import RegistryClient
 
 logger = logging.getLogger(__name__)
 
@@ -23,22 +27,21 @@ RETRY_S = 1.0
 
 
 class RegistryWatcher:
-    def __init__(self, store: AdapterStore, resolver: AdapterResolver) -> None:
-        self.store = store
+    def __init__(self, registry: RegistryClient, resolver: AdapterResolver) -> None:
+        self.registry = registry
+        self.store = registry.store
         self.resolver = resolver
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.connected = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         # Read the log's position now, so changes made while the server starts are not missed.
         try:
-            after = await asyncio.to_thread(self.store.last_event_id)
-            self.connected = True
-        except RegistryError as error:
-            logger.warning("registry %s is unreachable (%s); will retry", self.store.url, error)
+            after = await self.registry.call(self.store.last_event_id) or ""
+        except Exception as error:  # noqa: BLE001 - the registry may be down at start; serving goes on without it
+            logger.warning("registry %s is not answering (%s); will retry", self.registry.url, error)
             after = None
         self._thread = threading.Thread(target=self._run, args=(after,), name="kvrun-registry-watch", daemon=True)
         self._thread.start()
@@ -55,16 +58,16 @@ class RegistryWatcher:
                     after = self.store.last_event_id() or ""
                     self._hand_over(Event("resync"))
                 events = self.store.events(after or None, block_ms=BLOCK_MS)
-                self.connected = True
             except RegistryError as error:
-                if self.connected:
-                    logger.warning("lost the registry's change log (%s); retrying", error)
-                self.connected = False
+                self.registry.failure(f"its change log cannot be read ({error})")
                 after = None
                 self._stop.wait(RETRY_S)
                 continue
+            self.registry.contact()
             for event in events:
-                if event.kind != "resync":
+                if event.kind == "resync":
+                    after = None  # from the log's end, once every resolution is asked again
+                elif after is not None:
                     after = event.id
                 self._hand_over(event)
 

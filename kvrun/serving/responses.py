@@ -237,6 +237,7 @@ class AdapterInfo(Struct):
     tags: list[str] = msgspec.field(default_factory=list)
     serving: bool = True  # False: a superseded version kept until its in-flight requests finish
     why_not_servable: str | None = None  # set: this server cannot serve it (not listed in /v1/models)
+    stale: bool = False  # the registry does not answer: this is the last known resolution, still served
 
 
 class AdapterList(Struct):

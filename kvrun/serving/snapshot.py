@@ -9,11 +9,13 @@ from dataclasses import dataclass
 
 from kvrun.adapters.ref import AdapterRef
 from kvrun.engine.engine import LLMEngine
+from kvrun.serving.adapter_names import client_name
 
 
 @dataclass(frozen=True, slots=True)
 class AdapterResidency:
-    name: str  # the engine-side name (a registry version `ns/name@3`, or a name loaded from a path)
+    name: str  # as clients name it: a registry version `ns/name@3`, or a name loaded from a path
+    engine_name: str  # the engine's alias (for a registry version `ns/name@3:sha256:…`, see adapter_names.py)
     ref: AdapterRef
     location: str  # "gpu" (in a model slot) | "host" (parsed, in the host LRU) | "registered" (reloaded on use)
     slot: int | None
@@ -69,8 +71,8 @@ def take_snapshot(engine: LLMEngine, labels: dict[str, str | None]) -> EngineSna
             slot = slots.get(ref)
             location = "gpu" if slot is not None else "host" if ref in manager.host else "registered"
             residency.append(
-                AdapterResidency(name, ref, location, slot, manager.slots.pins(ref), manager.holds(ref),
-                                 aliases.get(name) == ref)
+                AdapterResidency(client_name(name), name, ref, location, slot, manager.slots.pins(ref),
+                                 manager.holds(ref), aliases.get(name) == ref)
             )  # fmt: skip
     return EngineSnapshot(
         num_running=len(scheduler.running),

@@ -13,6 +13,7 @@ from kvrun.serving.engine_client import EngineClient
 from kvrun.serving.generation import GenerationService
 from kvrun.serving.metrics import ServingMetrics
 from kvrun.serving.openai_format import TokenText
+from kvrun.serving.registry_client import RegistryClient
 from kvrun.serving.registry_watcher import RegistryWatcher
 
 
@@ -27,5 +28,6 @@ class Serving:
     tokenizer: object | None
     token_text: TokenText
     store: AdapterStore | None = None
+    registry: RegistryClient | None = None  # the store behind its own bounded pool, with reachability
     watcher: RegistryWatcher | None = None
     started: int = field(default_factory=lambda: int(time.time()))

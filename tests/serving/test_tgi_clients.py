@@ -90,7 +90,7 @@ def test_local_adapter_source_loads_the_directory_once(shared_server, reference,
                                    ignore_eos_token=True)  # fmt: skip
         assert [token.id for token in response.details.tokens] == expected
     local = {path: name for name, path in shared_server.serving.resolver.local.items()}
-    assert local[str(directory)].startswith("local/pirate-")
+    assert local[str(directory)].startswith("local:pirate-")
     assert local[str(adapter_dirs["up-r2"])] == "up-r2"  # already loaded by /v1/load_lora_adapter: reused
     with pytest.raises(lorax.errors.ValidationError) as raised:
         client.generate(PROMPT, adapter_id="/no/such/adapter", adapter_source="local")

@@ -30,22 +30,23 @@ OVERLOADED = 429  # TGI answers "Model is overloaded" with 429
 async def _local_adapter(request: Request, serving: Serving, path: str) -> Resolution:
     """LoRAX's `adapter_source: "local"`: load the directory as /v1/load_lora_adapter would (same admin key),
     once, under a name derived from its path; later requests for the same directory reuse it."""
-    require_admin_key(request, None)  # type: ignore[arg-type]
+    await require_admin_key(request, None)  # type: ignore[arg-type]
     resolved = str(Path(path).expanduser().resolve())
     lock = request.app.state.setdefault("local_adapter_lock", asyncio.Lock())
     async with lock:  # two first requests for one directory must not both load it
         for name, loaded in serving.resolver.local.items():
             if loaded in (path, resolved):
-                return Resolution(name, name)
+                return await serving.resolver.resolve(name)
         digest = hashlib.sha256(resolved.encode()).hexdigest()[:10]
-        name = f"local/{Path(resolved).name[:64] or 'adapter'}-{digest}"
+        # No '/': that form belongs to registry names, which a path-loaded adapter may never take.
+        name = f"local:{Path(resolved).name[:64] or 'adapter'}-{digest}"
         try:
             await serving.resolver.load_local(name, resolved, replace=False)
         except errors.ApiError as error:
             if error.param == "lora_path":
                 raise errors.invalid(f"parameters.adapter_id: {error.message}", "parameters.adapter_id") from None
             raise
-    return Resolution(name, name)
+    return await serving.resolver.resolve(name)
 
 
 class GenerateController(Controller):
@@ -70,7 +71,7 @@ class GenerateController(Controller):
         params = sampling(parameters, max_new_tokens)
         call_id = f"gen-{uuid.uuid4().hex}"
         streams = await start_all(service, "generate", resolution, call_id, [(token_ids, params)], OVERLOADED)
-        headers = {"x-kvrun-adapter": resolution.adapter} if resolution.adapter else {}
+        headers = resolution.headers()
         special = set(getattr(serving.tokenizer, "all_special_ids", ()) or ())
         renderer = TokenRenderer(serving.token_text, special, parameters)
         return streams, params, token_ids, headers, renderer

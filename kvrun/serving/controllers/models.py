@@ -7,7 +7,6 @@ named one, is this one. /v1/adapters lists the rest too, with the reason (`why_n
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from adapters_registry import AdapterSummary, RegistryError
@@ -18,6 +17,7 @@ from kvrun.serving import errors
 from kvrun.serving.auth import require_api_key
 from kvrun.serving.decoding import decode
 from kvrun.serving.openai_format import chat_messages, render_chat
+from kvrun.serving.registry_client import RegistryUnavailable
 from kvrun.serving.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
 from kvrun.serving.schemas import DetokenizeRequest, TokenizeRequest
 from kvrun.serving.state import Serving
@@ -25,14 +25,15 @@ from kvrun.serving.state import Serving
 logger = logging.getLogger(__name__)
 
 
-async def registry_adapters(serving: Serving) -> list[AdapterSummary]:
-    if serving.store is None:
+async def registry_adapters(serving: Serving) -> list[AdapterSummary] | None:
+    """Every registry adapter; None when the registry does not answer (in bounded time, on its own pool)."""
+    if serving.registry is None:
         return []
     try:
-        return await asyncio.to_thread(serving.store.list_adapters)
-    except RegistryError as error:
+        return await serving.registry.call(serving.registry.store.list_adapters)
+    except (RegistryUnavailable, RegistryError) as error:
         logger.warning("cannot list the registry: %s", error)
-        return []
+        return None
 
 
 def why_not_servable(serving: Serving, record: VersionRecord) -> str | None:
@@ -76,13 +77,13 @@ class ModelsController(Controller):
     @get("/v1/models", tags=["OpenAI"], summary="The base model and the adapters this server can serve")
     async def models(self, request: Request) -> ModelList:
         serving: Serving = request.app.state.serving
-        return ModelList(_cards(serving, await registry_adapters(serving)))
+        return ModelList(_cards(serving, await registry_adapters(serving) or []))
 
     @get("/v1/models/{model_id:path}", tags=["OpenAI"], summary="One model or adapter (a registry ref resolves)")
     async def model(self, request: Request, model_id: str) -> ModelCard:
         serving: Serving = request.app.state.serving
         model_id = model_id.lstrip("/")
-        for card in _cards(serving, await registry_adapters(serving)):
+        for card in _cards(serving, await registry_adapters(serving) or []):
             if card.id == model_id:
                 return card
         resolution = await serving.resolver.resolve(model_id)  # `ns/name@3` and other refs not listed: 404 if none

@@ -75,7 +75,7 @@ def _completion_jobs(serving: Serving, data: CompletionRequest) -> tuple[list, i
 
 
 def _headers(resolution: Resolution) -> dict[str, str]:
-    return {"x-kvrun-adapter": resolution.adapter} if resolution.adapter else {}
+    return resolution.headers()
 
 
 def _usage(prompt_tokens: int, streams: list[TrackedStream]) -> Usage:

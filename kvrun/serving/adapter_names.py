@@ -1,0 +1,30 @@
+"""How the engine names a registry version: its canonical ref and its content digest, `ns/name@3:sha256:<hex>`.
+
+The digest makes the name an identity of content, so a version number the registry reuses after losing its data
+(same `ns/name@1`, other weights) never selects weights the engine holds under the old digest. Clients never see
+this form: responses, /v1/adapters and /metrics show the ref (`ns/name@3`) and the digest separately.
+"""
+
+from __future__ import annotations
+
+import re
+
+from adapters_registry.records import VersionRecord
+
+_ENGINE_NAME = re.compile(r"^(?P<name>[^@]+)@(?P<version>\d+):sha256:(?P<sha256>[0-9a-f]{64})$")
+
+
+def engine_name(record: VersionRecord) -> str:
+    return f"{record.ref}:sha256:{record.sha256}"
+
+
+def parse_engine_name(name: str) -> tuple[str, int, str] | None:
+    """(adapter name, version, sha256) of a registry version's engine-side name; None for a path-loaded name."""
+    match = _ENGINE_NAME.match(name)
+    return (match["name"], int(match["version"]), match["sha256"]) if match else None
+
+
+def client_name(name: str) -> str:
+    """What clients call an engine-side name: `ns/name@3` for a registry version, else the name itself."""
+    parsed = parse_engine_name(name)
+    return name if parsed is None else f"{parsed[0]}@{parsed[1]}"
