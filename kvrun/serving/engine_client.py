@@ -4,6 +4,13 @@ The engine is not thread-safe, so every touch of it (adding, aborting, publishin
 is a command run on the engine thread between steps. Outputs go back to one asyncio queue per request through
 `call_soon_threadsafe`, one hop per step for all requests. Slow work (registry fetches, parsing adapters) happens
 elsewhere before a command is sent, so the engine thread never waits on I/O.
+
+Failure is per request: a row the engine finishes with finish_reason "error" reaches its own stream like any
+other final output, and the requests beside it go on. Only an engine that can no longer step (a step raised) fails
+every stream; the thread then stops, /health reports it, and an orchestrator restarts the process.
+
+The queue timeout bounds time spent waiting to be scheduled (e.g. for an adapter slot every running request
+pins), never the work itself: it is checked on the engine thread, which knows which requests have started.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 IDLE_WAIT_S = 0.25  # how long the idle engine thread sleeps on the command queue before checking for shutdown
+EXPIRY_CHECK_S = 0.1  # how often the engine thread looks for requests that waited too long to be scheduled
 
 
 class QueueFullError(Exception):
@@ -36,7 +45,11 @@ class QueueFullError(Exception):
 
 
 class QueueTimeoutError(Exception):
-    """A request produced no token within the queue timeout (e.g. every adapter slot stayed pinned)."""
+    """A request waited longer than the queue timeout to be scheduled (e.g. every adapter slot stayed pinned)."""
+
+
+class NeverFitsError(ValueError):
+    """A call needs more requests in flight at once than this server ever allows; waiting cannot help."""
 
 
 class EngineStoppedError(Exception):
@@ -76,6 +89,8 @@ class EngineClient:
         # engine-thread state
         self._streams: dict[str, asyncio.Queue] = {}
         self._labels: dict[str, str | None] = {}
+        self._deadlines: dict[str, float] = {}  # requests not yet scheduled → when they stop waiting (monotonic)
+        self._next_expiry_check = 0.0
         self._evictable: OrderedDict[str, None] = OrderedDict()  # registry versions, least recently used first
         # Replaced (never mutated) by the engine thread, so the event loop may read it without a lock.
         self.adapter_names: frozenset[str] = frozenset()
@@ -86,6 +101,11 @@ class EngineClient:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="kvrun-engine", daemon=True)
         self._thread.start()
+
+    def _stopped_reason(self) -> str:
+        if self.last_error is not None:
+            return f"the engine stopped after an error ({self.last_error}); the server must be restarted"
+        return "the engine is not running"
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -104,10 +124,20 @@ class EngineClient:
     async def call(self, function: Callable[[LLMEngine], Result]) -> Result:
         """Run function(engine) on the engine thread between steps and return its result."""
         if not self.alive:
-            raise EngineStoppedError("the engine is not running")
+            raise EngineStoppedError(self._stopped_reason())
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((function, future))
+        if not self.alive:  # the thread stopped meanwhile: nobody will run it
+            self._drain_commands()
         return await asyncio.wrap_future(future)
+
+    def check_fits(self, count: int) -> None:
+        """Refuse a call of `count` requests that could never all be in flight at once (503 would repeat forever)."""
+        if count > self.max_active:
+            raise NeverFitsError(
+                f"this call asks for {count} generations at once, but this server allows at most {self.max_active} "
+                f"requests in flight (--max-num-seqs + --max-queue); ask for fewer (n, or prompts per call)"
+            )
 
     def abort_soon(self, request_id: str) -> None:
         """Abort without waiting (safe from `finally` blocks of cancelled tasks)."""
@@ -147,19 +177,25 @@ class EngineClient:
         engine = self.engine
         if engine.adapters is not None:
             self.adapter_names = frozenset(engine.adapters.names())
+        reason: BaseException = EngineStoppedError("the server is shutting down")
         while not self._stopping.is_set():
             self._run_commands(block=not engine.has_unfinished())
+            self._expire_waiting(engine)
             if not engine.has_unfinished():
                 continue
             try:
                 outputs = engine.step()
-            except Exception as error:  # noqa: BLE001 - one bad step must not kill the server
-                logger.exception("engine step failed; aborting its requests")
+            except Exception as error:  # noqa: BLE001 - reported below; a row's own failure never raises here
+                # The engine finishes a row it cannot sample with an error; a step that raises means the engine
+                # itself is broken (device lost, state inconsistent): stop, so /health fails and it is restarted.
+                logger.exception("engine step failed; the engine is stopped")
                 self.last_error = f"{type(error).__name__}: {error}"
-                self._fail_all(error)
-                continue
+                reason = EngineStoppedError(self._stopped_reason())
+                break
             self._deliver(outputs)
-        self._fail_all(EngineStoppedError("the server is shutting down"))
+        self._stopping.set()
+        self._fail_all(reason)
+        self._drain_commands()
 
     def _run_commands(self, block: bool) -> None:
         try:
@@ -169,7 +205,10 @@ class EngineClient:
         while True:
             function, future = command
             if future is None:
-                function(self.engine)
+                try:
+                    function(self.engine)
+                except Exception:  # noqa: BLE001 - fire-and-forget (an abort); the thread must go on
+                    logger.exception("engine command failed")
             elif future.set_running_or_notify_cancel():
                 try:
                     future.set_result(function(self.engine))
@@ -180,9 +219,21 @@ class EngineClient:
             except queue.Empty:
                 return
 
+    def _drain_commands(self) -> None:
+        """Fail commands no engine thread will run (it stopped), so their callers do not wait forever."""
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future is not None and future.set_running_or_notify_cancel():
+                future.set_exception(EngineStoppedError(self._stopped_reason()))
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Each output to its own stream; a row finished with an error ends its request alone."""
         batch = []
         for output in outputs:
+            self._deadlines.pop(output.request_id, None)
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
@@ -193,6 +244,27 @@ class EngineClient:
         if batch:
             self._loop.call_soon_threadsafe(_put_all, batch)
 
+    def _expire_waiting(self, engine: LLMEngine) -> None:
+        """Abort requests that waited longer than the queue timeout without being scheduled."""
+        now = time.monotonic()
+        if not self._deadlines or now < self._next_expiry_check:
+            return
+        self._next_expiry_check = now + EXPIRY_CHECK_S
+        started = {request.request_id for request in engine.scheduler.running}
+        for request_id, deadline in list(self._deadlines.items()):
+            if request_id in started:
+                del self._deadlines[request_id]  # scheduled: from here on it is work, not waiting
+            elif deadline <= now:
+                del self._deadlines[request_id]
+                stream = self._streams.pop(request_id, None)
+                self._labels.pop(request_id, None)
+                engine.abort_request(request_id)
+                if stream is not None:
+                    error = QueueTimeoutError(
+                        f"waited {self.queue_timeout_s:g}s without being scheduled; the server is busy"
+                    )
+                    self._loop.call_soon_threadsafe(_put_all, [(stream, error)])
+
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._streams):
             try:
@@ -202,6 +274,7 @@ class EngineClient:
         batch = [(stream, error) for stream in self._streams.values()]
         self._streams.clear()
         self._labels.clear()
+        self._deadlines.clear()
         if batch and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, batch)
 
@@ -214,6 +287,7 @@ class EngineClient:
         engine.add_request(request.prompt_token_ids, request.params, request.adapter, request.request_id)
         self._streams[request.request_id] = stream
         self._labels[request.request_id] = request.label
+        self._deadlines[request.request_id] = time.monotonic() + self.queue_timeout_s
 
     def _abort(self, request_id: str, engine: LLMEngine) -> None:
         output = engine.abort_request(request_id)
@@ -221,6 +295,7 @@ class EngineClient:
             self._deliver([output])  # a consumer still waiting (e.g. a queue timeout) sees finish_reason "abort"
         self._streams.pop(request_id, None)
         self._labels.pop(request_id, None)
+        self._deadlines.pop(request_id, None)
 
     def _publish(self, engine: LLMEngine, name: str, publication: AdapterPublication) -> None:
         if engine.adapters is None:
@@ -272,13 +347,8 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        timeout = self.client.queue_timeout_s
         while not self.finished:
-            try:
-                output = await asyncio.wait_for(self.outputs.get(), timeout)
-            except TimeoutError:
-                raise QueueTimeoutError(f"no token within {timeout:g}s; the server is busy") from None
-            timeout = None  # the bound is on waiting to start, not on a long generation
+            output = await self.outputs.get()  # the engine thread bounds the wait to be scheduled
             if isinstance(output, BaseException):
                 self.finished = True
                 raise output

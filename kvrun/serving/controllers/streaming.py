@@ -13,6 +13,7 @@ from kvrun.engine.request import RequestOutput
 from kvrun.engine.sampling_params import SamplingParams
 from kvrun.serving import errors
 from kvrun.serving.adapter_resolver import Resolution
+from kvrun.serving.engine_client import NeverFitsError
 from kvrun.serving.generation import GenerationService, TrackedStream, merge
 from kvrun.serving.openai_format import DONE, sse
 
@@ -31,6 +32,10 @@ async def start_all(
     overload_status: int = 503,
 ) -> list[TrackedStream]:
     """One engine request per (prompt, params); if one is refused, the ones already queued are aborted."""
+    try:
+        service.client.check_fits(len(jobs))
+    except NeverFitsError as error:
+        raise errors.invalid(str(error), "n") from None
     streams: list[TrackedStream] = []
     try:
         for index, (token_ids, params) in enumerate(jobs):
