@@ -23,7 +23,7 @@ EXIT_CODES_HELP = """exit codes:
   2  usage error (bad arguments, malformed name, ref or tag)
   3  not found (adapter, version, tag, token or base model)
   4  adapter rejected by validation (nothing was stored)
-  5  authentication or authorization failed (nothing was changed)
+  5  authentication or authorization failed: token, or Redis credentials (nothing was changed)
   6  conflict (token init on a registry with tokens, revoking the last admin token, write contention)
   7  registry unreachable (Redis down, directory not writable)
   8  integrity error (checksum mismatch or missing chunk while pulling)"""

@@ -17,11 +17,18 @@ from typing import Any
 
 import msgspec
 import redis
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, ResponseError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from adapters_registry.errors import ConflictError, MissingChunksError, RegistryError, UnreachableError, UsageError
+from adapters_registry.errors import (
+    AuthError,
+    ConflictError,
+    MissingChunksError,
+    RegistryError,
+    UnreachableError,
+    UsageError,
+)
 from adapters_registry.keys import DEFAULT_PREFIX, RedisKeys
 from adapters_registry.records import AdapterState, Event, TokenRecord, UploadLease, VersionRecord
 from adapters_registry.redaction import redact_url
@@ -37,12 +44,17 @@ _lease_decoder = msgspec.json.Decoder(UploadLease)
 
 
 def _translate_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn redis-py connection failures into UnreachableError (exit code 7, no traceback in the CLI)."""
+    """Turn redis-py failures into registry errors: refused credentials into AuthError (exit code 5), connection
+    failures and timeouts into UnreachableError (exit code 7); no traceback in the CLI."""
 
     @functools.wraps(method)
     def wrapper(self: RedisStorage, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
+        except (AuthenticationError, AuthorizationError, NoPermissionError) as error:
+            raise AuthError(
+                f"registry {self.url} refused access: {error} (check the Redis user, password and ACL in the URL)"
+            ) from None
         except (RedisConnectionError, RedisTimeoutError) as error:
             raise UnreachableError(f"registry {self.url} is unreachable: {error}") from None
         except ResponseError as error:
@@ -80,6 +92,9 @@ class RedisStorage:
         self.url = redact_url(url)
         self.keys = RedisKeys(prefix)
         self.events_maxlen = events_maxlen
+        # A blocking XREAD must return before the socket times out, or a quiet log reads as an outage.
+        socket_timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self.max_block_ms = int(1000 * max(socket_timeout - 1, socket_timeout / 2)) if socket_timeout else None
 
     def __repr__(self) -> str:
         return f"RedisStorage({self.url!r})"
@@ -272,6 +287,7 @@ class RedisStorage:
         after = _parse_event_id(after_id)
         gap = after_id is not None and self._trimmed_after(after)
         if block_ms > 0 and not gap:
+            block_ms = max(1, min(block_ms, self.max_block_ms or block_ms))  # at most block_ms, as promised
             reply = self.redis.xread({self.keys.events: f"{after}-0"}, count=limit, block=block_ms)
             entries = reply[0][1] if reply else []
         else:

@@ -20,6 +20,7 @@ from adapters_registry.validate import Limits
 DEFAULT_REGISTRY = "file://~/.kvrun/registry"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
+DEFAULT_SOCKET_TIMEOUT_S = 5.0  # a Redis that stops answering fails each call after this, instead of hanging it
 
 
 def registry_url(url: str | None = None) -> str:
@@ -59,7 +60,9 @@ def _open_redis(url: str, events_maxlen: int) -> object:
     prefix = query.pop("prefix", DEFAULT_PREFIX)
     clean_url = urlunsplit(parts._replace(query=urlencode(query)))
     try:
-        client = redis.Redis.from_url(clean_url, socket_connect_timeout=5, health_check_interval=30)
+        client = redis.Redis.from_url(  # options in the URL (?socket_timeout=30) take precedence
+            clean_url, socket_connect_timeout=5, socket_timeout=DEFAULT_SOCKET_TIMEOUT_S, health_check_interval=30
+        )
         # Connections open lazily; building one's settings now makes a misspelt option (`?pasword=`) a usage
         # error here instead of a TypeError at the first command.
         pool = client.connection_pool
