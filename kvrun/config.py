@@ -61,45 +61,56 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
+    """None means "chosen at start-up" (kvrun.runtime.memory_plan says how)."""
+
     block_size: int = 16  # tokens per KV page
-    num_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    num_blocks: int | None = None  # None: from kv_cache_memory_bytes, else the memory plan
+    kv_cache_memory_bytes: int | None = None  # None: the GPU memory plan's rest; 512 MiB on CPU
     enable_prefix_caching: bool = True  # share the K/V of full blocks between requests with one prefix and adapter
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine plans to use
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError("block_size must be >= 1")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError("kv_cache_memory_bytes must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True, slots=True)
 class LoRAConfig:
-    max_loras: int = 8  # adapter slots resident in the model at once
+    max_loras: int | None = None  # adapter slots resident in the model at once; 0: LoRA off; None: memory plan
     max_lora_rank: int = 64
-    max_cpu_loras: int = 64  # parsed adapters kept in host memory
+    max_cpu_loras: int = 64  # parsed adapters kept in host memory (raised to max_loras when that is larger)
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self) -> None:
-        if self.max_loras < 0:
+        if self.max_loras is not None and self.max_loras < 0:
             raise ValueError("max_loras must be >= 0")
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError("max_lora_rank must be in 1..1024")
-        if self.max_cpu_loras < self.max_loras:
+        if self.max_cpu_loras < (self.max_loras or 0):
             raise ValueError("max_cpu_loras must be >= max_loras")
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64  # requests running at once (rows of one step)
-    max_num_batched_tokens: int = 4096  # tokens in one step: a token per decoding request, then prompt chunks
+    """None means "chosen at start-up for the device" (kvrun.runtime.memory_plan: GPU and CPU defaults)."""
+
+    max_num_seqs: int | None = None  # requests running at once (rows of one step)
+    max_num_batched_tokens: int | None = None  # tokens in one step: a token per decoding request, then prompt chunks
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True  # False: a prompt runs whole in one step (the step's first may exceed the budget)
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+        if (self.max_num_seqs is not None and self.max_num_seqs < 1) or (
+            self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1
+        ):
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if self.max_num_seqs and self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}): every running request needs a token of each step's budget"

@@ -19,6 +19,7 @@ from kvrun.engine.scheduler import Scheduler
 from kvrun.engine.stop import check_stop, visible_text
 from kvrun.engine.tokenizer import load_tokenizer
 from kvrun.runtime.loader import BUNDLED_NAME, resolve_model
+from kvrun.runtime.memory_profile import device_start, size_engine
 from kvrun.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -26,26 +27,36 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         model_dir = resolve_model(config.model, needs_weights=config.load_format != "dummy")
         self.model_name = BUNDLED_NAME if config.model is None else Path(config.model).name.removesuffix(".gguf")
+        start = device_start(config.torch_device())
         self.runner = ModelRunner(model_dir, config, self.model_name)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else model_dir)
-        self.adapters = (
-            LoRAManager(self.runner.model, self.model_config, config.lora) if config.lora.max_loras > 0 else None
-        )
-        if config.cuda_graphs and self.runner.device.type == "cuda":
-            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
-        cache = config.cache
-        self.blocks = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        # Every automatic setting (max_num_seqs, max_num_batched_tokens, max_loras, the KV pool) is chosen here.
+        self.config, self.memory_plan = size_engine(self.runner, config, start)
+        self._init_pools(self.config)
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
+
+    def _init_pools(self, config: EngineConfig) -> None:
+        self.adapters = (
+            LoRAManager(self.runner.model, self.model_config, config.lora) if config.lora.max_loras > 0 else None
+        )
+        self.runner.init_kv_cache(config.cache.num_blocks)
+        if config.cuda_graphs and self.runner.device.type == "cuda":
+            reserved = torch.cuda.memory_reserved(self.runner.device)
+            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
+            if self.memory_plan is not None:
+                used = torch.cuda.memory_reserved(self.runner.device) - reserved
+                logger.info("CUDA graphs took %.2f GiB (planned %.2f GiB)", used / 2**30, self.memory_plan.graphs / 2**30)
+        cache = config.cache
+        self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> AdapterRef:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from kvrun.adapters.ref import AdapterRef
@@ -13,26 +14,34 @@ from kvrun.engine.sampling_params import SamplingParams
 from kvrun.engine.tokenizer import apply_chat_template
 
 
+def _default(section: type, name: str):
+    """A setting's default, read from the config dataclass that declares it (the one source of truth)."""
+    return next(item.default for item in fields(section) if item.name == name)
+
+
 class LLM:
+    """Settings left at None are chosen at start-up for the device (see kvrun.runtime.memory_plan)."""
+
     def __init__(
         self,
         model: str | None = None,
         *,
-        max_loras: int = 8,
-        max_lora_rank: int = 64,
-        max_cpu_loras: int = 64,
-        dtype: str = "auto",
-        device: str = "auto",
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_memory_bytes: int = 512 * 1024 * 1024,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 4096,
-        max_model_len: int | None = None,
-        enable_chunked_prefill: bool = True,
-        enable_prefix_caching: bool = True,
-        load_format: str = "auto",
-        cuda_graphs: bool = True,
+        max_loras: int | None = _default(LoRAConfig, "max_loras"),
+        max_lora_rank: int = _default(LoRAConfig, "max_lora_rank"),
+        max_cpu_loras: int = _default(LoRAConfig, "max_cpu_loras"),
+        dtype: str = _default(EngineConfig, "dtype"),
+        device: str = _default(EngineConfig, "device"),
+        block_size: int = _default(CacheConfig, "block_size"),
+        num_blocks: int | None = _default(CacheConfig, "num_blocks"),
+        kv_cache_memory_bytes: int | None = _default(CacheConfig, "kv_cache_memory_bytes"),
+        gpu_memory_utilization: float = _default(CacheConfig, "gpu_memory_utilization"),
+        enable_prefix_caching: bool = _default(CacheConfig, "enable_prefix_caching"),
+        max_num_seqs: int | None = _default(SchedulerConfig, "max_num_seqs"),
+        max_num_batched_tokens: int | None = _default(SchedulerConfig, "max_num_batched_tokens"),
+        max_model_len: int | None = _default(SchedulerConfig, "max_model_len"),
+        enable_chunked_prefill: bool = _default(SchedulerConfig, "enable_chunked_prefill"),
+        load_format: str = _default(EngineConfig, "load_format"),
+        cuda_graphs: bool = _default(EngineConfig, "cuda_graphs"),
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -40,8 +49,10 @@ class LLM:
             device=device,
             load_format=load_format,
             cuda_graphs=cuda_graphs,
-            cache=CacheConfig(block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching),
-            lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras)),
+            cache=CacheConfig(
+                block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching, gpu_memory_utilization
+            ),
+            lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras or 0)),
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         )
         self.engine = LLMEngine(config)

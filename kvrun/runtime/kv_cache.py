@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from kvrun.config import CacheConfig, ModelConfig
+from kvrun.config import ModelConfig
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.empty((), dtype=dtype).element_size()
     return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * element
-
-
-def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    if cache.num_blocks is not None:
-        return cache.num_blocks
-    return max(1, cache.kv_cache_memory_bytes // bytes_per_block(model, cache.block_size, dtype))
 
 
 def allocate_kv_cache(

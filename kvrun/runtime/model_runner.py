@@ -11,7 +11,7 @@ from kvrun.config import EngineConfig, ModelConfig
 from kvrun.runtime.attention import select_backend
 from kvrun.runtime.attention.base import AttentionMetadata
 from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
-from kvrun.runtime.kv_cache import allocate_kv_cache, num_blocks_for
+from kvrun.runtime.kv_cache import allocate_kv_cache
 from kvrun.runtime.loader import iter_weights, read_config
 from kvrun.runtime.models.registry import model_class
 from kvrun.runtime.sampler import SampledToken, sample
@@ -30,7 +30,7 @@ class ModelRunner:
         )
         self.block_size = config.cache.block_size
         self._init_model(model_dir, config.load_format)
-        self._init_kv_cache(config)
+        self.num_blocks, self.kv_cache = 0, None  # sized by the engine's memory plan (kvrun.runtime.memory_profile)
         self.graphs = None  # DecodeGraphs, captured by capture_decode_graphs once adapters are wired in
 
     def _init_model(self, model_dir: Path, load_format: str) -> None:
@@ -51,13 +51,16 @@ class ModelRunner:
             model.load_weights(iter_weights(model_dir))
         self.model = model.eval()
 
-    def _init_kv_cache(self, config: EngineConfig) -> None:
-        self.num_blocks = num_blocks_for(self.model_config, config.cache, self.dtype)
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the paged KV pool (again: the memory plan profiles steps on a small temporary one first)."""
+        self.release_kv_cache()
+        self.num_blocks = num_blocks
         # One page past the pool is scratch: padded rows of a captured decode step write there.
-        self.kv_cache = allocate_kv_cache(
-            self.model_config, self.num_blocks + 1, self.block_size, self.dtype, self.device
-        )
+        self.kv_cache = allocate_kv_cache(self.model_config, num_blocks + 1, self.block_size, self.dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
+
+    def release_kv_cache(self) -> None:
+        self.num_blocks, self.kv_cache = 0, None
 
     def capture_decode_graphs(self, max_batch_size: int, with_lora: bool) -> None:
         """Capture decode steps on CUDA (call after LoRA wrappers are installed: the graphs bake in the modules)."""

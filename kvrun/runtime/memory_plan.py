@@ -1,0 +1,164 @@
+"""How device memory is split at start-up: the arithmetic alone (measurements come from memory_profile).
+
+On GPU the engine asks for `gpu_memory_utilization` (vLLM's name, default 0.9) of the card's memory and spends it:
+
+    budget = utilization × total memory
+    fixed  = weights (measured after loading) + activations (peak of one profiled max-size step)
+             + sampler (max_num_seqs rows of fp32 working copies of the logits)
+             + CUDA graphs (profiled peak of the largest decode step + the logits each captured graph keeps)
+             + memory outside torch's allocator (CUDA context, cuBLAS workspaces)
+    left   = budget − fixed, shared by the LoRA slots and the KV cache
+
+max_loras, when the user leaves it unset: as many slots as fit in LORA_SHARE (a quarter) of `left`, at least 1, at
+most max_num_seqs (more slots than rows can never be used in one step) and MAX_AUTO_LORAS; fewer if the KV cache would
+otherwise not hold one max_model_len sequence. The KV cache takes everything else, in whole blocks. Start-up is
+refused, with these numbers, when the KV cache cannot hold one sequence of max_model_len tokens.
+
+On CPU nothing is measured: the KV cache is a fixed CPU_KV_CACHE_BYTES and the other defaults are fixed too. An
+explicit `num_blocks` or `kv_cache_memory_bytes` replaces the plan (nothing is profiled; max_loras defaults to
+UNPLANNED_MAX_LORAS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+GPU_MAX_NUM_SEQS = 256
+# A mixed step of ~512 tokens costs little more than a decode step on a large model (its GEMMs are still near the
+# memory-bound regime), so running streams keep their pace while prompts are chunked in.
+GPU_MAX_NUM_BATCHED_TOKENS = 512
+LORA_SHARE = 0.25
+MAX_AUTO_LORAS = 64
+SAMPLER_BYTES_PER_LOGIT = 24  # fp32 logits, probabilities, sorted values (4 B each) and their int64 order (8 B)
+
+CPU_MAX_NUM_SEQS = 64
+# CPU steps cost about linearly in tokens: 256 prompt tokens keep a running stream's gap near a few decode steps.
+CPU_MAX_NUM_BATCHED_TOKENS = 256
+CPU_KV_CACHE_BYTES = 512 * MIB
+UNPLANNED_MAX_LORAS = 8  # max_loras when nothing is planned (CPU, or an explicit KV cache size)
+
+
+class MemoryPlanError(ValueError):
+    """The configuration cannot fit on the device; the message gives the numbers."""
+
+
+@dataclass(frozen=True, slots=True)
+class Measurements:
+    """What start-up measured on the device (bytes)."""
+
+    total: int  # the device's memory
+    free_at_start: int  # free before the engine loaded anything (other processes may hold the rest)
+    weights: int  # allocated by loading the model: weights and the attention backend's workspace
+    activations: int  # added at the peak of one max-size step (max_num_batched_tokens tokens, max_num_seqs rows)
+    decode_activations: int  # added at the peak of one max_num_seqs-row decode step (sizes the CUDA graph pool)
+    non_torch: int  # device memory in use that torch's allocator does not count (CUDA context, library workspaces)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanInputs:
+    """What the plan is for: settings already resolved, except max_loras (None: chosen by the plan)."""
+
+    utilization: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    kv_bytes_per_block: int
+    max_loras: int | None  # 0: LoRA off
+    lora_slot_bytes: int  # one adapter slot's A/B buffers over every wrapped projection
+    lora_workspace_bytes: int  # per-step LoRA intermediates at max_num_batched_tokens
+    vocab_size: int
+    logits_element_bytes: int
+    graph_batch_sizes: tuple[int, ...]  # () when decode steps are not captured
+    graphs_with_lora: bool  # each batch size holds a LoRA and a LoRA-free graph
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    budget: int
+    weights: int
+    activations: int
+    sampler: int
+    graphs: int
+    non_torch: int
+    max_loras: int
+    lora: int  # slots + workspace
+    kv_cache: int  # num_blocks × block bytes
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def describe(self) -> str:
+        return (
+            f"memory plan: budget {_gib(self.budget)}; weights {_gib(self.weights)}, activations "
+            f"{_gib(self.activations)}, sampler {_gib(self.sampler)}, CUDA graphs {_gib(self.graphs)}, outside torch "
+            f"{_gib(self.non_torch)}, LoRA {self.max_loras} slots {_gib(self.lora)}, KV cache {_gib(self.kv_cache)} = "
+            f"{self.num_blocks} blocks = {self.kv_tokens} tokens; max_num_seqs {self.max_num_seqs}"
+        )
+
+
+def sampler_bytes(max_num_seqs: int, vocab_size: int) -> int:
+    return max_num_seqs * vocab_size * SAMPLER_BYTES_PER_LOGIT
+
+
+def graph_pool_bytes(inputs: PlanInputs, decode_activations: int) -> int:
+    """Captured graphs share one pool: the largest step's intermediates, plus the logits every graph keeps."""
+    if not inputs.graph_batch_sizes:
+        return 0
+    graphs_per_size = 2 if inputs.graphs_with_lora else 1
+    kept_logits = sum(inputs.graph_batch_sizes) * inputs.vocab_size * inputs.logits_element_bytes * graphs_per_size
+    return decode_activations + kept_logits
+
+
+def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
+    budget = int(inputs.utilization * measured.total)
+    if measured.free_at_start < budget:
+        raise MemoryPlanError(
+            f"gpu_memory_utilization {inputs.utilization:.2f} asks for {_gib(budget)} of the device's "
+            f"{_gib(measured.total)}, but only {_gib(measured.free_at_start)} was free at start-up (other processes "
+            f"hold the rest): lower gpu_memory_utilization to at most {measured.free_at_start / measured.total:.2f}"
+        )
+    sampler = sampler_bytes(inputs.max_num_seqs, inputs.vocab_size)
+    graphs = graph_pool_bytes(inputs, measured.decode_activations)
+    fixed = measured.weights + measured.activations + sampler + graphs + measured.non_torch
+    left = budget - fixed
+    sequence_kv = -(-inputs.max_model_len // inputs.block_size) * inputs.kv_bytes_per_block
+    max_loras = _choose_max_loras(inputs, left, sequence_kv)
+    lora = max_loras * inputs.lora_slot_bytes + (inputs.lora_workspace_bytes if max_loras else 0)
+    num_blocks = max(0, (left - lora) // inputs.kv_bytes_per_block)
+    if num_blocks * inputs.kv_bytes_per_block < sequence_kv:
+        fitting_tokens = num_blocks * inputs.block_size
+        raise MemoryPlanError(
+            f"max_model_len {inputs.max_model_len} needs {_gib(sequence_kv)} of KV cache for one sequence, but "
+            f"{_gib(max(0, left - lora))} is left: budget {_gib(budget)} (gpu_memory_utilization "
+            f"{inputs.utilization:.2f} of {_gib(measured.total)}) - weights {_gib(measured.weights)} - activations "
+            f"{_gib(measured.activations)} - sampler {_gib(sampler)} - CUDA graphs {_gib(graphs)} - outside torch "
+            f"{_gib(measured.non_torch)} - LoRA {max_loras} slots {_gib(lora)}. Lower max_model_len (at most "
+            f"{fitting_tokens} tokens fit), max_loras, max_lora_rank or max_num_batched_tokens, or raise "
+            f"gpu_memory_utilization"
+        )
+    return MemoryPlan(
+        budget=budget, weights=measured.weights, activations=measured.activations, sampler=sampler, graphs=graphs,
+        non_torch=measured.non_torch, max_loras=max_loras, lora=lora, kv_cache=num_blocks * inputs.kv_bytes_per_block,
+        num_blocks=num_blocks, block_size=inputs.block_size, max_num_seqs=inputs.max_num_seqs,
+    )  # fmt: skip
+
+
+def _choose_max_loras(inputs: PlanInputs, left: int, sequence_kv: int) -> int:
+    if inputs.max_loras is not None:
+        return inputs.max_loras
+    slot = inputs.lora_slot_bytes
+    by_share = int(LORA_SHARE * max(0, left) // slot)
+    by_kv = (left - inputs.lora_workspace_bytes - sequence_kv) // slot  # slots that still leave one sequence's KV
+    return max(1, min(by_share, by_kv, inputs.max_num_seqs, MAX_AUTO_LORAS))
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.2f} GiB"

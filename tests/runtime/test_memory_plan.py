@@ -1,0 +1,138 @@
+"""The memory plan's arithmetic on made-up device sizes, and start-up sizing on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvrun.runtime import memory_plan
+from kvrun.runtime.memory_plan import GIB, MIB, Measurements, MemoryPlanError, PlanInputs, plan_gpu_memory
+
+# Llama-3-8B-like shapes in bf16: 32 layers × 8 KV heads × 128 dims × K and V × 2 bytes = 128 KiB per token.
+BLOCK_BYTES = 16 * 128 * 1024
+VOCAB = 128256
+SLOT_BYTES = 320 * MIB  # one rank-64 adapter slot over every projection
+
+
+def h100(**changes) -> Measurements:
+    values = dict(total=80 * GIB, free_at_start=79 * GIB, weights=15 * GIB, activations=2 * GIB,
+                  decode_activations=256 * MIB, non_torch=GIB // 2)  # fmt: skip
+    return Measurements(**{**values, **changes})
+
+
+def inputs(**changes) -> PlanInputs:
+    values = dict(utilization=0.9, max_num_seqs=256, max_num_batched_tokens=512, max_model_len=8192, block_size=16,
+                  kv_bytes_per_block=BLOCK_BYTES, max_loras=None, lora_slot_bytes=SLOT_BYTES,
+                  lora_workspace_bytes=24 * MIB, vocab_size=VOCAB, logits_element_bytes=2,
+                  graph_batch_sizes=(1, 2, 4, 8), graphs_with_lora=True)  # fmt: skip
+    return PlanInputs(**{**values, **changes})
+
+
+def test_kv_cache_gets_what_the_budget_leaves():
+    plan = plan_gpu_memory(h100(), inputs())
+    budget = int(0.9 * 80 * GIB)
+    sampler = 256 * VOCAB * 24  # fp32 working copies of every row's logits
+    graphs = 256 * MIB + (1 + 2 + 4 + 8) * VOCAB * 2 * 2  # largest decode step + logits kept by 2 graphs per size
+    left = budget - 15 * GIB - 2 * GIB - sampler - graphs - GIB // 2
+    assert (plan.budget, plan.sampler, plan.graphs) == (budget, sampler, graphs)
+    # A quarter of what is left buys slots (~13.4 GiB / 320 MiB = 42), within max_num_seqs and the cap of 64.
+    assert plan.max_loras == int(0.25 * left // SLOT_BYTES) == 42
+    assert plan.lora == 42 * SLOT_BYTES + 24 * MIB
+    assert plan.num_blocks == (left - plan.lora) // BLOCK_BYTES
+    assert plan.kv_cache == plan.num_blocks * BLOCK_BYTES and plan.kv_tokens == plan.num_blocks * 16
+    total = plan.weights + plan.activations + plan.sampler + plan.graphs + plan.non_torch + plan.lora + plan.kv_cache
+    assert budget - BLOCK_BYTES < total <= budget
+    line = plan.describe()
+    for figure in ("budget 72.00 GiB", "weights 15.00 GiB", "42 slots", f"{plan.num_blocks} blocks", "max_num_seqs 256"):
+        assert figure in line
+
+
+def test_auto_max_loras_stays_within_rows_and_the_cap():
+    assert plan_gpu_memory(h100(), inputs(max_num_seqs=16, graph_batch_sizes=())).max_loras == 16
+    assert plan_gpu_memory(h100(), inputs(lora_slot_bytes=20 * MIB)).max_loras == memory_plan.MAX_AUTO_LORAS
+
+
+def test_auto_max_loras_shrinks_so_one_sequence_still_fits():
+    # 24 GiB card: 3.1 GiB left. A quarter buys 2 slots of 320 MiB; a 20k context needs 2.5 GiB of KV, leaving 1.
+    card = h100(total=24 * GIB, free_at_start=23 * GIB)
+    assert plan_gpu_memory(card, inputs(max_model_len=8192)).max_loras == 2
+    plan = plan_gpu_memory(card, inputs(max_model_len=20480))
+    assert plan.max_loras == 1
+    assert plan.kv_tokens >= 20480
+
+
+def test_explicit_max_loras_is_kept_and_lora_off_costs_nothing():
+    assert plan_gpu_memory(h100(), inputs(max_loras=4)).lora == 4 * SLOT_BYTES + 24 * MIB
+    off = plan_gpu_memory(h100(), inputs(max_loras=0, graphs_with_lora=False))
+    assert off.max_loras == 0 and off.lora == 0
+    assert off.num_blocks > plan_gpu_memory(h100(), inputs(max_loras=4)).num_blocks
+
+
+def test_refuses_when_one_sequence_cannot_fit_and_says_how_much_would():
+    with pytest.raises(MemoryPlanError) as error:
+        plan_gpu_memory(h100(total=24 * GIB, free_at_start=23 * GIB), inputs(max_model_len=131072))
+    message = str(error.value)
+    assert "max_model_len 131072 needs 16.00 GiB of KV cache for one sequence" in message
+    assert "weights 15.00 GiB" in message and "budget 21.60 GiB" in message
+    fitting = int(message.split("at most ")[1].split(" tokens")[0])
+    assert 0 < fitting < 131072
+    plan = plan_gpu_memory(h100(total=24 * GIB, free_at_start=23 * GIB), inputs(max_model_len=fitting))
+    assert plan.kv_tokens >= fitting
+
+
+def test_refuses_explicit_slots_that_leave_no_room():
+    with pytest.raises(MemoryPlanError, match=r"LoRA 200 slots"):
+        plan_gpu_memory(h100(), inputs(max_loras=200))
+
+
+def test_refuses_a_budget_larger_than_the_free_memory():
+    with pytest.raises(MemoryPlanError, match=r"only 40.00 GiB was free .* at most 0.50"):
+        plan_gpu_memory(h100(free_at_start=40 * GIB), inputs())
+
+
+def test_graphs_off_and_on():
+    assert memory_plan.graph_pool_bytes(inputs(graph_batch_sizes=()), 256 * MIB) == 0
+    base_only = memory_plan.graph_pool_bytes(inputs(graphs_with_lora=False), 0)
+    assert memory_plan.graph_pool_bytes(inputs(), 0) == 2 * base_only == 2 * 15 * VOCAB * 2
+
+
+def test_cpu_start_up_uses_the_fixed_defaults(tiny_gqa):
+    from kvrun import LLM
+    from kvrun.runtime.kv_cache import bytes_per_block
+
+    llm = LLM(str(tiny_gqa[0]))
+    config, engine = llm.engine.config, llm.engine
+    assert engine.memory_plan is None
+    assert config.scheduler.max_num_seqs == memory_plan.CPU_MAX_NUM_SEQS
+    assert config.scheduler.max_num_batched_tokens == memory_plan.CPU_MAX_NUM_BATCHED_TOKENS
+    assert config.lora.max_loras == memory_plan.UNPLANNED_MAX_LORAS
+    block_bytes = bytes_per_block(engine.model_config, config.cache.block_size, engine.runner.dtype)
+    assert config.cache.num_blocks == engine.blocks.num_blocks == memory_plan.CPU_KV_CACHE_BYTES // block_bytes
+    explicit = LLM(str(tiny_gqa[0]), max_loras=3, max_num_seqs=4, max_num_batched_tokens=32, num_blocks=10)
+    resolved = explicit.engine.config
+    assert (resolved.lora.max_loras, resolved.scheduler.max_num_seqs) == (3, 4)
+    assert (resolved.scheduler.max_num_batched_tokens, resolved.cache.num_blocks) == (32, 10)
+    assert LLM(str(tiny_gqa[0]), max_num_seqs=300).engine.config.scheduler.max_num_batched_tokens == 300
+
+
+def test_slot_arithmetic_matches_the_buffers_lora_allocates(tiny_gqa):
+    from kvrun import LLM
+    from kvrun.runtime.memory_profile import lora_slot_bytes
+
+    llm = LLM(str(tiny_gqa[0]), max_loras=3, max_lora_rank=8, num_blocks=16)
+    allocated = sum(
+        tensor.numel() * tensor.element_size()
+        for wrapper in llm.engine.adapters._wrappers
+        for tensor in (*wrapper.lora_a, *wrapper.lora_b)
+    )
+    assert allocated == 3 * lora_slot_bytes(llm.engine.runner.model, 8, 4)
+
+
+def test_profile_batch_is_a_full_step_every_row_samples(tiny_gqa):
+    from kvrun import LLM
+    from kvrun.runtime.memory_profile import profile_batch
+
+    runner = LLM(str(tiny_gqa[0]), max_loras=0, num_blocks=16).engine.runner
+    batch = profile_batch(runner, num_tokens=45, num_rows=8)
+    assert batch.num_tokens == 45 and len(batch.sampling_requests()) == 8 and batch.is_prefill
+    assert runner.num_blocks == sum(len(row.block_table) for row in batch.requests)
+    assert len(runner.execute(batch)) == 8
