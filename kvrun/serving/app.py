@@ -116,6 +116,7 @@ async def _build(config: ServerConfig, loaded: LoadedModel | None) -> Serving:
         # Loading takes seconds; a worker thread keeps the loop (and its signal handling) responsive meanwhile.
         loaded = await asyncio.to_thread(load_model, config)
     engine, tokenizer = loaded.engine, loaded.tokenizer
+    config = config.resolved(engine.config)
     model_name = config.served_model_name or engine.model_name
     store = open_store(config.registry) if config.use_registry else None
     registry = RegistryClient(store) if store is not None else None

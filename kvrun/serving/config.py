@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvrun.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 
@@ -20,17 +20,20 @@ class ServerConfig:
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) adapters loaded at start and kept loaded
     api_key: str | None = None  # required as `Authorization: Bearer` on /v1/* and /generate*
     admin_key: str | None = None  # required for load/unload when set (else the api key guards them)
-    max_loras: int = 8  # adapter slots in the model
+    max_loras: int | None = None  # adapter slots in the model; None: chosen at start-up (kvrun.runtime.memory_plan)
     max_lora_rank: int = 64
     max_cpu_loras: int = 32  # parsed adapters kept in host memory, and adapter versions known to the engine
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    max_num_seqs: int | None = None  # None: 256 on GPU, 64 on CPU
+    max_num_batched_tokens: int | None = None  # tokens in one step; None: 512 on GPU, 256 on CPU
     max_model_len: int | None = None
     max_queue: int = 256  # requests allowed to wait beyond the running batch before 429/503
     queue_timeout_s: float = 120.0  # a request that got no token this long (e.g. no free slot) fails with 503
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory_bytes: int = 512 * 1024 * 1024
+    kv_cache_memory_bytes: int | None = None  # None: what the GPU memory plan leaves; 512 MiB on CPU
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
     dtype: str = "auto"
     device: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (GPU benchmarks without downloads)
@@ -41,7 +44,7 @@ class ServerConfig:
     log_interval_s: float = 10.0  # a status line this often while requests run; 0 = none
 
     def __post_init__(self) -> None:
-        if self.max_cpu_loras < self.max_loras:
+        if self.max_cpu_loras < (self.max_loras or 0):
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
         if self.max_queue < 0:
             raise ValueError("--max-queue must be >= 0")
@@ -61,7 +64,17 @@ class ServerConfig:
             device=self.device,
             load_format=self.load_format,
             cuda_graphs=self.cuda_graphs,
-            cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes),
+            cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching,
+                              self.gpu_memory_utilization),
             lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras),
-            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len),
-        )
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
+                                      self.enable_chunked_prefill),
+        )  # fmt: skip
+
+    def resolved(self, engine: EngineConfig) -> ServerConfig:
+        """This config with the values the engine chose at start-up in place of the automatic ones."""
+        return replace(
+            self, max_loras=engine.lora.max_loras, max_cpu_loras=engine.lora.max_cpu_loras,
+            max_num_seqs=engine.scheduler.max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
+            num_blocks=engine.cache.num_blocks,
+        )  # fmt: skip

@@ -74,12 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: env KVRUN_API_KEY)")  # fmt: skip
     add("--admin-key", default=os.environ.get("KVRUN_ADMIN_KEY"),
         help="key for /v1/load_lora_adapter and /v1/unload_lora_adapter (default: env KVRUN_ADMIN_KEY)")
-    add("--max-loras", type=int, default=defaults.max_loras, help="adapter slots in the model")
+    add("--max-loras", type=int, default=defaults.max_loras,
+        help="adapter slots in the model (default: chosen from GPU memory at start-up; 8 on CPU)")
     add("--max-lora-rank", type=int, default=defaults.max_lora_rank, help="adapters of a higher rank are refused")
     add("--max-cpu-loras", type=int, default=defaults.max_cpu_loras,
         help="parsed adapters kept in host memory (and adapter versions the engine keeps loaded)")
-    add("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one batch")
-    add("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens, help="tokens in one step")
+    add("--max-num-seqs", type=int, default=defaults.max_num_seqs,
+        help="requests in one batch (default: 256 on GPU, 64 on CPU)")
+    add("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
+        help="tokens in one step: running decodes first, then prompt chunks (default: 512 on GPU, 256 on CPU)")
+    add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=defaults.enable_chunked_prefill,
+        help="split long prompts over steps shared with running decodes")
+    add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching,
+        help="reuse the KV cache of a prompt prefix already computed with the same adapter")
     add("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     add("--max-queue", type=int, default=defaults.max_queue,
         help="requests that may wait beyond the running batch before the server answers 503/429")
@@ -87,7 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a request may wait for its first token (e.g. for an adapter slot) before 503")
     add("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     add("--num-blocks", type=int, default=None, help="KV blocks (default: sized from --kv-cache-mib)")
-    add("--kv-cache-mib", type=int, default=defaults.kv_cache_memory_bytes // MIB, help="KV cache size")
+    add("--kv-cache-mib", type=int, default=None,
+        help="KV cache size (default: what --gpu-memory-utilization leaves on GPU; 512 MiB on CPU)")
+    add("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+        help="share of the GPU's memory to plan for: weights, activations, adapter slots, then the KV cache")
     add("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on CUDA, float32 on CPU")
     add("--device", default=defaults.device, help="auto: cuda when available, else cpu")
@@ -150,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             admin_key=args.admin_key or None,
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
-            max_cpu_loras=max(args.max_cpu_loras, args.max_loras),
+            max_cpu_loras=max(args.max_cpu_loras, args.max_loras or 0),
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
@@ -158,7 +168,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             queue_timeout_s=args.queue_timeout,
             block_size=args.block_size,
             num_blocks=args.num_blocks,
-            kv_cache_memory_bytes=args.kv_cache_mib * MIB,
+            kv_cache_memory_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib * MIB,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill,
             dtype=args.dtype,
             device=args.device,
             load_format=args.load_format,

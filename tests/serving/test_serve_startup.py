@@ -75,7 +75,8 @@ def test_help_shows_defaults():
     done = subprocess.run([KVRUN, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for expected in ("--port PORT port to listen on (default: 8000)", "--max-loras MAX_LORAS adapter slots in the model (default: 8)",
+    for expected in ("--port PORT port to listen on (default: 8000)",
+                     "--max-loras MAX_LORAS adapter slots in the model (default: chosen from GPU memory",
                      "--served-model-name", "--lora-modules NAME=PATH", "--chat-template", "--tokenizer", "MODEL"):
         assert expected in text, expected
 
