@@ -81,19 +81,21 @@ class LLM:
         adapter_list = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * count
         if len(params_list) != count or len(adapter_list) != count:
             raise ValueError("params and adapters must be one value or one per prompt")
-        ids = []
+        ids: list[str] = []
+        finals: dict[str, RequestOutput] = {}
         try:
             for prompt, sampling, adapter in zip(prompts, params_list, adapter_list):
                 ids.append(self.engine.add_request(prompt, sampling, adapter).request_id)
-        except Exception:
+            while len(finals) < count:
+                for output in self.engine.step():
+                    if output.finished:
+                        finals[output.request_id] = output
+        except BaseException:
+            # A bad prompt, a failed step or an interrupt: nothing of this call stays queued or holds KV blocks.
             for request_id in ids:
-                self.engine.abort_request(request_id)
+                if request_id not in finals:
+                    self.engine.abort_request(request_id)
             raise
-        finals: dict[str, RequestOutput] = {}
-        while len(finals) < count:
-            for output in self.engine.step():
-                if output.finished:
-                    finals[output.request_id] = output
         return [finals[request_id] for request_id in ids]
 
     def chat(

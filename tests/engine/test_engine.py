@@ -136,3 +136,25 @@ def test_unloaded_adapter_is_refused_but_others_keep_serving(tiny_gqa):
     with pytest.raises(UnknownAdapterError):
         llm.generate([prompt], GREEDY, adapters=[first])
     assert alone(llm, prompt, second) == expected
+
+
+def test_a_failed_generate_leaves_nothing_queued(tiny_gqa):
+    llm = make_llm(tiny_gqa)
+    engine = llm.engine
+    execute = engine.runner.execute
+    calls = []
+
+    def fails_on_the_third_step(batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return execute(batch)
+
+    engine.runner.execute = fails_on_the_third_step
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate(prompts(3), GREEDY, adapters=[next(iter(tiny_gqa[1])), None, None])
+    engine.runner.execute = execute
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    assert all(engine.adapters.slots.pins(ref) == 0 for ref in engine.adapters.slots.resident())
+    assert llm.generate([[5, 6]], GREEDY)[0].finish_reason == "length"  # still serving
