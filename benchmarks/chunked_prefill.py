@@ -1,28 +1,36 @@
 """Running streams' inter-token latency while a long prompt arrives: whole prompts vs chunked prefill, one run.
 
-Each configuration runs the bundled SmolLM2-135M-Instruct on CPU (fp32, greedy, EOS ignored): `--streams` requests
-decode; once each has produced `--warmup-tokens`, a `--long`-token prompt arrives. The table gives the streams'
+Each configuration runs the bundled SmolLM2-135M-Instruct on CPU (fp32), or with `--llama3-8b` random bf16 weights of
+Llama-3-8B's shapes on a GPU (greedy, EOS ignored): `--streams` requests decode; once each has produced `--warmup-tokens`, a `--long`-token prompt arrives. The table gives the streams'
 inter-token latency (ITL) over the window from that arrival until the long prompt's first token, that window's
 length (the long prompt's time to first token) and its step count, and the longest gap any stream saw. The first
 row is the baseline: the prompt runs whole in one step (chunked prefill off).
 
     .venv/bin/python benchmarks/chunked_prefill.py [--streams 8] [--long 2000] [--budgets 256,512,1024]
+    python benchmarks/chunked_prefill.py --llama3-8b --streams 32 --long 8000 --budgets 256,512,2048   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_e2e import LLAMA3_8B  # noqa: E402
 
-def run(llm, args, label: str) -> dict:
+
+def run(llm, args, label: str, seed: int) -> dict:
     from kvrun import SamplingParams
 
     engine = llm.engine
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
     stream_params = SamplingParams(max_tokens=args.warmup_tokens + 400, temperature=0.0, ignore_eos=True)
     streams = [
@@ -67,6 +75,7 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=8)
     parser.add_argument("--long", type=int, default=2000, help="tokens of the prompt that arrives")
     parser.add_argument("--budgets", default="256,512,1024", help="max_num_batched_tokens of the chunked runs")
+    parser.add_argument("--llama3-8b", action="store_true", help="random bf16 weights of Llama-3-8B's shapes (GPU)")
     args = parser.parse_args()
 
     from kvrun import LLM
@@ -76,15 +85,21 @@ def main() -> None:
     configurations = [("whole prompts (chunked prefill off)", whole_budget, False)]
     configurations += [(f"chunked, budget {budget} tokens", budget, True) for budget in budgets]
     results = []
-    for label, budget, chunked in configurations:
-        llm = LLM(max_loras=0, max_num_seqs=max(args.streams + 1, 8), max_num_batched_tokens=budget,
-                  enable_chunked_prefill=chunked, num_blocks=-(-(args.long + 2048 * args.streams) // 16))  # fmt: skip
-        run(llm, argparse.Namespace(**{**vars(args), "long": 64}), "warm-up")
-        results.append(run(llm, args, label))
-        del llm
+    with tempfile.TemporaryDirectory() as model_dir:
+        model = {}
+        if args.llama3_8b:
+            (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA3_8B))
+            model = {"model": model_dir, "load_format": "dummy", "dtype": "bfloat16"}
+        for label, budget, chunked in configurations:
+            llm = LLM(**model, max_loras=0, max_num_seqs=max(args.streams + 1, 8), max_num_batched_tokens=budget,
+                      enable_chunked_prefill=chunked, enable_prefix_caching=False,
+                      num_blocks=-(-(args.long + 2048 * args.streams) // 16))  # fmt: skip
+            run(llm, argparse.Namespace(**{**vars(args), "long": 64}), "warm-up", seed=1)
+            results.append(run(llm, args, label, seed=2))
+            del llm
 
-    print(f"\n{args.streams} streams decoding, a {args.long}-token prompt arrives; CPU threads: "
-          f"{torch.get_num_threads()}\n")  # fmt: skip
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.streams} streams decoding, a {args.long}-token prompt arrives; {where}\n")
     print("| configuration | stream ITL p50 ms | ITL p99 ms | longest gap ms | long prompt TTFT s | steps |")
     print("|---|---|---|---|---|---|")
     for row in results:
