@@ -32,7 +32,10 @@ GPU_MAX_NUM_SEQS = 256
 GPU_MAX_NUM_BATCHED_TOKENS = 512
 LORA_SHARE = 0.25
 MAX_AUTO_LORAS = 64
-SAMPLER_BYTES_PER_LOGIT = 24  # fp32 logits, probabilities, sorted values (4 B each) and their int64 order (8 B)
+# The sampler's working copies of a row's logits at their worst (top-k/top-p rows): fp32 logits, log-probabilities,
+# scaled logits, probabilities, exponential noise, sorted values and their cumulative sums (4 B each), the sort
+# order (int64), and some slack.
+SAMPLER_BYTES_PER_LOGIT = 40
 
 CPU_MAX_NUM_SEQS = 64
 # CPU steps cost about linearly in tokens: 256 prompt tokens keep a running stream's gap near a few decode steps.

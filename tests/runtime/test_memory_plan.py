@@ -30,7 +30,7 @@ def inputs(**changes) -> PlanInputs:
 def test_kv_cache_gets_what_the_budget_leaves():
     plan = plan_gpu_memory(h100(), inputs())
     budget = int(0.9 * 80 * GIB)
-    sampler = 256 * VOCAB * 24  # fp32 working copies of every row's logits
+    sampler = 256 * VOCAB * memory_plan.SAMPLER_BYTES_PER_LOGIT  # working copies of every row's logits
     graphs = 256 * MIB + (1 + 2 + 4 + 8) * VOCAB * 2 * 2  # largest decode step + logits kept by 2 graphs per size
     left = budget - 15 * GIB - 2 * GIB - sampler - graphs - GIB // 2
     assert (plan.budget, plan.sampler, plan.graphs) == (budget, sampler, graphs)
@@ -52,12 +52,12 @@ def test_auto_max_loras_stays_within_rows_and_the_cap():
 
 
 def test_auto_max_loras_shrinks_so_one_sequence_still_fits():
-    # 24 GiB card: 3.1 GiB left. A quarter buys 2 slots of 320 MiB; a 20k context needs 2.5 GiB of KV, leaving 1.
+    # 24 GiB card: 2.6 GiB left. A quarter buys 2 slots of 320 MiB; a 16k context needs 2 GiB of KV, leaving 1.
     card = h100(total=24 * GIB, free_at_start=23 * GIB)
     assert plan_gpu_memory(card, inputs(max_model_len=8192)).max_loras == 2
-    plan = plan_gpu_memory(card, inputs(max_model_len=20480))
+    plan = plan_gpu_memory(card, inputs(max_model_len=16384))
     assert plan.max_loras == 1
-    assert plan.kv_tokens >= 20480
+    assert plan.kv_tokens >= 16384
 
 
 def test_explicit_max_loras_is_kept_and_lora_off_costs_nothing():
