@@ -111,7 +111,9 @@ def test_cpu_start_up_uses_the_fixed_defaults(tiny_gqa):
     resolved = explicit.engine.config
     assert (resolved.lora.max_loras, resolved.scheduler.max_num_seqs) == (3, 4)
     assert (resolved.scheduler.max_num_batched_tokens, resolved.cache.num_blocks) == (32, 10)
+    # Setting one of the two adapts the other: a step holds a token per running request.
     assert LLM(str(tiny_gqa[0]), max_num_seqs=300).engine.config.scheduler.max_num_batched_tokens == 300
+    assert LLM(str(tiny_gqa[0]), max_num_batched_tokens=8).engine.config.scheduler.max_num_seqs == 8
 
 
 def test_slot_arithmetic_matches_the_buffers_lora_allocates(tiny_gqa):
