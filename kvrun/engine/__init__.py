@@ -7,7 +7,9 @@ The types at each boundary, in the order data flows:
       → ScheduledBatch                    (kvrun.runtime.forward_batch: host lists — who runs this step, block
                                            tables, adapter slots; rows grouped by slot)
       → ForwardBatch                      (device tensors: input ids, positions, AttentionMetadata, LoRABatchInfo)
-      → logits → SampledToken → RequestOutput (text so far + this step's delta, for streaming)
+      → logits → sample(logits, [SamplingRow]) (kvrun.runtime.sampler, one row per request)
+      → SampledToken | SamplingFailure → RequestOutput (text so far + this step's delta, for streaming; a failed row
+                                           ends with finish_reason "error" and RequestOutput.error, alone)
 
 Memory owners: BlockManager (KV pages), LoRAManager's SlotPool (adapter slots) and HostCache (parsed adapters).
 """

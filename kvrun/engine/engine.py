@@ -21,6 +21,7 @@ from kvrun.engine.tokenizer import load_tokenizer
 from kvrun.runtime.loader import BUNDLED_NAME, resolve_model
 from kvrun.runtime.memory_profile import device_start, size_engine
 from kvrun.runtime.model_runner import ModelRunner
+from kvrun.runtime.sampler import SampledToken, SamplingFailure, SamplingRow, sample
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +99,18 @@ class LLMEngine:
             if self.adapters is None:
                 raise UnknownAdapterError(adapter)
             ref = self.adapters.hold(adapter)
+        # A seeded request draws from its own generator, so its tokens never depend on its batch; the others share
+        # the device's default generator (one draw per step for all of them).
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        elif params.temperature > 0:
-            generator = torch.Generator(device=self.runner.device).manual_seed(
-                torch.randint(0, 2**62, (1,)).item()
-            )
         detokenizer = None
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         request = Request(request_id, token_ids, params, ref, detokenizer, generator)
+        request.sampling = SamplingRow(
+            params, generator, request.prompt_token_ids, request.output_token_ids, self._held_token_ids(params)
+        )
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -142,33 +144,57 @@ class LLMEngine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    def _held_token_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        """The tokens min_tokens holds back: every token that would end the request."""
+        if params.min_tokens == 0:
+            return ()
+        return tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)))
+
     # -- the loop --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled step. Never raises for one row: a row that fails ends alone with finish_reason "error"."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
         try:
-            sampled = self.runner.execute(batch)
+            logits = self.runner.execute(batch)
         except BaseException:
             self.scheduler.abandon_step()
             raise
-        outputs = []
-        for scheduled, token in zip(batch.sampling_requests(), sampled):
-            request = self._requests[scheduled.request_id]
-            outputs.append(self._append(request, token.token_id, token.top_logprobs, token.logprob))
-        return outputs
+        requests = [self._requests[scheduled.request_id] for scheduled in batch.sampling_requests()]
+        sampled = sample(logits, [request.sampling for request in requests])
+        return [self._settle(request, result) for request, result in zip(requests, sampled)]
 
-    def _append(self, request: Request, token_id: int, top_logprobs, logprob: float) -> RequestOutput:
-        request.output_token_ids.append(token_id)
+    def _settle(self, request: Request, result: SampledToken | SamplingFailure) -> RequestOutput:
+        """Append the row's token, or end the request with the reason it has none; either way one output."""
+        num_tokens, previous_text = len(request.output_token_ids), request.text
+        try:
+            if isinstance(result, SamplingFailure):
+                raise RowError(result.reason)
+            return self._append(request, result)
+        except Exception as error:  # noqa: BLE001 - this request ends; the batch and every other request go on
+            if isinstance(error, RowError):
+                logger.warning("request %s failed: %s", request.request_id, error)
+            else:
+                logger.exception("request %s failed", request.request_id)
+            # The failed step adds nothing: the request ends with what it had before it.
+            del request.output_token_ids[num_tokens:], request.logprobs[num_tokens:]
+            request.text = previous_text
+            request.finish_reason, request.stop_reason = "error", None
+            request.error = str(error) if isinstance(error, RowError) else f"{type(error).__name__}: {error}"
+            return self._finish(request, previous_text)
+
+    def _append(self, request: Request, token: SampledToken) -> RequestOutput:
+        request.output_token_ids.append(token.token_id)
         if request.params.logprobs is not None:
-            request.logprobs.append({token_id: logprob, **(top_logprobs or {})})
+            request.logprobs.append({token.token_id: token.logprob, **(token.top_logprobs or {})})
         previous_text = request.text
         if request.detokenizer is not None:
             request.text += request.detokenizer.step(request.output_token_ids)
         check_stop(request, self._eos, len(previous_text))
         if request.finish_reason is not None:
-            return self._finish(request, previous_text, [token_id])
-        return self._output(request, previous_text, [token_id])
+            return self._finish(request, previous_text, [token.token_id])
+        return self._output(request, previous_text, [token.token_id])
 
     def _finish(self, request: Request, previous_text: str | None = None, new_ids: list[int] = ()) -> RequestOutput:
         self.scheduler.finish(request)
@@ -192,4 +218,9 @@ class LLMEngine:
             stop_reason=request.stop_reason,
             adapter=None if request.adapter is None else request.adapter.name,
             logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
+            error=request.error,
         )
+
+
+class RowError(Exception):
+    """One request cannot go on (its sampling, grammar or text failed); it ends alone."""

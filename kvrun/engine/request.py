@@ -12,6 +12,7 @@ from kvrun.adapters.ref import AdapterRef
 from kvrun.engine.detokenizer import IncrementalDetokenizer
 from kvrun.engine.sampling_params import SamplingParams
 from kvrun.runtime.forward_batch import BASE_SLOT
+from kvrun.runtime.sampler import SamplingRow
 
 
 class RequestStatus(enum.Enum):
@@ -42,6 +43,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_preemptions: int = 0
+    error: str | None = None  # why it ended, when finish_reason is "error"
+    sampling: SamplingRow | None = None  # the sampler's view of this request, set by the engine (shares the lists)
 
     @property
     def num_tokens(self) -> int:

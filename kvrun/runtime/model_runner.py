@@ -1,4 +1,4 @@
-"""ScheduledBatch → ForwardBatch → model forward → logits → sampled tokens."""
+"""ScheduledBatch → ForwardBatch → model forward → last-token logits (the engine samples them)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, 
 from kvrun.runtime.kv_cache import allocate_kv_cache
 from kvrun.runtime.loader import iter_weights, read_config
 from kvrun.runtime.models.registry import model_class
-from kvrun.runtime.sampler import SampledToken, sample
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +69,15 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, max_batch_size, with_lora)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """[len(batch.sampling_requests()), vocab]: the last-token logits of each row that samples, in batch order."""
         if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
             logits = self.graphs.run(batch)
         else:
             forward_batch = self.prepare(batch)
             self.attention.plan(forward_batch.attention)
             logits = self.model(forward_batch, self.kv_cache)
-        return sample(logits, batch.sampling_requests())
+        return logits
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
         input_ids: list[int] = []
