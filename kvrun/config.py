@@ -8,58 +8,6 @@ import torch
 
 
 @dataclass(frozen=True, slots=True)
-class ModelConfig:
-    """The decoder's shape, read from an HF config.json (Llama family)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    mlp_bias: bool
-    eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
-    architecture: str
-    name: str
-
-    @classmethod
-    def from_hf(cls, config: dict, name: str) -> ModelConfig:
-        architecture = (config.get("architectures") or ["LlamaForCausalLM"])[0]
-        hidden = config["hidden_size"]
-        num_heads = config["num_attention_heads"]
-        eos = config.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=config.get("num_key_value_heads") or num_heads,
-            head_dim=config.get("head_dim") or hidden // num_heads,
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=config.get("rope_scaling"),
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
-            tie_word_embeddings=config.get("tie_word_embeddings", False),
-            attention_bias=config.get("attention_bias", False),
-            mlp_bias=config.get("mlp_bias", False),
-            eos_token_ids=eos_ids,
-            bos_token_id=config.get("bos_token_id"),
-            architecture=architecture,
-            name=name,
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """None means "chosen at start-up" (kvrun.runtime.memory_plan says how)."""
 
@@ -85,7 +33,6 @@ class LoRAConfig:
     max_loras: int | None = None  # adapter slots resident in the model at once; 0: LoRA off; None: memory plan
     max_lora_rank: int = 64
     max_cpu_loras: int = 64  # parsed adapters kept in host memory (raised to max_loras when that is larger)
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def __post_init__(self) -> None:
         if self.max_loras is not None and self.max_loras < 0:

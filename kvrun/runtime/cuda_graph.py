@@ -15,8 +15,8 @@ import logging
 
 import torch
 
-from kvrun.runtime.attention.base import AttentionMetadata
 from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
+from kvrun.runtime.step_layout import attention_metadata, layout_step
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class _Bucket:
         self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
         self.positions = torch.zeros(size, dtype=torch.int64, device=device)
         self.slot_mapping = torch.zeros(size, dtype=torch.int64, device=device)
+        self.token_seq_lens = torch.ones(size, dtype=torch.int64, device=device)
         self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
         self.seg_indptr = torch.zeros(size + 1, dtype=torch.int32, device=device)
         self.seg_slots = torch.full((size,), BASE_SLOT, dtype=torch.int32, device=device)
@@ -59,7 +60,7 @@ class DecodeGraphs:
     def _capture(self, bucket: _Bucket) -> None:
         runner = self.runner
         wrapper_pages = bucket.max_pages
-        runner.attention.graph_wrapper(bucket.size, wrapper_pages)
+        runner.attention.prepare_graph(bucket.size, wrapper_pages)
         self._fill(bucket, [])
         for uses_lora in (True, False) if self.with_lora else (False,):
             batch = self._forward_batch(bucket, uses_lora)
@@ -77,7 +78,9 @@ class DecodeGraphs:
 
     def _forward_batch(self, bucket: _Bucket, uses_lora: bool) -> ForwardBatch:
         lora = LoRABatchInfo(bucket.seg_indptr, bucket.seg_slots) if uses_lora else None
-        return ForwardBatch(bucket.input_ids, bucket.positions, bucket.attention, bucket.logits_indices, lora)
+        token_seq_lens = bucket.token_seq_lens if self.runner.needs_token_seq_lens else None
+        return ForwardBatch(bucket.input_ids, bucket.positions, bucket.attention, bucket.logits_indices, lora,
+                            token_seq_lens)  # fmt: skip
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.requests), vocab] of one decode step, by replaying the bucket's graph."""
@@ -88,60 +91,17 @@ class DecodeGraphs:
         return bucket.logits[uses_lora][: len(batch.requests)]
 
     def _fill(self, bucket: _Bucket, requests) -> None:
-        runner, page_size = self.runner, self.runner.block_size
-        input_ids, positions, slot_mapping = [], [], []
-        kv_indptr, page_indices, last_page_lens, seq_lens = [0], [], [], []
-        seg_indptr, seg_slots = [0], []
-        for request in requests:
-            position = request.start_position
-            seq_len = position + 1
-            pages = request.block_table[: -(-seq_len // page_size)]
-            input_ids.append(request.token_ids[0])
-            positions.append(position)
-            slot_mapping.append(pages[position // page_size] * page_size + position % page_size)
-            page_indices.extend(pages)
-            kv_indptr.append(len(page_indices))
-            last_page_lens.append(seq_len - (len(pages) - 1) * page_size)
-            seq_lens.append(seq_len)
-            if seg_slots and seg_slots[-1] == request.adapter_slot:
-                seg_indptr[-1] += 1
-            else:
-                seg_slots.append(request.adapter_slot)
-                seg_indptr.append(seg_indptr[-1] + 1)
-        count = len(requests)
-        for _ in range(bucket.size - count):  # padding rows: base model, scratch page, sequence length 1
-            input_ids.append(0)
-            positions.append(0)
-            slot_mapping.append(self.scratch_page * page_size)
-            page_indices.append(self.scratch_page)
-            kv_indptr.append(len(page_indices))
-            last_page_lens.append(1)
-            seq_lens.append(1)
-        seg_indptr += [seg_indptr[-1]] * (bucket.size + 1 - len(seg_indptr))
-        seg_slots += [BASE_SLOT] * (bucket.size - len(seg_slots))
+        runner = self.runner
+        layout = layout_step(requests, runner.block_size, pad_rows_to=bucket.size, scratch_page=self.scratch_page)
 
         def copy(target: torch.Tensor, values: list[int]) -> None:
             target.copy_(torch.tensor(values, dtype=target.dtype), non_blocking=True)
 
-        copy(bucket.input_ids, input_ids)
-        copy(bucket.positions, positions)
-        copy(bucket.slot_mapping, slot_mapping)
-        copy(bucket.seg_indptr, seg_indptr)
-        copy(bucket.seg_slots, seg_slots)
-
-        def host(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32)
-
-        bucket.attention = AttentionMetadata(
-            is_prefill=False,
-            qo_indptr=host(list(range(bucket.size + 1))),
-            kv_indptr=host(kv_indptr),
-            kv_page_indices=host(page_indices),
-            kv_last_page_len=host(last_page_lens),
-            seq_lens=host(seq_lens),
-            slot_mapping=bucket.slot_mapping,
-            page_size=page_size,
-            query_lens_host=[1] * bucket.size,
-            seq_lens_host=seq_lens,
-        )
+        copy(bucket.input_ids, layout.input_ids)
+        copy(bucket.positions, layout.positions)
+        copy(bucket.slot_mapping, layout.slot_mapping)
+        copy(bucket.token_seq_lens, layout.token_seq_lens)
+        copy(bucket.seg_indptr, layout.seg_indptr)
+        copy(bucket.seg_slots, layout.seg_slots)
+        bucket.attention = attention_metadata(layout, False, runner.block_size, bucket.slot_mapping)
         runner.attention.plan(bucket.attention, graph_batch_size=bucket.size)

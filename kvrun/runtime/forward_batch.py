@@ -62,3 +62,6 @@ class ForwardBatch:
     attention: AttentionMetadata
     logits_indices: torch.Tensor  # [sampling rows] int64, row of each sampling request's last token
     lora: LoRABatchInfo | None = field(default=None)  # None when no row of the step uses an adapter
+    # [num_tokens] int64, each token's sequence length after this step; set only for models whose rotary
+    # frequencies depend on it (dynamic NTK, LongRoPE)
+    token_seq_lens: torch.Tensor | None = field(default=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvrun.config import ModelConfig
+from kvrun.runtime.models.spec import ModelConfig
 
 
 def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 
-from kvrun.config import EngineConfig, ModelConfig
+from kvrun.config import EngineConfig
 from kvrun.runtime.attention import select_backend
-from kvrun.runtime.attention.base import AttentionMetadata
-from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
+from kvrun.runtime.forward_batch import ForwardBatch, LoRABatchInfo, ScheduledBatch
 from kvrun.runtime.kv_cache import allocate_kv_cache
 from kvrun.runtime.loader import iter_weights, read_config
-from kvrun.runtime.models.registry import model_class
+from kvrun.runtime.models.decoder import CausalLM
+from kvrun.runtime.models.registry import read_model_config
+from kvrun.runtime.models.weights import load_weights
+from kvrun.runtime.step_layout import attention_metadata, layout_step
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ class ModelRunner:
     def __init__(self, model_dir: Path, config: EngineConfig, model_name: str) -> None:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
-        self.model_config = ModelConfig.from_hf(read_config(model_dir), model_name)
+        self.model_config = read_model_config(read_config(model_dir), model_name)
         self.max_model_len = min(
             config.scheduler.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
@@ -34,21 +36,23 @@ class ModelRunner:
 
     def _init_model(self, model_dir: Path, load_format: str) -> None:
         cfg = self.model_config
-        self.attention = select_backend(self.device, self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attention = select_backend(
+            self.device, self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_variants
+        )
         # Build directly in the target dtype and device: an 8B model never exists in fp32 on the way.
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                fused = self.device.type == "cuda"
-                model = model_class(cfg.architecture)(cfg, self.attention, self.max_model_len, fused)
+                model = CausalLM(cfg, self.attention, self.max_model_len, fused=self.device.type == "cuda")
         finally:
             torch.set_default_dtype(default_dtype)
         if load_format == "dummy":
             _init_dummy_weights(model)
         else:
-            model.load_weights(iter_weights(model_dir))
+            load_weights(model, iter_weights(model_dir), cfg.architecture)
         self.model = model.eval()
+        self.needs_token_seq_lens = model.needs_token_seq_lens
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the paged KV pool (again: the memory plan profiles steps on a small temporary one first)."""
@@ -72,78 +76,26 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """[len(batch.sampling_requests()), vocab]: the last-token logits of each row that samples, in batch order."""
         if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
-            logits = self.graphs.run(batch)
-        else:
-            forward_batch = self.prepare(batch)
-            self.attention.plan(forward_batch.attention)
-            logits = self.model(forward_batch, self.kv_cache)
-        return logits
+            return self.graphs.run(batch)
+        forward_batch = self.prepare(batch)
+        self.attention.plan(forward_batch.attention)
+        return self.model(forward_batch, self.kv_cache)
 
     def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        qo_indptr, kv_indptr = [0], [0]
-        page_indices: list[int] = []
-        last_page_lens, seq_lens, query_lens = [], [], []
-        for request in batch.requests:
-            count = len(request.token_ids)
-            seq_len = request.start_position + count
-            pages = request.block_table[: (seq_len + self.block_size - 1) // self.block_size]
-            input_ids.extend(request.token_ids)
-            new_positions = range(request.start_position, seq_len)
-            positions.extend(new_positions)
-            slot_mapping.extend(pages[p // self.block_size] * self.block_size + p % self.block_size for p in new_positions)
-            page_indices.extend(pages)
-            qo_indptr.append(qo_indptr[-1] + count)
-            kv_indptr.append(kv_indptr[-1] + len(pages))
-            last_page_lens.append(seq_len - (len(pages) - 1) * self.block_size)
-            seq_lens.append(seq_len)
-            query_lens.append(count)
+        layout = layout_step(batch.requests, self.block_size)
 
-        def tensor(values: list[int], dtype=torch.int32) -> torch.Tensor:
+        def tensor(values: list[int], dtype=torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
-        def host(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32)
-
-        attention = AttentionMetadata(
-            is_prefill=batch.is_prefill,
-            qo_indptr=host(qo_indptr),
-            kv_indptr=host(kv_indptr),
-            kv_page_indices=host(page_indices),
-            kv_last_page_len=host(last_page_lens),
-            seq_lens=host(seq_lens),
-            slot_mapping=tensor(slot_mapping, torch.int64),
-            page_size=self.block_size,
-            query_lens_host=query_lens,
-            seq_lens_host=seq_lens,
-        )
         return ForwardBatch(
-            input_ids=tensor(input_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            attention=attention,
-            logits_indices=tensor(
-                [end - 1 for end, request in zip(qo_indptr[1:], batch.requests) if request.samples], torch.int64
-            ),
-            lora=self._lora_info(batch, query_lens),
-        )
-
-    def _lora_info(self, batch: ScheduledBatch, query_lens: list[int]) -> LoRABatchInfo | None:
-        slots = [request.adapter_slot for request in batch.requests]
-        if all(slot == BASE_SLOT for slot in slots):
-            return None
-        seg_indptr, seg_slots = [0], []
-        for slot, count in zip(slots, query_lens):
-            if seg_slots and seg_slots[-1] == slot:
-                seg_indptr[-1] += count
-            else:
-                seg_slots.append(slot)
-                seg_indptr.append(seg_indptr[-1] + count)
-        return LoRABatchInfo(
-            seg_indptr=torch.tensor(seg_indptr, dtype=torch.int32, device=self.device),
-            seg_slots=torch.tensor(seg_slots, dtype=torch.int32, device=self.device),
-        )
+            input_ids=tensor(layout.input_ids),
+            positions=tensor(layout.positions),
+            attention=attention_metadata(layout, batch.is_prefill, self.block_size, tensor(layout.slot_mapping)),
+            logits_indices=tensor(layout.logits_indices),
+            lora=LoRABatchInfo(tensor(layout.seg_indptr, torch.int32), tensor(layout.seg_slots, torch.int32))
+            if layout.uses_lora else None,
+            token_seq_lens=tensor(layout.token_seq_lens) if self.needs_token_seq_lens else None,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -151,7 +103,7 @@ def _init_dummy_weights(model: torch.nn.Module) -> None:
     """Random weights at HF's initializer scale, so activations stay finite through every layer."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            param.fill_(1.0)
+        if param.dim() == 1 or "norm" in name:
+            param.fill_(1.0 if name.endswith("weight") else 0.0)
         else:
             param.normal_(0.0, 0.02, generator=generator)

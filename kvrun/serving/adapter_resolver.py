@@ -32,7 +32,7 @@ from adapters_registry.records import Event, VersionRecord
 
 from kvrun.adapters.manager import check_adapter_name
 from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ParsedAdapter, parse_adapter
-from kvrun.config import ModelConfig
+from kvrun.runtime.models.spec import ModelConfig
 from kvrun.serving import errors
 from kvrun.serving.adapter_names import engine_name, parse_engine_name
 from kvrun.serving.engine_client import AdapterPublication, EngineClient

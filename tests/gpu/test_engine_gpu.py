@@ -103,18 +103,29 @@ def test_engine_bf16_matches_hf_peft(gpu_model, cuda_graphs):
     assert near / total >= TIE_AWARE_AGREEMENT, f"agreement counting near-ties {near}/{total}"
 
 
-def test_flashinfer_matches_reference_attention():
-    from kvrun.runtime.attention.base import AttentionMetadata
+VARIANTS = {
+    "plain": dict(),
+    "sliding window": dict(sliding_window=24),
+    "soft cap": dict(logits_soft_cap=5.0),
+    "window + soft cap + scale": dict(sliding_window=9, logits_soft_cap=5.0, scale=0.05),
+}
+
+
+@pytest.mark.parametrize("variant_name", sorted(VARIANTS))
+def test_flashinfer_matches_reference_attention(variant_name):
+    from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant
     from kvrun.runtime.attention.flashinfer import FlashInferBackend
     from kvrun.runtime.attention.torch_ref import TorchReferenceBackend
 
     torch.manual_seed(0)
     heads, kv_heads, dim, page = 32, 8, 128, 16
+    options = dict(VARIANTS[variant_name])
+    variant = AttentionVariant(options.pop("scale", dim**-0.5), **options)
     prior = [0, 17, 40, 5]  # tokens already in the cache per request
     new = [9, 1, 33, 16]
     pages_needed = [-(-(p + n) // page) for p, n in zip(prior, new)]
     kv = torch.randn(sum(pages_needed) + 1, 2, page, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    flash = FlashInferBackend(torch.device("cuda"), torch.bfloat16, heads, kv_heads, dim)
+    flash = FlashInferBackend(torch.device("cuda"), torch.bfloat16, heads, kv_heads, dim, (variant,))
     reference = TorchReferenceBackend(heads, kv_heads, dim)
     page_ids = torch.randperm(sum(pages_needed)).tolist()
     tables, start = [], 0
@@ -146,8 +157,8 @@ def test_flashinfer_matches_reference_attention():
         v = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
         cache_a, cache_b = kv.clone(), kv.clone()
         flash.plan(metadata)
-        got = flash.forward(q, k, v, cache_a)
+        got = flash.forward(q, k, v, cache_a, variant)
         reference.plan(metadata)
-        want = reference.forward(q, k, v, cache_b)
+        want = reference.forward(q, k, v, cache_b, variant)
         torch.testing.assert_close(cache_a, cache_b)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

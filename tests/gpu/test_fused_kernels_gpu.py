@@ -37,19 +37,20 @@ def strided_qkv() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def make_norm():
-    from kvrun.runtime.layers.norm import RMSNorm
+    from kvrun.runtime.layers.norm import NormSpec, RMSNorm
 
-    norm = RMSNorm(HIDDEN, eps=1e-5).to(device="cuda", dtype=DTYPE)
+    norm = RMSNorm(HIDDEN, NormSpec("rms", 1e-5)).to(device="cuda", dtype=DTYPE)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.1 * torch.randn(HIDDEN))
     return norm
 
 
 def make_rotary():
-    from kvrun.runtime.layers.rotary import RotaryEmbedding
+    from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
-    return RotaryEmbedding(HEAD_DIM, max_positions=4096, theta=500000.0, scaling=scaling).to("cuda", DTYPE)
+    scaling = {"factor": 8.0, "original_max_position_embeddings": 8192}
+    spec = RopeSpec(500000.0, HEAD_DIM, HEAD_DIM, 131072, "llama3", scaling)
+    return RotaryEmbedding(spec, max_positions=4096).to("cuda", DTYPE)
 
 
 @torch.no_grad()

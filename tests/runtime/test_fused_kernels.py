@@ -51,25 +51,29 @@ def strided_qkv(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def check_norms(fused, dtype: torch.dtype, hidden: int) -> None:
-    from kvrun.runtime.layers.norm import RMSNorm
+    from kvrun.runtime.layers.norm import NormSpec, RMSNorm
 
-    norm = RMSNorm(hidden, eps=1e-5).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(hidden))
-    # Rows with stride > hidden: the kernel must not assume contiguous input.
-    x = torch.randn(NUM_TOKENS, hidden + 8, dtype=dtype)[:, :hidden] * 3
-    residual = torch.randn(NUM_TOKENS, hidden, dtype=dtype)
-    with torch.no_grad():
-        torch.testing.assert_close(fused.rms_norm(x, norm.weight, norm.eps), norm(x), **TOLERANCE[dtype])
-        normed, new_residual = fused.add_rms_norm(x, residual, norm.weight, norm.eps)
-        torch.testing.assert_close(new_residual, x + residual, rtol=0, atol=0)
-        torch.testing.assert_close(normed, norm(x + residual), **TOLERANCE[dtype])
+    # Llama's form (scale after rounding) and Gemma's ((1 + w) applied in fp32).
+    for spec in (NormSpec("rms", 1e-5), NormSpec("rms", 1e-5, weight_offset=1.0, scale_in_fp32=True)):
+        norm = RMSNorm(hidden, spec).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(hidden))
+        args = (norm.weight, norm.eps, spec.weight_offset, spec.scale_in_fp32)
+        # Rows with stride > hidden: the kernel must not assume contiguous input.
+        x = torch.randn(NUM_TOKENS, hidden + 8, dtype=dtype)[:, :hidden] * 3
+        residual = torch.randn(NUM_TOKENS, hidden, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(fused.rms_norm(x, *args), norm(x), **TOLERANCE[dtype])
+            normed, new_residual = fused.add_rms_norm(x, residual, *args)
+            torch.testing.assert_close(new_residual, x + residual, rtol=0, atol=0)
+            torch.testing.assert_close(normed, norm(x + residual), **TOLERANCE[dtype])
 
 
 def check_rotary(fused, dtype: torch.dtype) -> None:
-    from kvrun.runtime.layers.rotary import RotaryEmbedding
+    from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
 
-    rotary = RotaryEmbedding(HEAD_DIM, max_positions=64, theta=10000.0, scaling=None).to(dtype)
+    spec = RopeSpec(10000.0, HEAD_DIM, HEAD_DIM, 64)
+    rotary = RotaryEmbedding(spec, max_positions=64).to(dtype)
     positions = torch.tensor([0, 7, 63, 3, 3], dtype=torch.int64)
     q, k, _ = strided_qkv(dtype)
     q_out, k_out = fused.rotary(positions, q, k, rotary.cos, rotary.sin)

@@ -37,9 +37,30 @@ class AttentionMetadata:
     seq_lens_host: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionVariant:
+    """What differs between the attention of two layers (or two models) beyond the head counts.
+
+    scale:           multiplies q·k (1/sqrt(head_dim) unless the model says otherwise)
+    sliding_window:  a query at position p sees keys at p - sliding_window + 1 .. p; None = all
+    logits_soft_cap: scores become cap * tanh(scores / cap) before masking and softmax; None = off
+    """
+
+    scale: float
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+
+
 class AttentionBackend(Protocol):
-    def plan(self, metadata: AttentionMetadata) -> None:
-        """Prepare for one step; called once before the first layer."""
+    """One backend per model, knowing every variant its layers use (planned together once per step)."""
+
+    def plan(self, metadata: AttentionMetadata, graph_batch_size: int | None = None) -> None:
+        """Prepare for one step; called once before the first layer. graph_batch_size: plan into the buffers of the
+        CUDA graph captured for that many rows (see prepare_graph)."""
+
+    def prepare_graph(self, batch_size: int, max_pages: int) -> None:
+        """Allocate the fixed-address buffers a decode graph of batch_size rows plans into (no-op where graphs
+        are not supported)."""
 
     def forward(
         self,
@@ -47,6 +68,7 @@ class AttentionBackend(Protocol):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [num_pages, 2, page_size, num_kv_heads, head_dim]
+        variant: AttentionVariant,
     ) -> torch.Tensor:  # [num_tokens, num_q_heads, head_dim]
         """Write this step's K/V into the cache at slot_mapping, then attend causally over each request's pages."""
 

@@ -5,19 +5,22 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kvrun.runtime.attention.base import AttentionMetadata, write_kv
+from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, write_kv
 
 
 class TorchReferenceBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.scale = head_dim**-0.5
         self._metadata: AttentionMetadata | None = None
         self._page_table: torch.Tensor | None = None  # [batch, max_pages] for the batched decode gather
-        self._decode_mask: torch.Tensor | None = None  # [batch, 1, 1, max_pages * page_size], True = attend
+        self._key_positions: torch.Tensor | None = None  # [max_pages * page_size]
+        self._query_positions: torch.Tensor | None = None  # [batch] position of each decode row's query
 
-    def plan(self, metadata: AttentionMetadata) -> None:
+    def prepare_graph(self, batch_size: int, max_pages: int) -> None:
+        raise RuntimeError("the torch reference backend does not run CUDA graphs")
+
+    def plan(self, metadata: AttentionMetadata, graph_batch_size: int | None = None) -> None:
         self._metadata = metadata
         if metadata.is_prefill:
             return
@@ -29,20 +32,18 @@ class TorchReferenceBackend:
             table[row, :count] = metadata.kv_page_indices[start : start + count]
         device = metadata.slot_mapping.device
         self._page_table = table.to(device)
-        key_positions = torch.arange(max_pages * metadata.page_size)
-        mask = (key_positions[None, :] < metadata.seq_lens[:, None].long())[:, None, None, :]
-        self._decode_mask = mask.to(device)
+        self._key_positions = torch.arange(max_pages * metadata.page_size, device=device)
+        self._query_positions = (metadata.seq_lens.long() - 1).to(device)
 
-    def forward(self, q, k, v, kv_cache):
+    def forward(self, q, k, v, kv_cache, variant: AttentionVariant):
         metadata = self._metadata
         write_kv(kv_cache, k, v, metadata.slot_mapping)
         if metadata.is_prefill:
-            return self._prefill(q, kv_cache, metadata)
-        return self._decode(q, kv_cache)
+            return self._prefill(q, kv_cache, metadata, variant)
+        return self._decode(q, kv_cache, variant)
 
-    def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def _prefill(self, q, kv_cache, metadata: AttentionMetadata, variant: AttentionVariant) -> torch.Tensor:
         out = torch.empty_like(q)
-        page_size = metadata.page_size
         qo, kv = metadata.qo_indptr.tolist(), metadata.kv_indptr.tolist()
         for index, (query_len, seq_len) in enumerate(zip(metadata.query_lens_host, metadata.seq_lens_host)):
             pages = metadata.kv_page_indices[kv[index] : kv[index + 1]].long().to(kv_cache.device)
@@ -50,24 +51,44 @@ class TorchReferenceBackend:
             values = kv_cache[pages, 1].reshape(-1, self.num_kv_heads, kv_cache.shape[-1])[:seq_len]
             # Query j sits at position seq_len - query_len + j and sees every key up to it.
             query_positions = torch.arange(seq_len - query_len, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= query_positions[:, None]
+            mask = _visible(query_positions, torch.arange(seq_len, device=q.device), variant)
             rows = slice(qo[index], qo[index + 1])
-            out[rows] = self._attend(q[rows].transpose(0, 1), keys, values, mask).transpose(0, 1)
+            queries = q[rows].transpose(0, 1)
+            out[rows] = self._attend(queries, keys.transpose(0, 1), values.transpose(0, 1), mask, variant).transpose(0, 1)
         return out
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _decode(self, q, kv_cache, variant: AttentionVariant) -> torch.Tensor:
         batch, max_pages = self._page_table.shape
         head_dim = kv_cache.shape[-1]
         keys = kv_cache[self._page_table, 0].reshape(batch, max_pages * kv_cache.shape[2], self.num_kv_heads, head_dim)
         values = kv_cache[self._page_table, 1].reshape(batch, -1, self.num_kv_heads, head_dim)
+        mask = _visible(self._query_positions, self._key_positions, variant)[:, None, None, :]
         queries = q.unsqueeze(2)  # [batch, heads, 1, head_dim]
-        out = self._attend(queries, keys.transpose(1, 2), values.transpose(1, 2), self._decode_mask, batched=True)
+        out = self._attend(queries, keys.transpose(1, 2), values.transpose(1, 2), mask, variant)
         return out.squeeze(2)
 
-    def _attend(self, q, keys, values, mask, batched: bool = False) -> torch.Tensor:
-        if not batched:  # keys arrive [seq, kv_heads, dim]
-            keys, values = keys.transpose(0, 1), values.transpose(0, 1)
-        return F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+    def _attend(self, q, keys, values, mask, variant: AttentionVariant) -> torch.Tensor:
+        """q [..., heads, q_len, dim]; keys/values [..., kv_heads, k_len, dim]; mask broadcastable, True = attend."""
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if variant.logits_soft_cap is None:
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=variant.scale, enable_gqa=self.num_heads != self.num_kv_heads
+            )
+        # Soft-capping sits between the product and the softmax, which SDPA cannot express.
+        groups = self.num_heads // self.num_kv_heads
+        keys = keys.repeat_interleave(groups, dim=-3)
+        values = values.repeat_interleave(groups, dim=-3)
+        cap = variant.logits_soft_cap
+        scores = torch.tanh(torch.matmul(q, keys.transpose(-1, -2)) * variant.scale / cap) * cap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, values)
+
+
+def _visible(query_positions: torch.Tensor, key_positions: torch.Tensor, variant: AttentionVariant) -> torch.Tensor:
+    """[queries, keys] True where the query may attend the key: causal, and within the sliding window if any."""
+    query, key = query_positions[:, None], key_positions[None, :]
+    mask = key <= query
+    if variant.sliding_window is not None:
+        mask &= key > query - variant.sliding_window
+    return mask

@@ -22,8 +22,8 @@ def _row_warps(block: int) -> int:
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    x_row_stride, residual_row_stride, hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    x_row_stride, residual_row_stride, hidden, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, SCALE_IN_FP32: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -36,23 +36,28 @@ def _rms_norm_kernel(
         tl.store(residual_out_ptr + row * hidden + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     variance = tl.sum(x32 * x32, axis=0) / hidden
-    normed = (x32 * tl.rsqrt(variance + eps)).to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    normed = x32 * tl.rsqrt(variance + eps)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + weight_offset
+    if SCALE_IN_FP32:  # Gemma: (normed * (offset + w)) in fp32, rounded once
+        out = normed * weight
+    else:  # Llama: round the normalised value to the input dtype, then scale
+        out = weight * normed.to(x.dtype).to(tl.float32)
+    tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_rms_norm(x, residual, weight, eps):
+def _launch_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32):
     num_tokens, hidden = x.shape
     assert x.stride(1) == 1 and weight.shape == (hidden,) and weight.is_contiguous()
-    out = torch.empty((num_tokens, hidden), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out_dtype = x.dtype if scale_in_fp32 else torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty((num_tokens, hidden), dtype=out_dtype, device=x.device)
     residual_out = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(num_tokens,)](
         x, residual if residual is not None else x, weight, out, residual_out,
-        x.stride(0), residual.stride(0) if residual is not None else 0, hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block),
+        x.stride(0), residual.stride(0) if residual is not None else 0, hidden, eps, float(weight_offset),
+        HAS_RESIDUAL=residual is not None, SCALE_IN_FP32=scale_in_fp32, BLOCK=block, num_warps=_row_warps(block),
     )
     return out, residual_out
 
@@ -61,15 +66,17 @@ def rms_norm(
     x: torch.Tensor,  # [num_tokens, hidden], last dim contiguous
     weight: torch.Tensor,  # [hidden]
     eps: float,
-) -> torch.Tensor:  # [num_tokens, hidden], dtype promote(x, weight)
+    weight_offset: float = 0.0,
+    scale_in_fp32: bool = False,
+) -> torch.Tensor:  # [num_tokens, hidden]
     """RMSNorm in one launch, rounding exactly where layers.norm.RMSNorm does.
 
     Semantics:
-        x32 = x.float()
-        normed = (x32 * rsqrt(mean(x32 ** 2, -1) + eps)).to(x.dtype)
-        out = (weight.float() * normed.float()).to(promote(x.dtype, weight.dtype))
+        x32 = x.float(); normed = x32 * rsqrt(mean(x32 ** 2, -1) + eps)
+        scale_in_fp32=False (Llama): out = ((w + offset).float() * normed.to(x.dtype).float()).to(promote(x, w))
+        scale_in_fp32=True (Gemma):  out = (normed * (offset + w.float())).to(x.dtype)
     """
-    return _launch_rms_norm(x, None, weight, eps)[0]
+    return _launch_rms_norm(x, None, weight, eps, weight_offset, scale_in_fp32)[0]
 
 
 def add_rms_norm(
@@ -77,14 +84,16 @@ def add_rms_norm(
     residual: torch.Tensor,  # [num_tokens, hidden], same dtype as x
     weight: torch.Tensor,  # [hidden]
     eps: float,
+    weight_offset: float = 0.0,
+    scale_in_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (normed, new_residual), both [num_tokens, hidden]
     """Residual add then RMSNorm in one launch; both results are new tensors.
 
     Semantics:
         new_residual = (x.float() + residual.float()).to(x.dtype)
-        normed = rms_norm(new_residual, weight, eps)
+        normed = rms_norm(new_residual, weight, eps, weight_offset, scale_in_fp32)
     """
-    return _launch_rms_norm(x, residual, weight, eps)
+    return _launch_rms_norm(x, residual, weight, eps, weight_offset, scale_in_fp32)
 
 
 @triton.jit

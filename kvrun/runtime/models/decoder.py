@@ -1,0 +1,190 @@
+"""The shared decoder every family plug-in configures: attention, MLP and block layouts built from a DecoderSpec.
+
+Module names mirror the HF checkpoints of the Llama lineage (model.embed_tokens, model.layers.N.self_attn,
+model.layers.N.mlp, model.norm, lm_head); projections carry the checkpoint names of the modules they pack as
+output slices, so weights and adapters find their place without per-family tables (kvrun.runtime.models.weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kvrun.runtime.attention.base import AttentionBackend
+from kvrun.runtime.forward_batch import ForwardBatch
+from kvrun.runtime.layers.activation import activation
+from kvrun.runtime.layers.linear import Projection
+from kvrun.runtime.layers.norm import make_norm
+from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
+from kvrun.runtime.models.spec import AttentionSpec, MLPSpec, ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, config: ModelConfig, spec: AttentionSpec, rotary: RotaryEmbedding | None, backend: AttentionBackend,
+        fused: bool,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if len(spec.qkv_slices) == 3:
+            slices = dict(zip(spec.qkv_slices, (q_size, kv_size, kv_size)))
+        else:  # the checkpoint stores q, k and v as one module, in that order
+            slices = {spec.qkv_slices[0]: q_size + 2 * kv_size}
+        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias)
+        self.o_proj = Projection(q_size, {spec.o_slice: config.hidden_size}, spec.o_bias)
+        self.split = (q_size, kv_size, kv_size)
+        self.q_norm = self.k_norm = None
+        if spec.qk_norm is not None:
+            per_head = spec.qk_norm_per_head
+            self.q_norm = make_norm((self.num_heads, self.head_dim) if per_head else self.head_dim, spec.qk_norm, fused)
+            self.k_norm = make_norm((self.num_kv_heads, self.head_dim) if per_head else self.head_dim, spec.qk_norm, fused)
+        self.rotary = rotary
+        self.variant = spec.variant
+        self.backend = backend
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden, batch.lora).split(self.split, dim=-1)
+        num_tokens = hidden.shape[0]
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = _head_norm(self.q_norm, q), _head_norm(self.k_norm, k)
+        if self.rotary is not None:
+            q, k = self.rotary(batch.positions, q, k, batch.token_seq_lens)
+        out = self.backend.forward(q, k, v, kv_cache, self.variant)
+        return self.o_proj(out.reshape(num_tokens, -1), batch.lora)
+
+
+def _head_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if norm.weight.dim() == 2:  # one weight per head: normalise [tokens, heads, head_dim] as it is
+        return norm(x)
+    return norm(x.reshape(-1, x.shape[-1])).view_as(x)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, spec: MLPSpec, fused: bool) -> None:
+        super().__init__()
+        size = spec.intermediate_size
+        if spec.gated and len(spec.in_slices) == 2:
+            slices = dict.fromkeys(spec.in_slices, size)
+        else:  # one checkpoint module: plain MLP input, or gate and up already fused (Phi-3)
+            slices = {spec.in_slices[0]: 2 * size if spec.gated else size}
+        self.gate_up_proj = Projection(hidden_size, slices, spec.bias)
+        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias)
+        self.gated = spec.gated
+        if spec.gated and spec.activation in ("silu", "swish") and fused:
+            from kvrun.runtime.layers.fused import silu_and_mul
+
+            self._activate = silu_and_mul
+        else:
+            act = activation(spec.activation)
+            self._activate = (lambda x: _gated(act, x)) if spec.gated else act
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.down_proj(self._activate(self.gate_up_proj(hidden, batch.lora)), batch.lora)
+
+
+def _gated(act, gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, index: int, rotary: RotaryEmbedding | None, backend: AttentionBackend, fused: bool
+    ) -> None:
+        super().__init__()
+        spec = config.decoder
+        hidden = config.hidden_size
+        self.block = spec.block
+        self.input_layernorm = make_norm(hidden, spec.norm, fused)
+        self.self_attn = Attention(config, spec.layers[index], rotary, backend, fused)
+        self.mlp = MLP(hidden, spec.mlp, fused)
+        if self.block != "parallel":
+            self.post_attention_layernorm = make_norm(hidden, spec.norm, fused)
+        if self.block == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(hidden, spec.norm, fused)
+            self.post_feedforward_layernorm = make_norm(hidden, spec.norm, fused)
+
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, kv_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) in and out: the stream is hidden + residual, added by the next norm (fused there)."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        attended = self.self_attn(normed, batch, kv_cache)
+        if self.block == "parallel":
+            # HF adds (residual + attention) + mlp; the next norm adds the mlp output to the first sum.
+            return self.mlp(normed, batch), residual + attended
+        if self.block == "sandwich":
+            attended = self.post_attention_layernorm(attended)
+            normed, residual = self.pre_feedforward_layernorm(attended, residual)
+            return self.post_feedforward_layernorm(self.mlp(normed, batch)), residual
+        normed, residual = self.post_attention_layernorm(attended, residual)
+        return self.mlp(normed, batch), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool) -> None:
+        super().__init__()
+        spec = config.decoder
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        rotaries: dict[RopeSpec, RotaryEmbedding] = {}  # layers with the same rotary settings share one table
+        layers = []
+        for index, layer in enumerate(spec.layers):
+            rotary = None
+            if layer.rope is not None:
+                rotary = rotaries.setdefault(layer.rope, RotaryEmbedding(layer.rope, max_positions, fused))
+            layers.append(DecoderLayer(config, index, rotary, backend, fused))
+        self.layers = nn.ModuleList(layers)
+        self.norm = make_norm(config.hidden_size, spec.norm, fused)
+        self.embedding_scale = spec.embedding_scale
+
+
+class CausalLM(nn.Module):
+    """Any decoder-only family: embeddings → layers → final norm → (scaled, capped) logits."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool = False) -> None:
+        """fused=True (CUDA): norms, rotary and the SwiGLU activation run as single Triton kernels."""
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, backend, max_positions, fused)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+
+    @property
+    def needs_token_seq_lens(self) -> bool:
+        return any(layer.rope is not None and layer.rope.length_dependent for layer in self.config.decoder.layers)
+
+    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Logits of each request's last token: [batch, vocab]. kv_cache: [layers, pages, 2, page_size, kv_heads, dim]."""
+        model = self.model
+        hidden, residual = model.embed_tokens(batch.input_ids), None
+        if model.embedding_scale is not None:
+            hidden = hidden * torch.tensor(model.embedding_scale, dtype=hidden.dtype)
+        for index, layer in enumerate(model.layers):
+            hidden, residual = layer(hidden, residual, batch, kv_cache[index])
+        last = batch.logits_indices
+        hidden, _ = model.norm(hidden[last], residual[last])
+        return self.compute_logits(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        spec = self.config.decoder
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        if spec.logit_scale is not None:
+            logits = logits * spec.logit_scale
+        if spec.final_logit_soft_cap is not None:
+            logits = torch.tanh(logits / spec.final_logit_soft_cap) * spec.final_logit_soft_cap
+        return logits
+
+    @torch.no_grad()
+    def finish_loading(self) -> None:
+        """Turn checkpoint weights into the form the forward pass uses (once, after loading)."""
+        if self.config.decoder.normalized_lm_head:
+            head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+            head.weight.copy_(F.normalize(head.weight, dim=-1))

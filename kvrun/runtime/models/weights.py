@@ -1,0 +1,75 @@
+"""One loading loop for every family, driven by the model's own modules.
+
+A checkpoint tensor `<module>.<weight|bias>` lands either in a Projection slice (when <module> is one of the
+checkpoint names a Projection packs, beside it) or in the parameter of the same name. The same slice index tells
+the LoRA layer which projection and slice an adapter's `<module>.lora_A/B` belongs to, and gives the adapter shape
+table (kvrun.runtime.models.manifest), so there is one source of checkpoint naming: the model's modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kvrun.runtime.layers.linear import Projection
+
+# Buffers some checkpoints carry that kvrun recomputes (rotary tables) or never uses.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
+
+
+def projection_slices(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Checkpoint module path → (path of the Projection holding it, slice name), for every Projection."""
+    index = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Projection):
+            parent = path.rpartition(".")[0]
+            for slice_name in module.output_slices:
+                index[f"{parent}.{slice_name}" if parent else slice_name] = (path, slice_name)
+    return index
+
+
+def expected_checkpoint_names(model: nn.Module) -> list[str]:
+    index = projection_slices(model)
+    owned = {projection for projection, _ in index.values()}
+    names = []
+    for checkpoint_module, (projection, _) in index.items():
+        module = model.get_submodule(projection)
+        names.append(f"{checkpoint_module}.weight")
+        if module.bias is not None:
+            names.append(f"{checkpoint_module}.bias")
+    for name, _ in model.named_parameters():
+        if name.rpartition(".")[0] not in owned:
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], architecture: str) -> None:
+    index = projection_slices(model)
+    params = dict(model.named_parameters())
+    tied = getattr(model, "lm_head", "absent") is None
+    loaded: set[str] = set()
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        module_path, _, param_name = name.rpartition(".")
+        try:
+            if module_path in index:
+                projection, slice_name = index[module_path]
+                model.get_submodule(projection).load_checkpoint_tensor(param_name, slice_name, tensor)
+            elif name in params:
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+            else:
+                raise ValueError(f"is not a weight of {architecture} as kvrun builds it (is the config right?)")
+        except (ValueError, AttributeError) as error:
+            raise ValueError(f"checkpoint weight {name!r} {error}") from None
+        loaded.add(name)
+    missing = [name for name in expected_checkpoint_names(model) if name not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")
+    if hasattr(model, "finish_loading"):
+        model.finish_loading()

@@ -1,0 +1,105 @@
+"""The host-side layout of one step, built by one function for eager steps and captured decode graphs alike.
+
+A step is a list of rows (ScheduledRequest); each row runs `token_ids` from `start_position` against its block
+table. The layout lists, per token: input id, position, K/V slot and sequence length; per row: the paged-KV arrays
+FlashInfer plans from and the row of its last token; per LoRA segment: the token range and adapter slot. A graph
+bucket asks for padding: padded rows use the base model, sit at position 0 and write into a scratch page no request
+owns, and padded segments are empty, so a captured launch grid never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrun.runtime.attention.base import AttentionMetadata
+from kvrun.runtime.forward_batch import BASE_SLOT, ScheduledRequest
+
+
+@dataclass(slots=True)
+class StepLayout:
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    token_seq_lens: list[int] = field(default_factory=list)
+    qo_indptr: list[int] = field(default_factory=lambda: [0])
+    kv_indptr: list[int] = field(default_factory=lambda: [0])
+    page_indices: list[int] = field(default_factory=list)
+    last_page_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seg_indptr: list[int] = field(default_factory=lambda: [0])
+    seg_slots: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)  # per row: False for a prompt chunk short of the prompt's end
+
+    @property
+    def logits_indices(self) -> list[int]:
+        """The last token of each row that samples (logits are computed for those rows alone)."""
+        return [end - 1 for end, samples in zip(self.qo_indptr[1:], self.samples) if samples]
+
+    @property
+    def uses_lora(self) -> bool:
+        return any(slot != BASE_SLOT for slot in self.seg_slots)
+
+    def _add_row(
+        self, token_ids: list[int], start: int, pages: list[int], slot: int, block_size: int, samples: bool = True
+    ) -> None:
+        count = len(token_ids)
+        self.samples.append(samples)
+        seq_len = start + count
+        self.input_ids.extend(token_ids)
+        for position in range(start, seq_len):
+            self.positions.append(position)
+            self.slot_mapping.append(pages[position // block_size] * block_size + position % block_size)
+        self.token_seq_lens.extend([seq_len] * count)
+        self.page_indices.extend(pages)
+        self.qo_indptr.append(self.qo_indptr[-1] + count)
+        self.kv_indptr.append(len(self.page_indices))
+        self.last_page_lens.append(seq_len - (len(pages) - 1) * block_size)
+        self.seq_lens.append(seq_len)
+        self.query_lens.append(count)
+        if self.seg_slots and self.seg_slots[-1] == slot:
+            self.seg_indptr[-1] += count
+        else:
+            self.seg_slots.append(slot)
+            self.seg_indptr.append(self.seg_indptr[-1] + count)
+
+
+def layout_step(
+    requests: list[ScheduledRequest], block_size: int, pad_rows_to: int = 0, scratch_page: int = -1
+) -> StepLayout:
+    """Rows must arrive grouped by adapter slot (each adapter's rows form one LoRA segment)."""
+    layout = StepLayout()
+    for request in requests:
+        seq_len = request.start_position + len(request.token_ids)
+        pages = request.block_table[: -(-seq_len // block_size)]
+        layout._add_row(
+            request.token_ids, request.start_position, pages, request.adapter_slot, block_size, request.samples
+        )
+    for _ in range(pad_rows_to - len(requests)):
+        layout._add_row([0], 0, [scratch_page], BASE_SLOT, block_size)
+    if pad_rows_to:  # one segment per row at most: pad with empty base-model segments
+        layout.seg_indptr += [layout.seg_indptr[-1]] * (pad_rows_to + 1 - len(layout.seg_indptr))
+        layout.seg_slots += [BASE_SLOT] * (pad_rows_to - len(layout.seg_slots))
+    return layout
+
+
+def attention_metadata(
+    layout: StepLayout, is_prefill: bool, page_size: int, slot_mapping: torch.Tensor
+) -> AttentionMetadata:
+    def host(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32)
+
+    return AttentionMetadata(
+        is_prefill=is_prefill,
+        qo_indptr=host(layout.qo_indptr),
+        kv_indptr=host(layout.kv_indptr),
+        kv_page_indices=host(layout.page_indices),
+        kv_last_page_len=host(layout.last_page_lens),
+        seq_lens=host(layout.seq_lens),
+        slot_mapping=slot_mapping,
+        page_size=page_size,
+        query_lens_host=layout.query_lens,
+        seq_lens_host=layout.seq_lens,
+    )

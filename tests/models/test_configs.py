@@ -1,0 +1,104 @@
+"""Config reading: every Llama variant HF computes differently is computed as HF does (in both config styles), and
+what kvrun cannot compute is refused by name — never run as something else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvrun import LLM
+from kvrun.runtime.models.hf_config import ModelConfigError
+from kvrun.runtime.models.registry import read_model_config, supported_architectures
+from tests.models.families import FAMILIES, CachedReference, tiny_checkpoint
+from tests.models.test_families import assert_rows_match, generate, rows_for
+
+ROPE_STYLES = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8, "beta_fast": 16.0},
+}  # fmt: skip
+
+
+def _transformers4_style(base_dir, rope: dict) -> None:
+    """Rewrite config.json as transformers 4 wrote it: rope_theta beside a `rope_scaling` dict with "type"."""
+    path = base_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("rope_parameters", None)
+    scaling = {("type" if key == "rope_type" else key): value for key, value in rope.items()}
+    config.update(rope_theta=10000.0, rope_scaling=scaling)
+    path.write_text(json.dumps(config))
+
+
+def _check_base_parity(base_dir) -> None:
+    llm = LLM(str(base_dir), max_loras=0, num_blocks=96, block_size=4)
+    rows = rows_for([None, None], seed=5)
+    assert_rows_match(generate(llm, rows), rows, CachedReference(base_dir, {}))
+
+
+@pytest.mark.parametrize("style", ["transformers5", "transformers4"])
+@pytest.mark.parametrize("kind", sorted(ROPE_STYLES))
+def test_llama_rope_scaling_matches_hf(kind, style, tmp_path):
+    rope = ROPE_STYLES[kind]
+    # A short trained context (linear/dynamic stretch it by their factor; llama3/yarn name the original length in
+    # their parameters), so the rows run past it and the scaling matters.
+    max_positions = 16 if kind in ("linear", "dynamic") else 64
+    base = tiny_checkpoint(FAMILIES["llama"], tmp_path / "base", seed=9, max_position_embeddings=max_positions,
+                           rope_parameters={**rope, "rope_theta": 10000.0})  # fmt: skip
+    if style == "transformers4":
+        _transformers4_style(base, rope)
+    config = json.loads((base / "config.json").read_text())
+    assert ("rope_scaling" in config) == (style == "transformers4")
+    _check_base_parity(base)
+
+
+def test_llama_hidden_act_is_honoured(tmp_path):
+    base = tiny_checkpoint(FAMILIES["llama"], tmp_path / "base", seed=4, hidden_act="gelu")
+    _check_base_parity(base)
+
+
+def test_gemma_config_without_architectures_is_read_as_gemma(tmp_path):
+    base = tiny_checkpoint(FAMILIES["gemma"], tmp_path / "base", seed=2)
+    path = base / "config.json"
+    config = json.loads(path.read_text())
+    del config["architectures"]
+    path.write_text(json.dumps(config))
+    assert read_model_config(config, "x").architecture == "GemmaForCausalLM"
+    _check_base_parity(base)
+
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32, "hidden_size": 16,
+         "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}  # fmt: skip
+
+REFUSED = {
+    "unknown architecture": ({"architectures": ["MambaForCausalLM"]}, "'MambaForCausalLM' is not supported"),
+    "classic family not yet served": ({"architectures": ["GPT2LMHeadModel"], "n_embd": 16}, "supported: "),
+    "missing key": ({**LLAMA, "hidden_size": None}, "no 'hidden_size'"),
+    "unknown rope type": ({**LLAMA, "rope_scaling": {"type": "mrope", "factor": 2}}, "rope type 'mrope'"),
+    "rope without its factor": ({**LLAMA, "rope_scaling": {"rope_type": "linear"}}, "needs 'factor'"),
+    "unknown activation": ({**LLAMA, "hidden_act": "relu6"}, "hidden_act='relu6' is not supported"),
+    "architecture and model_type disagree": ({**LLAMA, "model_type": "gemma"}, "model_type 'gemma'"),
+    "no architecture, unknown type": ({"model_type": "t5", "d_model": 16}, "model_type 't5'"),
+    "wrong type": ({**LLAMA, "num_hidden_layers": "2"}, "must be int"),
+    "bad head split": ({**LLAMA, "num_key_value_heads": 3, "num_attention_heads": 4}, "not a multiple"),
+    "Gemma 3 bidirectional": ({**LLAMA, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+                               "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    "Baichuan 13B (ALiBi)": ({**LLAMA, "architectures": ["BaichuanForCausalLM"], "model_type": "baichuan",
+                             "hidden_size": 5120, "num_hidden_layers": 40}, "ALiBi"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_what_kvrun_cannot_compute_is_refused_by_name(case):
+    config, message = REFUSED[case]
+    with pytest.raises(ModelConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_model_config(config, "x")
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    with pytest.raises(ModelConfigError) as error:
+        read_model_config({"architectures": ["FalconForCausalLM"]}, "x")
+    for architecture in supported_architectures():
+        assert architecture in str(error.value)
