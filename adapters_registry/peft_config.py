@@ -1,18 +1,27 @@
-"""Checks on `adapter_config.json`: a plain LoRA that the kvrun engine can apply, nothing else.
+"""`adapter_config.json`: what a served LoRA may contain, and which modules it targets — one place for both the
+registry (push time, no torch) and the kvrun engine (load time), so both accept and refuse with the same words.
 
 PEFT grows new LoraConfig fields with every release, so unknown fields are accepted while they hold their
 "off" value (None, False, empty) and rejected as soon as they switch a feature on: a feature the engine
 does not implement would otherwise be silently ignored and serve wrong outputs.
+
+Target selection follows PEFT's own rule (`check_target_module_exists`): `exclude_modules` first (a regex string
+matched in full, or names matched exactly or as a dotted suffix); then `target_modules` as a regex string matched in
+full, or names matched exactly or as a dotted suffix; then `layers_to_transform` keeps only the listed layer indices
+(the index after `layers_pattern`, or after the first numbered segment). "all-linear" stands for every linear layer
+but the output head; PEFT expands it to full module paths when it saves, and kvrun accepts either form.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from adapters_registry.errors import AdapterConfigError, RankError, UnsupportedConfigError
 
 CONFIG_FILE = "adapter_config.json"
+ALL_LINEAR = "all-linear"
 
 # Fields that may hold any value: bookkeeping, training-only or initialization-only settings.
 _HARMLESS_FIELDS = {
@@ -44,17 +53,72 @@ _UNSUPPORTED_FIELDS = {
 class LoraSettings:
     rank: int
     alpha: float
-    target_modules: tuple[str, ...]
+    target_modules: tuple[str, ...] | str  # names/paths, or one regex string (possibly "all-linear")
     use_rslora: bool
     base_model: str | None
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+
+    @property
+    def target_list(self) -> list[str]:
+        """For display and records: the names, or the one pattern."""
+        return [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+
+    @property
+    def all_linear(self) -> bool:
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
+    def selects(self, module: str) -> bool:
+        """Whether PEFT puts a LoRA layer on `module` (a base-model module path, e.g. model.layers.0.mlp.up_proj);
+        "all-linear" selects every module here, the caller restricting it to the model's linear layers."""
+        if self.exclude_modules and _matches(self.exclude_modules, module):
+            return False
+        if self.all_linear:
+            found = True
+        elif isinstance(self.target_modules, str):
+            found = re.fullmatch(self.target_modules, module) is not None
+        else:
+            found = _matches(self.target_modules, module)
+            if found and self.layers_to_transform is not None:
+                index = _layer_index(module, self.layers_pattern)
+                found = index is not None and index in self.layers_to_transform
+        return found
+
+    def unmatched_targets(self, modules: list[str]) -> list[str]:
+        """Targets (names or the pattern) that select none of `modules`."""
+        if self.all_linear:
+            return []
+        if isinstance(self.target_modules, str):
+            return [] if any(re.fullmatch(self.target_modules, m) for m in modules) else [self.target_modules]
+        return [t for t in self.target_modules if not any(m == t or m.endswith(f".{t}") for m in modules)]
 
 
-def parse_config(data: bytes, *, max_rank: int) -> LoraSettings:
+def _matches(names: tuple[str, ...] | str, module: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return module in names or any(module.endswith(f".{name}") for name in names)
+
+
+def _layer_index(module: str, patterns: tuple[str, ...] | None) -> int | None:
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    return int(match["idx"]) if match else None
+
+
+def parse_config(data: bytes, *, max_rank: int, rank_limit: str = "the registry's maximum rank") -> LoraSettings:
     """Parse adapter_config.json bytes; raise a ValidationError subclass naming the field."""
     try:
         config = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
         raise AdapterConfigError(f"{CONFIG_FILE} is not valid JSON ({error})") from None
+    return check_config(config, max_rank=max_rank, rank_limit=rank_limit)
+
+
+def check_config(config: object, *, max_rank: int, rank_limit: str = "the registry's maximum rank") -> LoraSettings:
+    """Check a parsed adapter_config.json; raise a ValidationError subclass naming the field."""
     if not isinstance(config, dict):
         raise AdapterConfigError(f"{CONFIG_FILE} must be a JSON object")
     _check_feature_fields(config)
@@ -66,8 +130,8 @@ def parse_config(data: bytes, *, max_rank: int) -> LoraSettings:
     if type(rank) is not int or rank < 1:
         raise AdapterConfigError(f"{CONFIG_FILE}: r must be a positive integer, got {rank!r}")
     if rank > max_rank:
-        raise RankError(f"{CONFIG_FILE}: r={rank} exceeds the registry's maximum rank {max_rank}")
-    alpha = config.get("lora_alpha", 8)
+        raise RankError(f"{CONFIG_FILE}: r={rank} exceeds {rank_limit} {max_rank}")
+    alpha = config.get("lora_alpha", 8)  # PEFT's default
     if type(alpha) not in (int, float) or not 0 < alpha < float("inf"):
         raise AdapterConfigError(f"{CONFIG_FILE}: lora_alpha must be a positive number, got {alpha!r}")
     use_rslora = config.get("use_rslora", False)
@@ -76,7 +140,10 @@ def parse_config(data: bytes, *, max_rank: int) -> LoraSettings:
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
-    return LoraSettings(rank, float(alpha), _target_modules(config), use_rslora, base_model or None)
+    return LoraSettings(
+        rank, float(alpha), _names_or_pattern(config, "target_modules", required=True), use_rslora, base_model or None,
+        _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config),
+    )  # fmt: skip
 
 
 def _check_feature_fields(config: dict[str, object]) -> None:
@@ -90,12 +157,38 @@ def _check_feature_fields(config: dict[str, object]) -> None:
         raise UnsupportedConfigError(f"{CONFIG_FILE}: unsupported field {field}={value!r}: {reason}")
 
 
-def _target_modules(config: dict[str, object]) -> tuple[str, ...]:
-    modules = config.get("target_modules")
-    if isinstance(modules, str):
-        raise UnsupportedConfigError(
-            f"{CONFIG_FILE}: target_modules is the pattern {modules!r}; list the module names instead"
-        )
-    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) and m for m in modules):
-        raise AdapterConfigError(f"{CONFIG_FILE}: target_modules must be a non-empty list of module names")
-    return tuple(sorted(set(modules)))
+def _names_or_pattern(config: dict, field: str, required: bool = False) -> tuple[str, ...] | str | None:
+    value = config.get(field)
+    if value in (None, [], ""):
+        if required:
+            raise AdapterConfigError(f"{CONFIG_FILE}: {field} must name the modules to adapt (a list or a pattern)")
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise AdapterConfigError(f"{CONFIG_FILE}: {field} pattern {value!r} is not a valid regex ({error})") from None
+        return value
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise AdapterConfigError(f"{CONFIG_FILE}: {field} must be a list of module names or one pattern string")
+    return tuple(sorted(set(value)))
+
+
+def _layers(config: dict) -> tuple[int, ...] | None:
+    value = config.get("layers_to_transform")
+    if value is None or value == []:
+        return None
+    values = [value] if isinstance(value, int) else value
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise AdapterConfigError(f"{CONFIG_FILE}: layers_to_transform must be a layer index or a list of them")
+    return tuple(values)
+
+
+def _patterns(config: dict) -> tuple[str, ...] | None:
+    value = config.get("layers_pattern")
+    if not value:
+        return None
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise AdapterConfigError(f"{CONFIG_FILE}: layers_pattern must be a name or a list of names")
+    return tuple(values)

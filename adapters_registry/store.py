@@ -156,7 +156,7 @@ class AdapterStore:
             draft = VersionRecord(
                 name=name, version=0, sha256=content_digest(upload.entries), files=upload.entries,
                 base_model=base_model, rank=settings.rank, alpha=settings.alpha,
-                target_modules=list(settings.target_modules), dtype=adapter.dtype, use_rslora=settings.use_rslora,
+                target_modules=settings.target_list, dtype=adapter.dtype, use_rslora=settings.use_rslora,
                 created_at=utc_now(), pushed_by=pushed_by or _default_pusher(), description=description,
                 token_id=token.id if token else None,
             )  # fmt: skip

@@ -148,10 +148,10 @@ def _pair_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dic
         if match is None:
             raise TensorNameError(_explain_bad_key(key))
         module = match["module"]
-        if not any(module == target or module.endswith(f".{target}") for target in settings.target_modules):
+        if not settings.selects(module):
             raise TensorNameError(
-                f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which is not in target_modules "
-                f"{list(settings.target_modules)}"
+                f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which adapter_config.json does not "
+                f"target (target_modules {settings.target_list}); PEFT would not apply it"
             )
         sides.setdefault(module, {})[match["side"]] = info
     pairs = {}

@@ -1,4 +1,5 @@
-"""`kvrun generate` (one prompt, offline) and `kvrun serve` (the HTTP server)."""
+"""`kvrun generate` (one prompt, offline), `kvrun serve` (the HTTP server) and `kvrun model-manifest` (the LoRA
+shape table a registry checks pushes against)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     _add_serve(commands)
+    _add_manifest(commands)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -55,6 +57,27 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         output = llm.generate(args.prompt, params, adapters=adapter)[0]
     print(output.text)
+    return EXIT_OK
+
+
+def _add_manifest(commands) -> None:
+    parser = commands.add_parser(
+        "model-manifest",
+        help="print the LoRA-targetable modules and shapes of a model (JSON, for `kvrun-adapters base set`)",
+    )
+    parser.add_argument("model", nargs="?", default=None, help="HF model directory or .gguf file (default: bundled)")
+    parser.set_defaults(run=_manifest)
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    import json
+
+    from kvrun.runtime.loader import BUNDLED_NAME, read_config, resolve_model
+    from kvrun.runtime.models.manifest import manifest
+    from kvrun.runtime.models.registry import read_model_config
+
+    model_dir = resolve_model(args.model, needs_weights=False)
+    print(json.dumps(manifest(read_model_config(read_config(model_dir), args.model or BUNDLED_NAME)), indent=2))
     return EXIT_OK
 
 

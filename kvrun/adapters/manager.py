@@ -15,9 +15,11 @@ from kvrun.adapters.layers import LinearWithLoRA
 from kvrun.adapters.peft_format import ParsedAdapter, load_peft_adapter
 from kvrun.adapters.ref import AdapterRef
 from kvrun.adapters.slot_pool import SlotPool
-from kvrun.config import LoRAConfig, ModelConfig
+from kvrun.config import LoRAConfig
 from kvrun.punica import select_ops
 from kvrun.runtime.layers.linear import Projection
+from kvrun.runtime.models.spec import ModelConfig
+from kvrun.runtime.models.weights import projection_slices
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +54,19 @@ class LoRAManager:
         self._wrappers = self._wrap_projections(model)
 
     def _wrap_projections(self, model: nn.Module) -> list[LinearWithLoRA]:
-        wrappers = []
-        for layer in model.layers:
-            for owner, attribute in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                                     (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
-                base = getattr(owner, attribute)
-                assert isinstance(base, Projection)
-                wrapper = LinearWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.scalings, self.ops)
-                setattr(owner, attribute, wrapper)
-                wrappers.append(wrapper)
-        return wrappers
+        """Put a LoRA wrapper around every Projection of the model (found by type), and index each checkpoint
+        module an adapter may target → (its wrapper, the slice of that wrapper's output)."""
+        slices = projection_slices(model)
+        wrappers: dict[str, LinearWithLoRA] = {}
+        for path in dict.fromkeys(projection for projection, _ in slices.values()):
+            base = model.get_submodule(path)
+            assert isinstance(base, Projection)
+            parent, _, attribute = path.rpartition(".")
+            wrapper = LinearWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.scalings, self.ops)
+            setattr(model.get_submodule(parent), attribute, wrapper)
+            wrappers[path] = wrapper
+        self._targets = {module: (wrappers[path], name) for module, (path, name) in slices.items()}
+        return list(wrappers.values())
 
     # -- names ---------------------------------------------------------------------------------------------------
     def load_path(self, name: str, path: str | Path) -> AdapterRef:
@@ -133,12 +138,12 @@ class LoRAManager:
         self.slots.release(ref)
 
     def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
-        by_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for (layer, module), pair in parsed.weights.items():
-            by_layer.setdefault(layer, {})[module] = pair
-        per_layer = len(self._wrappers) // self.model_config.num_layers
-        for index, wrapper in enumerate(self._wrappers):
-            wrapper.set_slot(slot, by_layer.get(index // per_layer, {}))
+        per_wrapper: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for module, pair in parsed.weights.items():
+            wrapper, slice_name = self._targets[module]
+            per_wrapper.setdefault(id(wrapper), {})[slice_name] = pair
+        for wrapper in self._wrappers:
+            wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
         self.scalings[slot] = parsed.ref.scaling
 
     def _in_use(self, ref: AdapterRef) -> bool:

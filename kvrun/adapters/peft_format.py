@@ -1,7 +1,10 @@
-"""Read and validate a PEFT LoRA checkpoint (adapter_config.json + adapter_model.safetensors).
+"""Read and validate a PEFT LoRA checkpoint (adapter_config.json + adapter_model.safetensors) for one base model.
 
 Only safetensors is read: a pickled `.bin`/`.pt` checkpoint can run arbitrary code when loaded, so it is refused.
-Every problem raises AdapterError naming the file, key or field at fault.
+The config is checked by the same code the registry uses at push time (adapters_registry.peft_config), so both
+accept and refuse with the same words; tensors are matched to the model's LoRA-targetable modules, which the
+model's own layers declare (kvrun.runtime.models.manifest). Every problem raises AdapterError naming the file, key
+or field at fault.
 """
 
 from __future__ import annotations
@@ -16,17 +19,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from adapters_registry.errors import ValidationError
+from adapters_registry.peft_config import check_config
 from kvrun.adapters.ref import AdapterRef
-from kvrun.config import ModelConfig
+from kvrun.runtime.models.manifest import lora_targets
+from kvrun.runtime.models.spec import ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_WEIGHTS_BYTES = 4 * 1024**3
-SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
-)
+# PEFT saves `base_model.model.<module>.lora_A.weight` (older versions kept the adapter name before `.weight`).
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
 
 
 class AdapterError(ValueError):
@@ -36,27 +40,12 @@ class AdapterError(ValueError):
 @dataclass(frozen=True, slots=True)
 class ParsedAdapter:
     ref: AdapterRef
-    # (layer, module) → (A [rank, in_features], B [out_features, rank]) in the model's dtype
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    # checkpoint module path (e.g. model.layers.0.self_attn.q_proj) → (A [rank, in], B [out, rank]), model dtype
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     @property
     def num_bytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
-
-def module_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each LoRA-targetable module of a Llama-family layer."""
-    q_size, kv_size = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
-    hidden, intermediate = model.hidden_size, model.intermediate_size
-    return {
-        "q_proj": (hidden, q_size),
-        "k_proj": (hidden, kv_size),
-        "v_proj": (hidden, kv_size),
-        "o_proj": (q_size, hidden),
-        "gate_proj": (hidden, intermediate),
-        "up_proj": (hidden, intermediate),
-        "down_proj": (intermediate, hidden),
-    }
 
 
 def load_peft_adapter(
@@ -101,78 +90,62 @@ def read_weights_file(directory: Path, name: str) -> bytes:
 def parse_adapter(
     name: str, config: dict, data: bytes, model: ModelConfig, max_rank: int, dtype: torch.dtype, version: int = 0
 ) -> ParsedAdapter:
-    rank, alpha, use_rslora = _check_config(name, config, max_rank)
+    try:
+        settings = check_config(config, max_rank=max_rank, rank_limit="this server's max_lora_rank")
+    except ValidationError as error:
+        raise AdapterError(f"adapter {name!r}: {error}") from None
+    targets = lora_targets(model)
+    unmatched = settings.unmatched_targets(list(targets.modules))
+    if unmatched:
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE}: target_modules {unmatched} match no module of {targets.architecture} "
+            f"(LoRA-targetable: {', '.join(targets.leaf_names)})"
+        )
     try:
         tensors = load(data)
     except (SafetensorError, ValueError) as error:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({error})") from None
-    pairs = _pair_tensors(name, tensors, model, rank)
-    weights = {key: (a.to(dtype).contiguous(), b.to(dtype).contiguous()) for key, (a, b) in pairs.items()}
-    modules = tuple(sorted({module for _, module in weights}, key=SUPPORTED_MODULES.index))
-    ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), rank, alpha, modules, use_rslora)
+    pairs = _pair_tensors(name, tensors, targets, settings)
+    weights = {module: (a.to(dtype).contiguous(), b.to(dtype).contiguous()) for module, (a, b) in pairs.items()}
+    leaves = tuple(sorted({module.rsplit(".", 1)[-1] for module in weights}))
+    ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
+                     settings.use_rslora)  # fmt: skip
     return ParsedAdapter(ref, weights)
 
 
-def _check_config(name: str, config: dict, max_rank: int) -> tuple[int, float, bool]:
+def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     def fail(message: str) -> AdapterError:
-        return AdapterError(f"adapter {name!r}: {CONFIG_FILE}: {message}")
+        return AdapterError(f"adapter {name!r}: {message}")
 
-    if config.get("peft_type", "LORA") != "LORA":
-        raise fail(f"peft_type {config['peft_type']!r} is not supported (LORA only)")
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise fail(f"r must be a positive integer, got {rank!r}")
-    if rank > max_rank:
-        raise fail(f"rank {rank} is above this server's max_lora_rank {max_rank}")
-    alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise fail(f"lora_alpha must be a positive number, got {alpha!r}")
-    for field, why in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out layouts")):
-        if config.get(field):
-            raise fail(f"{field}=true: {why} is not supported")
-    for field in ("rank_pattern", "alpha_pattern"):
-        if config.get(field):
-            raise fail(f"{field} is not supported (one rank and alpha per adapter)")
-    if config.get("modules_to_save"):
-        raise fail(f"modules_to_save {config['modules_to_save']!r} is not supported (LoRA weights only)")
-    if config.get("bias", "none") != "none":
-        raise fail(f"bias={config['bias']!r} is not supported (bias='none' only)")
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(SUPPORTED_MODULES))
-        if unknown:
-            raise fail(f"target module(s) {unknown} are not supported (supported: {', '.join(SUPPORTED_MODULES)})")
-    return rank, float(alpha), bool(config.get("use_rslora", False))
-
-
-def _pair_tensors(name: str, tensors: dict, model: ModelConfig, rank: int) -> dict:
-    shapes = module_shapes(model)
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    rank = settings.rank
+    sides: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r} (not a LoRA A/B weight of a decoder layer)")
-        layer, module, side = int(match[1]), match[2], match[3]
-        if module not in shapes:
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} targets {module!r}, which is not supported")
-        if layer >= model.num_layers:
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is for layer {layer}; the model has {model.num_layers}")
+            raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA A/B weight)")
+        module, side = match["module"], match["side"]
+        if module not in targets.modules:
+            raise fail(
+                f"tensor {key!r} is for module {module!r}, which is not a LoRA-targetable module of "
+                f"{targets.architecture} ({', '.join(targets.leaf_names)}; {targets.num_layers} layers)"
+            )
+        if not settings.selects(module):
+            raise fail(
+                f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which adapter_config.json does not "
+                f"target (target_modules {settings.target_list}); PEFT would not apply it"
+            )
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
-        in_features, out_features = shapes[module]
+            raise fail(f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
+        in_features, out_features = targets.modules[module]
         expected = (rank, in_features) if side == "A" else (out_features, rank)
         if tuple(tensor.shape) != expected:
-            raise AdapterError(
-                f"adapter {name!r}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} "
-                f"(rank {rank}, {module} of the base model)"
-            )
+            raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")
         if not torch.isfinite(tensor).all():
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} contains NaN or Inf")
-        pairs.setdefault((layer, module), {})[side] = tensor
-    if not pairs:
-        raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA weights")
-    for (layer, module), sides in pairs.items():
-        if len(sides) != 2:
-            missing = "B" if "A" in sides else "A"
-            raise AdapterError(f"adapter {name!r}: layer {layer} {module} has no lora_{missing} weight")
-    return {key: (sides["A"], sides["B"]) for key, sides in pairs.items()}
+            raise fail(f"tensor {key!r} contains NaN or Inf")
+        sides.setdefault(module, {})[side] = tensor
+    if not sides:
+        raise fail(f"{WEIGHTS_FILE} holds no LoRA weights")
+    for module, found in sides.items():
+        if len(found) != 2:
+            raise fail(f"module {module!r} has no lora_{'B' if 'A' in found else 'A'} weight")
+    return {module: (found["A"], found["B"]) for module, found in sides.items()}

@@ -94,7 +94,7 @@ CASES = {
     "missing weights": (lambda d: (d / WEIGHTS).unlink(), f"{WEIGHTS} is missing"),
     "pickle only": (_pickle_only, "pickle"),
     "corrupt safetensors": (_garbage, "not a valid safetensors"),
-    "rank over max": (lambda d: edit_config(d, r=32), "above this server's max_lora_rank 8"),
+    "rank over max": (lambda d: edit_config(d, r=32), "exceeds this server's max_lora_rank 8"),
     "rank mismatch": (lambda d: edit_config(d, r=2), "expected"),
     "dora": (lambda d: edit_config(d, use_dora=True), "DoRA"),
     "modules_to_save": (lambda d: edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
@@ -105,7 +105,7 @@ CASES = {
     "inf": (lambda d: edit_weights(d, _inf), "NaN or Inf"),
     "missing B": (lambda d: edit_weights(d, _drop_b), "no lora_B"),
     "shape": (lambda d: edit_weights(d, _wrong_shape), "has shape"),
-    "layer out of range": (lambda d: edit_weights(d, _layer_out_of_range), "the model has 2"),
+    "layer out of range": (lambda d: edit_weights(d, _layer_out_of_range), "not a LoRA-targetable module .*2 layers"),
     "embedding key": (lambda d: edit_weights(d, _embedding), "embed_tokens"),
     "integer weights": (lambda d: edit_weights(d, _int_weights), "dtype"),
 }

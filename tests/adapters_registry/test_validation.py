@@ -105,7 +105,7 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
     "rank_pattern": (edit_config(rank_pattern={"q_proj": 8}), E.UnsupportedConfigError, "rank_pattern"),
     "unknown field": (edit_config(use_magic=True), E.UnsupportedConfigError, "unsupported field use_magic=True"),
     "trained bias": (edit_config(bias="all"), E.UnsupportedConfigError, "bias='all'"),
-    "regex targets": (edit_config(target_modules=".*proj"), E.UnsupportedConfigError, "list the module names"),
+    "bad regex targets": (edit_config(target_modules="(*proj"), E.AdapterConfigError, "is not a valid regex"),
     "rank zero": (edit_config(r=0), E.AdapterConfigError, "r must be a positive integer, got 0"),
     "rank too high": (edit_config(r=512), E.RankError, "r=512 exceeds the registry's maximum rank 256"),
     "rank mismatch A": (edit_config(r=8), E.RankError, f"tensor '{A_KEY}' has shape [4, 16], i.e. rank 4"),
@@ -137,7 +137,7 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
     "untargeted module": (
         edit_config(target_modules=["v_proj"]),
         E.TensorNameError,
-        "not in target_modules ['v_proj']",
+        "does not target (target_modules ['v_proj'])",
     ),
     "embedding lora": (
         replace_tensor(EMBEDDING_KEY, torch.zeros(4, 8, dtype=HALF)),
@@ -288,6 +288,8 @@ def test_peft_extras_that_are_off_are_accepted(store: AdapterStore, make_adapter
 
 
 BASE_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 64,
     "hidden_size": 16,
     "num_attention_heads": 2,
     "num_key_value_heads": 1,
@@ -296,8 +298,16 @@ BASE_CONFIG = {
 }
 
 
+def manifest_for(config: dict) -> dict:
+    """What `kvrun model-manifest` writes for a model with this config.json."""
+    from kvrun.runtime.models.manifest import manifest
+    from kvrun.runtime.models.registry import read_model_config
+
+    return manifest(read_model_config(config, "tiny"))
+
+
 def test_shapes_checked_against_registered_base_model(store: AdapterStore, make_adapter: AdapterFactory) -> None:
-    store.set_base_config("tiny/base", BASE_CONFIG)
+    store.set_base_config("tiny/base", manifest_for(BASE_CONFIG))
     assert store.list_base_models() == ["tiny/base"]
     # q_proj fits (16 -> 2 heads x 8), v_proj does not (16 -> 1 KV head x 8 = 8, the adapter says 16).
     with pytest.raises(errors.BaseModelMismatchError, match=r"v_proj.*expected lora_A \[r, 16\], lora_B \[8, r\]"):
@@ -306,10 +316,24 @@ def test_shapes_checked_against_registered_base_model(store: AdapterStore, make_
         store.push(make_adapter(layers=3, modules=("q_proj",)), "team-a/deep")
     assert_empty(store)
     assert store.push(make_adapter(modules=("q_proj", "o_proj")), "team-a/fits").version == 1
-    # An explicit config wins over the registered one.
+    # An explicit manifest wins over the registered one.
     with pytest.raises(errors.BaseModelMismatchError):
-        store.push(make_adapter(), "team-a/misfit", base_config={**BASE_CONFIG, "num_key_value_heads": 1})
-    assert store.push(make_adapter(), "team-a/fits", base_config={**BASE_CONFIG, "num_key_value_heads": 2}).version == 2
+        store.push(make_adapter(), "team-a/misfit", base_config=manifest_for({**BASE_CONFIG, "num_key_value_heads": 1}))
+    wide = manifest_for({**BASE_CONFIG, "num_key_value_heads": 2})
+    assert store.push(make_adapter(), "team-a/fits", base_config=wide).version == 2
+
+
+def test_a_model_config_is_not_a_manifest(store: AdapterStore) -> None:
+    with pytest.raises(errors.UsageError, match=r"looks like a model's config.json.*kvrun model-manifest"):
+        store.set_base_config("tiny/base", BASE_CONFIG)
+
+
+def test_modules_the_architecture_lacks_are_refused(store: AdapterStore, make_adapter: AdapterFactory) -> None:
+    phi3 = {**BASE_CONFIG, "architectures": ["Phi3ForCausalLM"], "num_key_value_heads": 2}
+    store.set_base_config("tiny/phi3", manifest_for(phi3))
+    # Phi-3 fuses q/k/v into one qkv_proj module: an adapter on q_proj cannot belong to it.
+    with pytest.raises(errors.BaseModelMismatchError, match=r"not a LoRA-targetable module.*qkv_proj"):
+        store.push(make_adapter(modules=("q_proj",)), "team-a/llama-shaped", base_model="tiny/phi3")
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecations raised inside PEFT
@@ -324,9 +348,9 @@ def test_real_peft_output_is_accepted_and_fits_its_base(store: AdapterStore, tmp
     modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False)
     get_peft_model(LlamaForCausalLM(base), lora).save_pretrained(tmp_path / "peft")
-    store.set_base_config("tiny/llama", base.to_dict())
+    store.set_base_config("tiny/llama", manifest_for(base.to_dict()))
     record = store.push(tmp_path / "peft", "team-a/real", base_model="tiny/llama")
     assert (record.rank, record.alpha, record.dtype, record.target_modules) == (4, 8.0, "F32", sorted(modules))
-    store.set_base_config("tiny/llama", {**base.to_dict(), "intermediate_size": 48})
+    store.set_base_config("tiny/llama", manifest_for({**base.to_dict(), "intermediate_size": 48}))
     with pytest.raises(errors.BaseModelMismatchError, match=r"mlp\.(down|gate|up)_proj"):
         store.push(tmp_path / "peft", "team-a/real", base_model="tiny/llama")
