@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
+from adapters_registry import check_lora_magnitude
 from adapters_registry.errors import ValidationError
 from adapters_registry.peft_config import check_config
 from kvrun.adapters.ref import AdapterRef
@@ -142,6 +143,10 @@ def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tupl
             raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")
         if not torch.isfinite(tensor).all():
             raise fail(f"tensor {key!r} contains NaN or Inf")
+        try:
+            check_lora_magnitude(key, float(tensor.abs().max()) if tensor.numel() else 0.0)
+        except ValidationError as error:
+            raise fail(str(error)) from None
         sides.setdefault(module, {})[side] = tensor
     if not sides:
         raise fail(f"{WEIGHTS_FILE} holds no LoRA weights")

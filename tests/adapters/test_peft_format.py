@@ -79,6 +79,11 @@ def _int_weights(tensors):
     tensors[key] = tensors[key].to(torch.int32)
 
 
+def _huge_weights(tensors):
+    key = first_key(tensors, "B")
+    tensors[key] = tensors[key] * 1e30
+
+
 def _pickle_only(directory):
     (directory / WEIGHTS).unlink()
     (directory / "adapter_model.bin").write_bytes(b"not loaded")
@@ -108,6 +113,7 @@ CASES = {
     "layer out of range": (lambda d: edit_weights(d, _layer_out_of_range), "not a LoRA-targetable module .*2 layers"),
     "embedding key": (lambda d: edit_weights(d, _embedding), "embed_tokens"),
     "integer weights": (lambda d: edit_weights(d, _int_weights), "dtype"),
+    "impossible magnitude": (lambda d: edit_weights(d, _huge_weights), "the bound for a trained LoRA weight"),
 }
 
 
