@@ -55,20 +55,21 @@ def copy_bandwidth() -> float:
 
 def random_adapters(count: int, rank: int, model_config, dtype, device, seed=0):
     """ParsedAdapters with random weights of real shapes (what a PEFT r16 all-linear checkpoint holds)."""
-    from kvrun.adapters.peft_format import ParsedAdapter, module_shapes
+    from kvrun.adapters.peft_format import ParsedAdapter
     from kvrun.adapters.ref import AdapterRef
+    from kvrun.runtime.models.manifest import lora_targets
 
-    shapes = module_shapes(model_config)
+    shapes = lora_targets(model_config).modules  # checkpoint module path → (in, out)
     generator = torch.Generator(device=device).manual_seed(seed)
     adapters = []
     for index in range(count):
         weights = {}
-        for layer in range(model_config.num_layers):
-            for module in TARGETS:
-                in_features, out_features = shapes[module]
-                a = torch.randn(rank, in_features, generator=generator, device=device, dtype=dtype) * 0.01
-                b = torch.randn(out_features, rank, generator=generator, device=device, dtype=dtype) * 0.01
-                weights[(layer, module)] = (a, b)
+        for module, (in_features, out_features) in shapes.items():
+            if module.rsplit(".", 1)[-1] not in TARGETS:
+                continue
+            a = torch.randn(rank, in_features, generator=generator, device=device, dtype=dtype) * 0.01
+            b = torch.randn(out_features, rank, generator=generator, device=device, dtype=dtype) * 0.01
+            weights[module] = (a, b)
         ref = AdapterRef(f"bench-{index}", 1, f"{index:064x}", rank, 2.0 * rank, TARGETS)
         adapters.append(ParsedAdapter(ref, weights))
     return adapters
@@ -84,8 +85,9 @@ def decode_run(llm, batch: int, prompt_len: int, new_tokens: int, adapters: list
     for row in range(batch):
         prompt = torch.randint(10, min(120000, engine.model_config.vocab_size), (prompt_len,), generator=generator).tolist()
         engine.add_request(prompt, params, adapters[row % len(adapters)])
-    while engine.num_waiting:  # prefill everything first
-        engine.step()
+    started: set[str] = set()
+    while len(started) < batch:  # prefill everything first (in chunks: only a sampled token proves a row decodes)
+        started.update(output.request_id for output in engine.step())
     torch.cuda.synchronize()
     steps, tokens, start = 0, 0, time.perf_counter()
     while engine.has_unfinished():
@@ -133,9 +135,13 @@ def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
     from kvrun import LLM
 
     for label, max_loras in (("kvrun base only (no LoRA)", 0), ("kvrun", args.adapters)):
-        llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_loras=max_loras, max_lora_rank=args.rank,
-                  max_cpu_loras=max(args.adapters, 1) * 4, max_num_seqs=max(args.batch),
-                  kv_cache_memory_bytes=args.kv_gib << 30, max_num_batched_tokens=8192)
+        if args.defaults:  # what a user gets with no flags: the engine sizes KV, slots and batch from the card
+            llm = LLM(str(model_dir), load_format="dummy", **({"max_loras": 0} if max_loras == 0 else {}))
+            label = f"{label} [defaults]"
+        else:
+            llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_loras=max_loras,
+                      max_lora_rank=args.rank, max_cpu_loras=max(args.adapters, 1) * 4, max_num_seqs=max(args.batch),
+                      kv_cache_memory_bytes=args.kv_gib << 30, max_num_batched_tokens=8192)
         if max_loras == 0:
             step_breakdown(llm, args.batch[0], args)
             for batch in args.batch:
@@ -167,11 +173,10 @@ def floor_rows(llm, args, bandwidth: float) -> None:
     model = llm.engine.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     config = llm.engine.model_config
-    adapter_bytes = 0
-    from kvrun.adapters.peft_format import module_shapes
+    from kvrun.runtime.models.manifest import lora_targets
 
-    for in_features, out_features in module_shapes(config).values():
-        adapter_bytes += args.rank * (in_features + out_features) * 2 * config.num_layers
+    adapter_bytes = sum(args.rank * (i + o) * 2 for m, (i, o) in lora_targets(config).modules.items()
+                        if m.rsplit(".", 1)[-1] in TARGETS)  # fmt: skip
     kv_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
     for batch in args.batch:
         kv = batch * (args.prompt + args.new_tokens // 2) * kv_token
@@ -195,9 +200,8 @@ def cold_load(llm, args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         tensors = {}
-        for (layer, module), (a, b) in parsed.weights.items():
-            group = "self_attn" if module in TARGETS[:4] else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
+        for module, (a, b) in parsed.weights.items():
+            prefix = f"base_model.model.{module}"
             tensors[f"{prefix}.lora_A.weight"] = a
             tensors[f"{prefix}.lora_B.weight"] = b
         save_file(tensors, str(directory / "adapter_model.safetensors"))
@@ -285,6 +289,7 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-kvrun", action="store_true")
     parser.add_argument("--skip-extras", action="store_true", help="no cold-load or slot-pressure runs")
+    parser.add_argument("--defaults", action="store_true", help="LLM(model) with no sizing arguments at all")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
