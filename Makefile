@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvrun-installed
 REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: setup run test redis bench clean
+.PHONY: setup run test redis browser bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ redis:
 	@redis-cli -u $(REDIS_URL) ping >/dev/null 2>&1 || \
 	  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
 
-test: setup redis
+# The /docs test renders Swagger UI in Debian's headless chromium; without apt it skips (and says so).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium) >/dev/null 2>&1 || \
+	  echo "chromium could not be installed: the /docs browser test will be skipped"
+
+test: setup redis browser
 	KVRUN_TEST_REDIS=$(REDIS_URL) $(PY) -m pytest -q
 
 clean:

@@ -1,7 +1,7 @@
 """Fine-tune a pirate-speaking LoRA on the bundled SmolLM2-135M-Instruct (CPU, a few minutes), save it with
 PEFT, push it to the adapter registry, and show base vs adapter answers to a prompt it never saw.
 
-    .venv/bin/python examples/finetune_and_push.py [--registry file:///tmp/registry] [--steps 40]
+    .venv/bin/python examples/finetune_and_push.py [--registry file:///tmp/registry] [--steps 40] [--tag prod]
     kvrun-adapters --registry file:///tmp/registry show examples/pirate
 
 The training set is generated below: everyday questions answered in pirate speak ("Arr, matey! ...").
@@ -150,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--registry", help="registry URL (default: env KVRUN_REGISTRY, else ~/.kvrun/registry)")
     parser.add_argument("--name", default="examples/pirate", help="namespace/name to push as")
+    parser.add_argument("--tag", action="append", default=[], help="tag the pushed version (repeatable), e.g. prod")
     parser.add_argument("--output-dir", type=Path, default=Path("pirate-lora"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -171,7 +172,7 @@ def main() -> None:
     peft_model.save_pretrained(args.output_dir)  # adapter_config.json + adapter_model.safetensors
     store = open_store(args.registry)
     record = store.push(
-        args.output_dir, args.name, base_model=BASE_MODEL_NAME,
+        args.output_dir, args.name, tags=args.tag, base_model=BASE_MODEL_NAME,
         description=f"pirate speak, {args.steps} steps on {len(FACTS)} generated questions",
     )  # fmt: skip
     size = f"{record.size / 1e6:.1f} MB"

@@ -31,11 +31,13 @@ from kvrun.serving import errors
 from kvrun.serving.errors import EXCEPTION_HANDLERS
 from kvrun.serving.generation import GenerationService
 from kvrun.serving.metrics import ServingMetrics
+from kvrun.serving.openapi import OpenAPIJson, openapi_json, swagger_asset, swagger_page
 from kvrun.serving.openai_format import TokenText
 from kvrun.serving.registry_client import RegistryClient
 from kvrun.serving.registry_watcher import RegistryWatcher
 from kvrun.serving.state import Serving
 from kvrun.serving.status import status_lines
+from kvrun.serving.version import kvrun_version
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +75,15 @@ def create_app(
     config = config or ServerConfig()
     cors = CORSConfig(allow_origins=list(config.cors_origins)) if config.cors_origins else None
     return Litestar(
-        route_handlers=[OpenAIController, GenerateController, ModelsController, AdaptersController, HealthController],
+        route_handlers=[OpenAIController, GenerateController, ModelsController, AdaptersController, HealthController,
+                        openapi_json, swagger_page, swagger_asset],  # fmt: skip
         lifespan=[_lifespan],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
-        openapi_config=OpenAPIConfig(title="kvrun", version="0.1.0", description="Multi-LoRA serving"),
+        openapi_config=OpenAPIConfig(
+            title="kvrun", version=kvrun_version(), path="/schema",
+            description="One base model, many LoRA adapters: OpenAI, TGI / LoRAX and vLLM-compatible endpoints.",
+            render_plugins=[OpenAPIJson()],
+        ),  # fmt: skip
         cors_config=cors,
         state=State({"config": config, "on_ready": on_ready, "loaded": loaded, "on_failure": on_failure}),
         logging_config=None,  # `kvrun serve` configures logging; the app must not replace it
