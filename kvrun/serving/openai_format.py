@@ -73,8 +73,6 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
 
 
 def check_chat(body: ChatCompletionRequest) -> None:
-    if body.tools and body.tool_choice != "none":
-        raise errors.invalid("tools are not supported yet (send tool_choice \"none\" to generate text)", "tools")
     if body.echo:
         raise errors.invalid("echo is not supported for chat completions", "echo")
 

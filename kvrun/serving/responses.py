@@ -60,7 +60,7 @@ class ChatLogprobs(Struct):
 
 
 class ChatMessageOut(Struct):
-    content: str
+    content: str | None  # None when the reply is tool calls
     role: str = "assistant"
     refusal: str | None = None
     tool_calls: list[dict] = msgspec.field(default_factory=list)
@@ -87,7 +87,8 @@ class ChatCompletion(Struct):
 
 class Delta(Struct, omit_defaults=True):
     role: str | UnsetType = UNSET
-    content: str | UnsetType = UNSET
+    content: str | None | UnsetType = UNSET
+    tool_calls: list[dict] | UnsetType = UNSET  # each with its `index`, as OpenAI streams them
 
 
 class ChatChunkChoice(Struct):

@@ -21,6 +21,7 @@ from kvrun.serving.registry_client import RegistryUnavailable
 from kvrun.serving.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
 from kvrun.serving.schemas import DetokenizeRequest, TokenizeRequest
 from kvrun.serving.state import Serving
+from kvrun.serving.tools import template_renders_tools, tool_dicts
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ class ModelsController(Controller):
         if serving.tokenizer is None:
             raise errors.invalid("this model has no tokenizer", "prompt")
         if data.messages is not None:
+            rendered_tools = tool_dicts(data) if template_renders_tools(serving.tokenizer) else None
             text = render_chat(serving.tokenizer, chat_messages(data.messages), data.add_generation_prompt,
-                               data.continue_final_message, data.chat_template_kwargs)  # fmt: skip
+                               data.continue_final_message, data.chat_template_kwargs, rendered_tools)  # fmt: skip
             token_ids = serving.service.encode(text)
         else:
             token_ids = serving.tokenizer.encode(data.prompt, add_special_tokens=data.add_special_tokens)

@@ -10,7 +10,7 @@ from litestar import Controller, Request, post
 from litestar.response import Response, Stream
 from msgspec import UNSET
 
-from kvrun.serving import errors
+from kvrun.serving import errors, tools
 from kvrun.serving.adapter_resolver import Resolution
 from kvrun.serving.auth import require_api_key
 from kvrun.serving.decoding import decode
@@ -146,9 +146,11 @@ class OpenAIController(Controller):
         messages = chat_messages(data.messages)
         if data.top_logprobs is not None and not data.logprobs:
             raise errors.invalid("top_logprobs needs logprobs=true", "top_logprobs")
+        tool_plan = tools.plan(data, serving.tokenizer)
         resolution = await serving.resolver.resolve(data.model)
+        rendered_tools = tools.tool_dicts(data) if tools.template_renders_tools(serving.tokenizer) else None
         prompt = render_chat(serving.tokenizer, messages, data.add_generation_prompt, data.continue_final_message,
-                             data.chat_template_kwargs)  # fmt: skip
+                             data.chat_template_kwargs, rendered_tools)  # fmt: skip
         token_ids = service.encode(prompt)
         max_tokens = data.max_completion_tokens or data.max_tokens
         max_field = "max_completion_tokens" if data.max_completion_tokens else "max_tokens"
@@ -156,8 +158,10 @@ class OpenAIController(Controller):
             max_tokens = service.default_max_tokens(len(token_ids), "messages")
         service.check_length(len(token_ids), max_tokens, "messages", max_field)
         top = (data.top_logprobs or 0) if data.logprobs else None
-        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice, service.vocab_size))
-                for choice in range(data.n)]
+        constraint = tool_plan.constraint if tool_plan else None
+        jobs = [(token_ids, sampling_params(data, max_tokens, top, choice, service.vocab_size, constraint,
+                                            "tool_choice" if constraint else None))
+                for choice in range(data.n)]  # fmt: skip
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await start_all(service, "chat", resolution, call_id, jobs)
         logprobs_of: Callable = lambda ids, entries: (  # noqa: E731
@@ -165,13 +169,20 @@ class OpenAIController(Controller):
         )
         ids_of: Callable = lambda ids: list(ids) if data.return_token_ids else UNSET  # noqa: E731
 
+        def message(output) -> tuple[ChatMessageOut, str | None]:
+            if tool_plan is None:
+                return ChatMessageOut(output.text), output.finish_reason
+            content, calls = tools.parse(tool_plan, output.text)
+            finish = "tool_calls" if calls and output.finish_reason == "stop" else output.finish_reason
+            return ChatMessageOut(content, tool_calls=calls), finish
+
         if not data.stream:
             finals = await collect(request, streams)
-            choices = [
-                ChatChoice(index, ChatMessageOut(output.text), logprobs_of(output.token_ids, output.logprobs or []),
-                           output.finish_reason, output.stop_reason, ids_of(output.token_ids))  # fmt: skip
-                for index, output in enumerate(finals)
-            ]
+            choices = []
+            for index, output in enumerate(finals):
+                reply, finish = message(output)
+                logprobs = logprobs_of(output.token_ids, output.logprobs or [])
+                choices.append(ChatChoice(index, reply, logprobs, finish, output.stop_reason, ids_of(output.token_ids)))
             body = ChatCompletion(call_id, created, data.model, choices, _usage(len(token_ids), streams))
             return Response(body, headers=_headers(resolution))
 
@@ -186,6 +197,13 @@ class OpenAIController(Controller):
 
         def chunk(index: int, output) -> bytes | None:
             frames = b""
+            if tool_plan is not None:  # tool calls are parsed from the whole text: sent when it is complete
+                if not output.finished:
+                    return None
+                whole, finish = message(output)
+                calls = [{"index": i, **call} for i, call in enumerate(whole.tool_calls)]
+                delta = Delta(content=whole.content) if not calls else Delta(tool_calls=calls)
+                return frame(index, delta, None, None) + frame(index, Delta(), None, finish)
             if output.new_text or ((top is not None or data.return_token_ids) and output.new_token_ids):
                 entries = (output.logprobs or [])[len(output.logprobs or []) - len(output.new_token_ids):]
                 frames += frame(index, Delta(content=output.new_text), logprobs_of(output.new_token_ids, entries),
