@@ -1,7 +1,8 @@
-"""Every family on the CUDA path (FlashInfer with its sliding-window / soft-cap / scale variants, Triton LoRA and
-fused kernels, CUDA graphs) against HF transformers + PEFT in bf16, with the tolerances of test_engine_gpu.py:
-teacher-forced, kvrun's logprob for its own token within 0.1 nats of HF's at every step, its token HF's argmax on
->= 95% of steps and the argmax or a near-tie (<= 0.05 nats) on >= 99%.
+"""Every family on the CUDA path in bf16 (FlashInfer with its sliding-window / soft-cap / scale variants, Triton LoRA
+and fused kernels, CUDA graphs) against HF transformers + PEFT in fp32 on the same card, so the bound measures
+kvrun's own bf16 error, with the tolerances of test_engine_gpu.py: teacher-forced, kvrun's logprob for its own token
+within 0.1 nats of the reference at every step, its token the reference's argmax on >= 95% of steps and the argmax
+or a near-tie (<= 0.05 nats) on >= 99%.
 
 Shapes use head_dim 128 for every family, as the production models do, so FlashInfer compiles one head size.
 """
@@ -60,7 +61,7 @@ def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
     outputs = llm.generate([p for p, _ in batch], params, adapters=[a for _, a in batch])
     del llm
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, attn_implementation="eager").cuda()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager").cuda()
     peft = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
     for name in list(adapters)[1:]:
         peft.load_adapter(adapters[name], adapter_name=name)

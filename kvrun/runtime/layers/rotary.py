@@ -124,7 +124,7 @@ def _longrope_factor(spec: RopeSpec) -> tuple[float, int]:
     return float(attention_factor), original
 
 
-def _length_dependent_angles(spec: RopeSpec, positions: torch.Tensor, lengths: torch.Tensor):
+def _length_dependent_angles(spec: RopeSpec, positions: torch.Tensor, lengths: torch.Tensor, factor_tables):
     """Per-token angles [num_tokens, rotary_dim / 2] (fp32) and attention factor, from each token's sequence length."""
     dim = spec.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
@@ -135,8 +135,7 @@ def _length_dependent_angles(spec: RopeSpec, positions: torch.Tensor, lengths: t
         inv_freq = 1.0 / (base[:, None] ** exponents[None, :])
         return positions.float()[:, None] * inv_freq, 1.0
     attention_factor, original = _longrope_factor(spec)
-    long = torch.tensor(spec.params["long_factor"], dtype=torch.float32, device=positions.device)
-    short = torch.tensor(spec.params["short_factor"], dtype=torch.float32, device=positions.device)
+    long, short = factor_tables
     factors = torch.where((lengths > original)[:, None], long[None, :], short[None, :])
     inv_freq = 1.0 / (factors * spec.theta ** exponents[None, :])
     return positions.float()[:, None] * inv_freq, attention_factor
@@ -154,6 +153,11 @@ class RotaryEmbedding(nn.Module):
             self._kernel = kernel
         if spec.length_dependent:
             self.cos = self.sin = None
+            # LongRoPE's per-frequency factors live on the device with the model: a CUDA graph cannot copy them in.
+            params = spec.params
+            for name in ("long_factor", "short_factor"):
+                values = params.get(name, ())
+                self.register_buffer(name, torch.tensor(values, dtype=torch.float32), persistent=False)
             return
         inv_freq, attention_factor = static_frequencies(spec)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
@@ -175,7 +179,8 @@ class RotaryEmbedding(nn.Module):
         lengths: torch.Tensor | None = None,  # [num_tokens] int64, each token's sequence length after this step
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spec.length_dependent:
-            angles, attention_factor = _length_dependent_angles(self.spec, positions, lengths)
+            tables = (self.long_factor, self.short_factor)
+            angles, attention_factor = _length_dependent_angles(self.spec, positions, lengths, tables)
             dtype = q.dtype
             cos = (self._expand(angles.cos()) * attention_factor).to(dtype)
             sin = (self._expand(angles.sin()) * attention_factor).to(dtype)
