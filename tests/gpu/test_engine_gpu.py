@@ -82,7 +82,8 @@ def test_engine_bf16_matches_hf_peft(gpu_model, cuda_graphs):
     from kvrun import LLM, SamplingParams
 
     base, adapters = gpu_model
-    llm = LLM(str(base), dtype="bfloat16", max_loras=4, max_lora_rank=16, max_num_seqs=16, cuda_graphs=cuda_graphs)
+    llm = LLM(str(base), dtype="bfloat16", max_loras=4, max_lora_rank=16, max_num_seqs=16, cuda_graphs=cuda_graphs,
+              gpu_memory_utilization=0.1)  # several test processes share the card
     for name, directory in adapters.items():
         llm.load_adapter(name, directory)
     batch = rows(list(adapters), llm.engine.model_config.vocab_size)

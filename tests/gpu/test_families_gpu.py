@@ -40,7 +40,7 @@ def gpu_family(request, tmp_path_factory):
     extra = {**GPU_SHAPE, **FAMILY_SHAPES.get(family.name, {})}
     if family.name == "phi3":
         extra.pop("head_dim")
-    base = tiny_checkpoint(family, root / "base", seed=1, **extra)
+    base = tiny_checkpoint(family, root / "base", seed=1, std=0.02, **extra)
     adapters = {s.name: make_peft_adapter(base, s, root / s.name, seed=i) for i, s in enumerate(standard_adapters(family))}
     return base, adapters
 
@@ -52,7 +52,8 @@ def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
     from kvrun import LLM, SamplingParams
 
     base, adapters = gpu_family
-    llm = LLM(str(base), dtype="bfloat16", max_loras=3, max_lora_rank=16, max_num_seqs=16, cuda_graphs=True)
+    llm = LLM(str(base), dtype="bfloat16", max_loras=3, max_lora_rank=16, max_num_seqs=16, cuda_graphs=True,
+              gpu_memory_utilization=0.1)  # several test processes share the card
     for name, directory in adapters.items():
         llm.load_adapter(name, directory)
     generator = torch.Generator().manual_seed(0)

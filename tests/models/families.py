@@ -45,25 +45,26 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> None:
+def _randomise(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Every parameter random: norm scales in [1 - 5 std, 1 + 5 std], weights and biases N(0, std)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and name.endswith("weight"):  # scales near 1 (or near 0 for (1 + w) norms: still random)
-                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
-            elif param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_(1 + (torch.rand(param.shape, generator=generator) - 0.5) * 10 * std)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
-def tiny_checkpoint(family: Family, path: Path, seed: int = 0, **extra) -> Path:
+def tiny_checkpoint(family: Family, path: Path, seed: int = 0, std: float = 0.1, **extra) -> Path:
+    """std 0.1 spreads a tiny model's logits far from ties (CPU, fp32); wider models want HF's 0.02 so bf16 error
+    stays comparable to real checkpoints'."""
     import transformers
 
     config = getattr(transformers, family.config_class)(**{**TINY, **family.overrides, **extra})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    _randomise(model, seed)
+    _randomise(model, seed, std)
     model.save_pretrained(path, safe_serialization=True)
     return path
 
