@@ -27,7 +27,7 @@ class ServerConfig:
     max_num_batched_tokens: int | None = None  # tokens in one step; None: 512 on GPU, 256 on CPU
     max_model_len: int | None = None
     max_queue: int = 256  # requests allowed to wait beyond the running batch before 429/503
-    queue_timeout_s: float = 120.0  # a request that got no token this long (e.g. no free slot) fails with 503
+    queue_timeout_s: float = 120.0  # a request not scheduled this long (e.g. no free slot) fails with 503
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None  # None: what the GPU memory plan leaves; 512 MiB on CPU

@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-queue", type=int, default=defaults.max_queue,
         help="requests that may wait beyond the running batch before the server answers 503/429")
     add("--queue-timeout", type=float, default=defaults.queue_timeout_s,
-        help="seconds a request may wait for its first token (e.g. for an adapter slot) before 503")
+        help="seconds a request may wait to be scheduled (e.g. for an adapter slot) before 503; never counts its work")
     add("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
     add("--num-blocks", type=int, default=None, help="KV blocks (default: sized from --kv-cache-mib)")
     add("--kv-cache-mib", type=int, default=None,
