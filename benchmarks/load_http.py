@@ -157,15 +157,31 @@ def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
         command += ["--model", args.model]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    wait_until_up(process, url)
+    return process, url
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """Ctrl-C to the server's process group (a graceful shutdown); SIGKILL if it is not gone within 30 s."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_until_up(process: subprocess.Popen, url: str, path: str = "/health", timeout_s: float = 600) -> None:
+    """Until `kvrun serve` answers 200 on path; raises if it exits or takes longer than timeout_s."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"kvrun serve exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return process, url
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     raise TimeoutError("kvrun serve did not start")
 
 
@@ -199,8 +215,7 @@ async def main_async(args) -> None:
         print(table(args, samples, duration))
     finally:
         if process is not None:
-            os.killpg(process.pid, signal.SIGINT)
-            process.wait(30)
+            stop_server(process)
         shutil.rmtree(work, ignore_errors=True)
 
 
