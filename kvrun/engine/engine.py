@@ -88,9 +88,14 @@ class LLMEngine:
         adapter: str | None = None,
         request_id: str | None = None,
     ) -> Request:
+        """Queue a request. params: every SamplingParams field is honoured (see its docstring for the meanings,
+        ranges and the order the sampler applies them in). Raises ValueError for what this engine cannot serve
+        (too long, a logit_bias id outside the vocabulary, an invalid structured-output spec) and
+        UnknownAdapterError for an adapter that is not loaded; nothing is queued then."""
         params = params or SamplingParams()
         token_ids = self.tokenize(prompt)
         self._check_length(len(token_ids), params.max_tokens)
+        self._check_sampling(params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -114,6 +119,12 @@ class LLMEngine:
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        vocab_size = self.model_config.vocab_size
+        outside = sorted(token for token in params.logit_bias or () if token >= vocab_size)
+        if outside:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab_size}, got {outside[:5]}")
 
     def _check_length(self, prompt_len: int, max_tokens: int) -> None:
         total = prompt_len + max_tokens
@@ -148,7 +159,8 @@ class LLMEngine:
         """The tokens min_tokens holds back: every token that would end the request."""
         if params.min_tokens == 0:
             return ()
-        return tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)))
+        held = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)
+        return tuple(sorted(token for token in held if token < self.model_config.vocab_size))
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -73,7 +73,9 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         adapters: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion in shared batches; outputs come back in prompt order."""
+        """Run every prompt to completion in shared batches; outputs come back in prompt order. params: one
+        SamplingParams for all or one per prompt (every field is honoured: see SamplingParams). A request that fails
+        alone comes back with finish_reason "error" and RequestOutput.error."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         count = len(prompts)

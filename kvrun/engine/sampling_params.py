@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 # Fields whose behaviour the sampler implements; any other field left at a non-default value is refused by
 # `SamplingParams.__post_init__` so a request never runs with a setting the engine would silently ignore.
-_NOT_YET = ("min_p", "min_tokens", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias",
-            "structured_output")  # fmt: skip
+_NOT_YET = ("structured_output",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,10 @@ What happens to one row's logits, in order (the order HF transformers' processor
         otherwise: ÷ temperature → top-k → top-p → min-p → one draw from the row's generator
 
 Each stage touches only the rows that use it, so a batch that uses none of the extras pays for one copy and one
-argmax. The draw is an exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly from p and lets one
-kernel serve every row that has no generator of its own; a row with a seed draws its noise from its own generator,
-so its tokens do not depend on what else shares the batch.
+argmax. The draw inverts each row's cumulative distribution at one uniform number: rows without a seed share one
+draw from the device's generator; a row with a seed draws from its own generator, so its tokens do not depend on
+what else shares the batch. Top-p looks at a short head of the most likely tokens and sorts a whole row only when
+the nucleus may lie beyond it.
 
 Sampling is total: a row whose logits are not finite, whose every token is masked, or whose generator fails gets a
 SamplingFailure, and every other row of the batch still gets the token it would have got alone.
@@ -115,47 +116,44 @@ def _sample(
     raw_logprobs = None
     if want_logprobs:
         raw_logprobs = torch.log_softmax(logits[_index(want_logprobs, logits.device)].float(), dim=-1)
-    scores = logits.to(torch.float32, copy=True)
-    _add_logit_bias(scores, options)
-    _hold_until_min_tokens(scores, rows)
-    _apply_repetition_penalty(scores, rows)
-    _apply_presence_frequency(scores, rows)
-    if allowed is not None:
-        apply_token_bitmask(scores, allowed)
+    scores = process_logits(logits.to(torch.float32, copy=True), rows, allowed)
     best, tokens = scores.max(dim=-1)
     failures: dict[int, str] = {}
     drawn = [index for index, option in enumerate(options) if option.temperature >= GREEDY_BELOW]
     if drawn:
         index = _index(drawn, scores.device)
-        choice = _draw(scores[index], [options[row] for row in drawn], [rows[row].generator for row in drawn])
-        for position, error in choice[1].items():
-            failures[drawn[position]] = error
-        tokens = tokens.index_copy(0, index, choice[0])
-    chosen_logprobs = top = None
-    if raw_logprobs is not None:
-        own_tokens = tokens[_index(want_logprobs, tokens.device)]
-        chosen_logprobs = raw_logprobs.gather(1, own_tokens.unsqueeze(1)).squeeze(1).tolist()
-        most = max(options[row].logprobs for row in want_logprobs)
-        top = raw_logprobs.topk(most, dim=-1) if most else None
-        top = (top.values.tolist(), top.indices.tolist()) if top is not None else None
+        warped = warp_logits(scores[index], [options[row] for row in drawn])
+        choice, draw_failures = _draw(warped, [rows[row].generator for row in drawn])
+        failures.update((drawn[position], reason) for position, reason in draw_failures.items())
+        tokens = tokens.index_copy(0, index, choice)
+    logprobs = _logprobs(raw_logprobs, tokens, want_logprobs, options) if raw_logprobs is not None else {}
     results: list[SampledToken | SamplingFailure] = []
-    token_ids, best_values = tokens.tolist(), best.tolist()
-    logprob_position = {row: position for position, row in enumerate(want_logprobs)}
-    for row, option in enumerate(options):
-        reason = failures.get(row) or _failure(best_values[row])
+    for row, (token_id, best_value) in enumerate(zip(tokens.tolist(), best.tolist())):
+        reason = failures.get(row) or _failure(best_value)
         if reason is not None:
             results.append(SamplingFailure(reason))
-            continue
-        position = logprob_position.get(row)
-        if position is None:
-            results.append(SampledToken(token_ids[row], None, None))
-            continue
-        alternatives = None
-        if option.logprobs:
-            values, indices = top[0][position][: option.logprobs], top[1][position][: option.logprobs]
-            alternatives = dict(zip(indices, values))
-        results.append(SampledToken(token_ids[row], chosen_logprobs[position], alternatives))
+        else:
+            results.append(SampledToken(token_id, *logprobs.get(row, (None, None))))
     return results
+
+
+def _logprobs(
+    raw_logprobs: torch.Tensor, tokens: torch.Tensor, want: list[int], options: list[SamplingOptions]
+) -> dict[int, tuple[float, dict[int, float] | None]]:
+    """{row: (logprob of its token, its top-N alternatives)} for the rows in want (raw_logprobs' rows)."""
+    own_tokens = tokens[_index(want, tokens.device)]
+    chosen = raw_logprobs.gather(1, own_tokens.unsqueeze(1)).squeeze(1).tolist()
+    most = max(options[row].logprobs for row in want)
+    values = indices = None
+    if most:
+        top = raw_logprobs.topk(most, dim=-1)
+        values, indices = top.values.tolist(), top.indices.tolist()
+    result = {}
+    for position, row in enumerate(want):
+        count = options[row].logprobs
+        alternatives = dict(zip(indices[position][:count], values[position][:count])) if count else None
+        result[row] = (chosen[position], alternatives)
+    return result
 
 
 def _failure(best: float) -> str | None:
@@ -170,71 +168,112 @@ def _index(rows: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-# -- the draw ----------------------------------------------------------------------------------------------------------
-def _draw(
-    scores: torch.Tensor, options: list[SamplingOptions], generators: list[torch.Generator | None]
-) -> tuple[torch.Tensor, dict[int, str]]:
-    """scores: [n, vocab] of the rows that sample. Returns ([n] token ids, {row: why its draw failed})."""
+# -- warpers and the draw ----------------------------------------------------------------------------------------------
+def warp_logits(scores: torch.Tensor, options: list[SamplingOptions]) -> torch.Tensor:
+    """scores: [n, vocab] processed logits of rows that draw (in place). Temperature, then top-k (ties at the k-th
+    value kept), top-p (the smallest head whose mass reaches p), min-p: HF's warpers, in HF's order."""
     device = scores.device
     temperatures = torch.tensor([option.temperature for option in options], dtype=torch.float32, device=device)
     # Huge logits over a small temperature can overflow: +inf would make softmax NaN, so cap at the largest float.
     scaled = scores.div_(temperatures.unsqueeze(1)).nan_to_num_(
         nan=-math.inf, posinf=torch.finfo(torch.float32).max, neginf=-math.inf
     )
-    scaled = _truncate(scaled, options)
-    probs = torch.softmax(scaled, dim=-1)
-    noise = torch.empty_like(probs)
+    vocab = scaled.shape[1]
+    top_k = [option.top_k if 0 < option.top_k < vocab else vocab for option in options]
+    nucleus = [row for row, option in enumerate(options) if option.top_p < 1.0]
+    if nucleus:
+        index = _index(nucleus, device)
+        top_p = [options[row].top_p for row in nucleus]
+        scaled[index] = _top_k_top_p(scaled[index], [top_k[row] for row in nucleus], top_p)
+    only_k = [row for row, option in enumerate(options) if option.top_p >= 1.0 and top_k[row] < vocab]
+    if only_k:
+        index = _index(only_k, device)
+        scaled[index] = _top_k(scaled[index], [top_k[row] for row in only_k])
+    if any(option.min_p > 0.0 for option in options):
+        # probs < min_p · max(probs)  ⇔  logit < max(logit) + log(min_p); log(0) = -inf cuts nothing.
+        floors = [math.log(option.min_p) if option.min_p > 0.0 else -math.inf for option in options]
+        floor = scaled.amax(dim=-1, keepdim=True) + torch.tensor(floors, device=device).unsqueeze(1)
+        scaled.masked_fill_(scaled < floor, -math.inf)
+    return scaled
+
+
+def _top_k(scaled: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    largest = scaled.topk(max(top_k), dim=-1).values
+    kth = largest.gather(1, torch.tensor(top_k, device=scaled.device).sub_(1).unsqueeze(1))
+    return scaled.masked_fill_(scaled < kth, -math.inf)
+
+
+NUCLEUS_HEADS = (128, 2048)  # top-p looks at this many most likely tokens first, then the whole row if it must
+
+
+def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Every row has top_p < 1. Sorting a 50k-token row costs more than the rest of a CPU step, and the nucleus
+    almost always lies among the first hundred tokens: take the most likely few (topk), and look further only while
+    some row's head holds less than its p (the cut may lie beyond it)."""
+    vocab = scaled.shape[1]
+    device = scaled.device
+    cut_k = torch.tensor([k < vocab for k in top_k], device=device).unsqueeze(1)
+    kept_by_k = max((k for k in top_k if k < vocab), default=0)
+    thresholds = torch.tensor(top_p, device=device).unsqueeze(1)
+    # Log of each row's total mass (after top-k, all of a top-k row's mass lies in a head of at least k tokens).
+    total_all = scaled.logsumexp(dim=-1)
+    for head in [size for size in NUCLEUS_HEADS if kept_by_k <= size < vocab] + [vocab]:
+        values, order = scaled.topk(head, dim=-1)  # descending
+        if kept_by_k:
+            kth = values.gather(1, torch.tensor([min(k, head) for k in top_k], device=device).sub_(1).unsqueeze(1))
+            values.masked_fill_(cut_k & (values < kth), -math.inf)
+        total = torch.where(cut_k.squeeze(1), values.logsumexp(dim=-1), total_all)
+        probs = (values - total.unsqueeze(1)).exp_()
+        if head == vocab or not bool((probs.sum(dim=-1, keepdim=True) < thresholds).any()):
+            break
+    # Cut a token when the mass strictly above it reaches p; the most likely token always stays (a p below
+    # float32's range rounds to 0).
+    outside = probs.cumsum(dim=-1).sub_(probs) >= thresholds
+    outside[:, 0] = False
+    values.masked_fill_(outside, -math.inf)
+    return torch.full_like(scaled, -math.inf).scatter_(1, order, values)
+
+
+def _draw(warped: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[torch.Tensor, dict[int, str]]:
+    """warped: [n, vocab]. Returns ([n] token ids, {row: why its draw failed}).
+
+    Inverse CDF: one uniform number per row picks the first token whose cumulative probability exceeds it. The sum
+    runs in float64 so even a token of probability 1e-12 keeps its share; a zero-probability token can never be
+    picked (its cumulative value equals its predecessor's)."""
+    device = warped.device
+    cumulative = torch.softmax(warped, dim=-1).to(torch.float64).cumsum_(dim=-1)
+    uniform = torch.empty(len(generators), dtype=torch.float64, device=device)
     failures: dict[int, str] = {}
     shared = [row for row, generator in enumerate(generators) if generator is None]
     if shared:
-        noise[_index(shared, device)] = torch.empty((len(shared), probs.shape[1]), device=device).exponential_()
+        uniform[_index(shared, device)] = torch.rand(len(shared), dtype=torch.float64, device=device)
     for row, generator in enumerate(generators):
         if generator is None:
             continue
         try:
-            noise[row].exponential_(generator=generator)
+            uniform[row : row + 1].uniform_(generator=generator)
         except Exception as error:  # noqa: BLE001 - this row's generator, this row's failure
             failures[row] = f"the request's random generator failed: {type(error).__name__}: {error}"
-            noise[row] = 1.0
-    # E can be exactly 0; clamping keeps p / E finite so a zero-probability token can never win.
-    return probs.div_(noise.clamp_min_(torch.finfo(torch.float32).tiny)).argmax(dim=-1), failures
-
-
-def _truncate(scaled: torch.Tensor, options: list[SamplingOptions]) -> torch.Tensor:
-    """top-k (ties at the k-th value kept), top-p (smallest head whose mass reaches p), min-p, as HF's warpers."""
-    vocab = scaled.shape[1]
-    device = scaled.device
-    top_k = [option.top_k if 0 < option.top_k < vocab else vocab for option in options]
-    top_p = [option.top_p for option in options]
-    min_p = [option.min_p for option in options]
-    cut_k = any(k < vocab for k in top_k)
-    if any(p < 1.0 for p in top_p):
-        ordered, order = scaled.sort(dim=-1, descending=True)
-        if cut_k:
-            kth = ordered.gather(1, torch.tensor(top_k, device=device).sub_(1).unsqueeze(1))
-            ordered.masked_fill_(ordered < kth, -math.inf)
-        probs = torch.softmax(ordered, dim=-1)
-        # Cut a token when the mass strictly above it reaches p. A row with top_p = 1 uses 2, so rounding near 1.0
-        # never cuts its tail; the most likely token always stays (a p below float32's range rounds to 0).
-        thresholds = torch.tensor([p if p < 1.0 else 2.0 for p in top_p], device=device).unsqueeze(1)
-        outside = probs.cumsum(dim=-1).sub_(probs) >= thresholds
-        outside[:, 0] = False
-        ordered.masked_fill_(outside, -math.inf)
-        scaled = torch.empty_like(scaled).scatter_(1, order, ordered)
-    elif cut_k:
-        largest = scaled.topk(max(k for k in top_k if k < vocab), dim=-1).values
-        ks = torch.tensor([min(k, largest.shape[1]) for k in top_k], device=device).sub_(1).unsqueeze(1)
-        kth = largest.gather(1, ks)
-        kth.masked_fill_(torch.tensor([k >= vocab for k in top_k], device=device).unsqueeze(1), -math.inf)
-        scaled.masked_fill_(scaled < kth, -math.inf)
-    if any(p > 0.0 for p in min_p):
-        # probs < min_p · max(probs)  ⇔  logit < max(logit) + log(min_p); log(0) = -inf cuts nothing.
-        floors = torch.tensor([math.log(p) if p > 0.0 else -math.inf for p in min_p], device=device)
-        scaled.masked_fill_(scaled < scaled.amax(dim=-1, keepdim=True) + floors.unsqueeze(1), -math.inf)
-    return scaled
+            uniform[row] = 0.0
+    # Scaled by each row's total and kept below it, so rounding never sends the target past the last likely token.
+    totals = cumulative[:, -1]
+    targets = torch.minimum(uniform.mul_(totals), torch.nextafter(totals, torch.zeros_like(totals))).unsqueeze(1)
+    return torch.searchsorted(cumulative, targets, right=True).squeeze(1), failures
 
 
 # -- logits processors -------------------------------------------------------------------------------------------------
+def process_logits(scores: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None = None) -> torch.Tensor:
+    """scores: [len(rows), vocab] float32, in place: logit_bias, min_tokens, repetition, presence and frequency
+    penalties, then the allowed-token bitmask. Rows that use none of them are left as they are."""
+    _add_logit_bias(scores, [row.options for row in rows])
+    _hold_until_min_tokens(scores, rows)
+    _apply_repetition_penalty(scores, rows)
+    _apply_presence_frequency(scores, rows)
+    if allowed is not None:
+        apply_token_bitmask(scores, allowed)
+    return scores
+
+
 def _add_logit_bias(scores: torch.Tensor, options: list[SamplingOptions]) -> None:
     rows, tokens, values = [], [], []
     for row, option in enumerate(options):
