@@ -23,21 +23,22 @@ from adapters_registry.errors import AdapterConfigError, RankError, UnsupportedC
 CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"
 
+# Fields the engine reads and applies.
+_SERVED_FIELDS = {
+    "peft_type", "r", "target_modules", "exclude_modules", "lora_alpha", "use_rslora", "bias", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern",
+}  # fmt: skip
 # Fields that may hold any value: bookkeeping, training-only or initialization-only settings.
 _HARMLESS_FIELDS = {
-    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "bias",
-    "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern", "megatron_core",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
-    "ensure_weight_tying",
+    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "lora_dropout", "init_lora_weights", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
 }  # fmt: skip
 
 # Fields the engine does not implement, with the reason given to the user when they are switched on.
 _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA adds a magnitude vector the engine does not apply",
     "modules_to_save": "fully fine-tuned modules (modules_to_save) cannot be hot-swapped per request",
-    "rank_pattern": "per-module ranks (rank_pattern) are not supported; use one r for all modules",
-    "alpha_pattern": "per-module alphas (alpha_pattern) are not supported; use one lora_alpha",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights) is not supported",
     "lora_bias": "LoRA bias terms (lora_bias) are not supported",
     "layer_replication": "layer_replication changes the base model's layer layout",
@@ -59,6 +60,25 @@ class LoraSettings:
     exclude_modules: tuple[str, ...] | str | None = None
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
+    # PEFT's per-module overrides of r and lora_alpha, in the file's order: (key, value), the key a regex
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any module may have (PEFT's own bound: r and every rank_pattern value)."""
+        return max([self.rank, *(rank for _, rank in self.rank_pattern)])
+
+    def rank_of(self, module: str) -> int:
+        return _pattern_value(self.rank_pattern, module, self.rank)
+
+    def alpha_of(self, module: str) -> float:
+        return _pattern_value(self.alpha_pattern, module, self.alpha)
+
+    def scaling_of(self, module: str) -> float:
+        """PEFT's scaling for module: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (patterns applied)."""
+        rank = self.rank_of(module)
+        return self.alpha_of(module) / (rank**0.5 if self.use_rslora else rank)
 
     @property
     def target_list(self) -> list[str]:
@@ -100,6 +120,15 @@ def _matches(names: tuple[str, ...] | str, module: str) -> bool:
     return module in names or any(module.endswith(f".{name}") for name in names)
 
 
+def _pattern_value(pattern: tuple[tuple[str, object], ...], module: str, default):
+    """PEFT's `get_pattern_key`: the first key (in the file's order) that matches the end of the module path, whole
+    dotted components only, the key read as a regex; the default when none does."""
+    for key, value in pattern:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
 def _layer_index(module: str, patterns: tuple[str, ...] | None) -> int | None:
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
@@ -132,8 +161,13 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
     if rank > max_rank:
         raise RankError(f"{CONFIG_FILE}: r={rank} exceeds {rank_limit} {max_rank}")
     alpha = config.get("lora_alpha", 8)  # PEFT's default
-    if type(alpha) not in (int, float) or not 0 < alpha < float("inf"):
+    if not _positive_number(alpha):
         raise AdapterConfigError(f"{CONFIG_FILE}: lora_alpha must be a positive number, got {alpha!r}")
+    rank_pattern = _pattern(config, "rank_pattern", lambda value: type(value) is int and value >= 1, "positive integers")
+    for key, value in rank_pattern:
+        if value > max_rank:
+            raise RankError(f"{CONFIG_FILE}: rank_pattern[{key!r}]={value} exceeds {rank_limit} {max_rank}")
+    alpha_pattern = _pattern(config, "alpha_pattern", _positive_number, "positive numbers")
     use_rslora = config.get("use_rslora", False)
     if type(use_rslora) is not bool:
         raise AdapterConfigError(f"{CONFIG_FILE}: use_rslora must be true or false, got {use_rslora!r}")
@@ -142,8 +176,27 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
     return LoraSettings(
         rank, float(alpha), _names_or_pattern(config, "target_modules", required=True), use_rslora, base_model or None,
-        _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config),
+        _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config), rank_pattern,
+        tuple((key, float(value)) for key, value in alpha_pattern),
     )  # fmt: skip
+
+
+def _positive_number(value: object) -> bool:
+    return type(value) in (int, float) and 0 < value < float("inf")
+
+
+def _pattern(config: dict, field: str, valid, what: str) -> tuple[tuple[str, object], ...]:
+    value = config.get(field) or {}
+    if not isinstance(value, dict):
+        raise AdapterConfigError(f"{CONFIG_FILE}: {field} must map module names or patterns to values")
+    for key, item in value.items():
+        try:
+            re.compile(key)
+        except re.error as error:
+            raise AdapterConfigError(f"{CONFIG_FILE}: {field} key {key!r} is not a valid regex ({error})") from None
+        if not valid(item):
+            raise AdapterConfigError(f"{CONFIG_FILE}: {field}[{key!r}] must be one of {what}, got {item!r}")
+    return tuple(value.items())
 
 
 def _check_feature_fields(config: dict[str, object]) -> None:
@@ -151,7 +204,7 @@ def _check_feature_fields(config: dict[str, object]) -> None:
     if bias != "none":
         raise UnsupportedConfigError(f"{CONFIG_FILE}: bias={bias!r} trains base-layer biases; only 'none' is served")
     for field, value in config.items():
-        if field in _HARMLESS_FIELDS or value in (None, False, "", [], {}):
+        if field in _SERVED_FIELDS or field in _HARMLESS_FIELDS or value in (None, False, "", [], {}):
             continue
         reason = _UNSUPPORTED_FIELDS.get(field, "this registry does not know the field, so it cannot be served safely")
         raise UnsupportedConfigError(f"{CONFIG_FILE}: unsupported field {field}={value!r}: {reason}")

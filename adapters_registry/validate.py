@@ -110,7 +110,7 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
     pairs = _pair_tensors(tensors, settings)
     dtype = _common_dtype(tensors)
     for module, (a, b) in sorted(pairs.items()):
-        _check_pair_shapes(module, a, b, settings.rank)
+        _check_pair_shapes(module, a, b, settings.rank_of(module))
     for info in tensors.values():
         _check_values(data, info)
     shapes = {module: (a.shape, b.shape) for module, (a, b) in sorted(pairs.items())}
@@ -193,10 +193,10 @@ def _check_pair_shapes(module: str, a: TensorInfo, b: TensorInfo, rank: int) -> 
     if a.shape[0] != rank:
         raise RankError(
             f"{WEIGHTS_FILE}: tensor {a.key!r} has shape {list(a.shape)}, i.e. rank {a.shape[0]}, "
-            f"but adapter_config.json says r={rank} (lora_A is [r, in_features])"
+            f"but adapter_config.json says r={rank} for {module} (lora_A is [r, in_features])"
         )
     if b.shape[1] != rank:
         raise RankError(
             f"{WEIGHTS_FILE}: tensor {b.key!r} has shape {list(b.shape)}, i.e. rank {b.shape[1]}, "
-            f"but adapter_config.json says r={rank} (lora_B is [out_features, r])"
+            f"but adapter_config.json says r={rank} for {module} (lora_B is [out_features, r])"
         )

@@ -75,7 +75,7 @@ class Layer:
     lora_a: dict[str, list[torch.Tensor]]
     lora_b: dict[str, list[torch.Tensor]]
     ranks: dict[str, torch.Tensor]
-    scalings: torch.Tensor
+    scalings: dict[str, torch.Tensor]  # per module: [num_slices, num_slots]
 
 
 @dataclass
@@ -99,13 +99,14 @@ def make_layer(num_slots: int, rank_setting: str) -> Layer:
     max_rank = max(RANKS[rank_setting])
     ranks = torch.tensor(slot_ranks(rank_setting, num_slots), dtype=torch.int32, device=DEVICE)
     # Scaling 1: flashinfer's segment GEMM has none, and then all three paths compute the same numbers.
-    layer = Layer({}, {}, {}, torch.ones(num_slots, device=DEVICE))
+    layer = Layer({}, {}, {}, {})
     for name, (in_features, outs) in MODULES.items():
         layer.lora_a[name] = [
             torch.randn(num_slots, max_rank, in_features, device=DEVICE, dtype=DTYPE) * 0.02 for _ in outs
         ]
         layer.lora_b[name] = [torch.randn(num_slots, n, max_rank, device=DEVICE, dtype=DTYPE) * 0.02 for n in outs]
         layer.ranks[name] = ranks.repeat(len(outs), 1).contiguous()
+        layer.scalings[name] = torch.ones(len(outs), num_slots, device=DEVICE)
     return layer
 
 
@@ -163,7 +164,7 @@ def kvrun_step(scenario: Scenario, batch: Batch, meta: LoRAKernelMeta | None) ->
     def step(layer: Layer) -> None:
         for name, (_, outs) in MODULES.items():
             kernels.shrink(
-                batch.x[name], layer.lora_a[name], groups, layer.ranks[name], layer.scalings, batch.shrunk[name]
+                batch.x[name], layer.lora_a[name], groups, layer.ranks[name], layer.scalings[name], batch.shrunk[name]
             )
             kernels.expand(
                 batch.shrunk[name], layer.lora_b[name], groups, layer.ranks[name], batch.out[name], offsets(outs)
@@ -182,7 +183,7 @@ def torch_step(scenario: Scenario, batch: Batch) -> Callable[[Layer], None]:
     def step(layer: Layer) -> None:
         for name, (_, outs) in MODULES.items():
             y = batch.shrunk_bf16[name]
-            shrink(batch.x[name], layer.lora_a[name], *rows, layer.ranks[name], layer.scalings, y)
+            shrink(batch.x[name], layer.lora_a[name], *rows, layer.ranks[name], layer.scalings[name], y)
             expand(y, layer.lora_b[name], *rows, layer.ranks[name], batch.out[name], offsets(outs))
 
     return step
@@ -354,7 +355,7 @@ def kernel_breakdown(bandwidth: float, iterations: int) -> list[str]:
 
         def shrink(layer: Layer, name=name) -> None:
             kernels.shrink(
-                batch.x[name], layer.lora_a[name], groups, layer.ranks[name], layer.scalings, batch.shrunk[name]
+                batch.x[name], layer.lora_a[name], groups, layer.ranks[name], layer.scalings[name], batch.shrunk[name]
             )
 
         def expand(layer: Layer, name=name, outs=outs) -> None:

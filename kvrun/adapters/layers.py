@@ -11,9 +11,10 @@ from kvrun.runtime.layers.linear import Projection
 
 
 class LinearWithLoRA(nn.Module):
-    """y = base(x) + scaling_s · (x A_s^T) B_s^T for each row's slot s, per output slice (q/k/v, gate/up, ...)."""
+    """y = base(x) + scaling_{i,s} · (x A_{i,s}^T) B_{i,s}^T for each row's slot s, per output slice i (q/k/v,
+    gate/up, ...): every slice of every slot has its own rank and scaling."""
 
-    def __init__(self, base: Projection, num_slots: int, max_rank: int, scalings: torch.Tensor, ops: LoRAOps) -> None:
+    def __init__(self, base: Projection, num_slots: int, max_rank: int, ops: LoRAOps) -> None:
         super().__init__()
         self.base = base
         self.slice_names = list(base.output_slices)
@@ -32,27 +33,29 @@ class LinearWithLoRA(nn.Module):
             for width in base.output_slices.values()
         ]
         self.ranks = torch.zeros(len(self.slice_names), num_slots, dtype=torch.int32, device=weight.device)
-        self.scalings = scalings  # [num_slots] float32, shared by every wrapper of the model
+        self.scalings = torch.zeros(len(self.slice_names), num_slots, dtype=torch.float32, device=weight.device)
         self.max_rank = max_rank
         self.ops = ops
         # The Triton shrink accumulates in fp32 and splits the input dimension when it may write fp32 partials;
         # the torch reference multiplies in the activation dtype.
         self.shrink_dtype = torch.float32 if weight.is_cuda else weight.dtype
 
-    def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Write one adapter's A/B per slice into slot (slices it leaves alone get rank 0)."""
+    def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Write one adapter's (A, B, scaling) per slice into slot (slices it leaves alone get rank 0)."""
         for index, name in enumerate(self.slice_names):
-            pair = weights.get(name)
+            entry = weights.get(name)
             self.lora_a[index][slot].zero_()
             self.lora_b[index][slot].zero_()
-            if pair is None:
+            if entry is None:
                 self.ranks[index, slot] = 0
+                self.scalings[index, slot] = 0.0
                 continue
-            a, b = pair
+            a, b, scaling = entry
             rank = a.shape[0]
             self.lora_a[index][slot, :rank].copy_(a, non_blocking=True)
             self.lora_b[index][slot, :, :rank].copy_(b, non_blocking=True)
             self.ranks[index, slot] = rank
+            self.scalings[index, slot] = scaling
 
     def forward(self, x: torch.Tensor, lora: LoRABatchInfo | None = None) -> torch.Tensor:
         out = self.base(x)

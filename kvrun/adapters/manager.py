@@ -45,7 +45,6 @@ class LoRAManager:
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self.ops = select_ops(self.device)
-        self.scalings = torch.zeros(config.max_loras, dtype=torch.float32, device=self.device)
         self.slots = SlotPool(config.max_loras)
         self.host = HostCache(config.max_cpu_loras)
         self._aliases: dict[str, AdapterRef] = {}
@@ -62,7 +61,7 @@ class LoRAManager:
             base = model.get_submodule(path)
             assert isinstance(base, Projection)
             parent, _, attribute = path.rpartition(".")
-            wrapper = LinearWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.scalings, self.ops)
+            wrapper = LinearWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.ops)
             setattr(model.get_submodule(parent), attribute, wrapper)
             wrappers[path] = wrapper
         self._targets = {module: (wrappers[path], name) for module, (path, name) in slices.items()}
@@ -138,13 +137,12 @@ class LoRAManager:
         self.slots.release(ref)
 
     def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
-        per_wrapper: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for module, pair in parsed.weights.items():
+        per_wrapper: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        for module, (a, b) in parsed.weights.items():
             wrapper, slice_name = self._targets[module]
-            per_wrapper.setdefault(id(wrapper), {})[slice_name] = pair
+            per_wrapper.setdefault(id(wrapper), {})[slice_name] = (a, b, parsed.scaling(module))
         for wrapper in self._wrappers:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
-        self.scalings[slot] = parsed.ref.scaling
 
     def _in_use(self, ref: AdapterRef) -> bool:
         return self.slots.pins(ref) > 0 or self._holds.get(ref, 0) > 0

@@ -9,10 +9,11 @@ or field at fault.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +44,11 @@ class ParsedAdapter:
     ref: AdapterRef
     # checkpoint module path (e.g. model.layers.0.self_attn.q_proj) → (A [rank, in], B [out, rank]), model dtype
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    # module → PEFT's scaling of its delta where rank_pattern / alpha_pattern give it its own (else ref.scaling)
+    scalings: dict[str, float] = field(default_factory=dict)
+
+    def scaling(self, module: str) -> float:
+        return self.scalings.get(module, self.ref.scaling)
 
     @property
     def num_bytes(self) -> int:
@@ -109,16 +115,17 @@ def parse_adapter(
     pairs = _pair_tensors(name, tensors, targets, settings)
     weights = {module: (a.to(dtype).contiguous(), b.to(dtype).contiguous()) for module, (a, b) in pairs.items()}
     leaves = tuple(sorted({module.rsplit(".", 1)[-1] for module in weights}))
+    digest = hashlib.sha256(repr(dataclasses.replace(settings, base_model=None)).encode()).hexdigest()
     ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
-                     settings.use_rslora)  # fmt: skip
-    return ParsedAdapter(ref, weights)
+                     settings.use_rslora, digest)  # fmt: skip
+    scalings = {module: settings.scaling_of(module) for module in weights}
+    return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling})
 
 
 def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     def fail(message: str) -> AdapterError:
         return AdapterError(f"adapter {name!r}: {message}")
 
-    rank = settings.rank
     sides: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
@@ -138,6 +145,7 @@ def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tupl
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise fail(f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
         in_features, out_features = targets.modules[module]
+        rank = settings.rank_of(module)
         expected = (rank, in_features) if side == "A" else (out_features, rank)
         if tuple(tensor.shape) != expected:
             raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")

@@ -239,11 +239,11 @@ class Scheduler:
 
 
 def _adapter_identity(request: Request) -> bytes:
-    """What, besides the tokens, the K/V depend on: the adapter's weights (by content) and scaling; b"" = base."""
+    """What, besides the tokens, the K/V depend on: the adapter's weights (by content) and settings; b"" = base."""
     ref = request.adapter
     if ref is None:
         return b""
-    return f"{ref.sha256}:{ref.alpha!r}:{ref.use_rslora}".encode()
+    return ref.identity.encode()
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

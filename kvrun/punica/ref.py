@@ -6,7 +6,11 @@ slice). Each slice has its own stacked adapter weights, one entry per adapter sl
     lora_a[i]: [num_slots, max_rank, in_features]
     lora_b[i]: [num_slots, out_features_i, max_rank]
     ranks:     [num_slices, num_slots] int32   rank of slot s for slice i; 0 = the adapter leaves that module alone
-    scalings:  [num_slots] float32             lora_alpha / r (or / sqrt(r) for rsLoRA)
+    scalings:  [num_slices, num_slots] float32 lora_alpha / r (or / sqrt(r) for rsLoRA) of slot s for slice i: each
+                                               module has its own (PEFT's rank_pattern / alpha_pattern)
+
+Each slice of each slot runs at its own rank: no work is done for columns past it (the padding past a slot's rank
+may hold anything).
 
 Rows are matched to slots either by segments (SGMV: prefill, rows of one request are contiguous and the batch is
 grouped by slot) or per token (BGMV: decode). Slot -1 means "base model": no delta, and shrink writes zeros.
@@ -25,12 +29,12 @@ def sgmv_shrink(
     seg_indptr: torch.Tensor,  # [num_segments + 1] int32, token offsets
     seg_slots: torch.Tensor,  # [num_segments] int32, -1 = base
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
-    scalings: torch.Tensor,  # [num_slots] float32
+    scalings: torch.Tensor,  # [num_slices, num_slots] float32
     out: torch.Tensor,  # [num_slices, num_tokens, max_rank], overwritten
 ) -> None:
     """Semantics:
         for each segment g with slot s = seg_slots[g], rows t in seg_indptr[g]:seg_indptr[g+1], slice i, r = ranks[i, s]:
-            out[i, t, :r] = scalings[s] * x[t] @ lora_a[i][s, :r].T
+            out[i, t, :r] = scalings[i, s] * x[t] @ lora_a[i][s, :r].T
             out[i, t, r:] = 0                       (and out[i, t] = 0 for s == -1)
     """
     out.zero_()
@@ -44,7 +48,7 @@ def sgmv_shrink(
             rank = slice_ranks[i][slot]
             if rank == 0:
                 continue
-            out[i, rows, :rank] = (x[rows] @ a[slot, :rank].T) * scales[slot]
+            out[i, rows, :rank] = (x[rows] @ a[slot, :rank].T) * scales[i][slot]
 
 
 def sgmv_expand(
@@ -78,7 +82,7 @@ def bgmv_shrink(
     lora_a: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, in_features]
     token_slots: torch.Tensor,  # [num_tokens] int32, -1 = base
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
-    scalings: torch.Tensor,  # [num_slots] float32
+    scalings: torch.Tensor,  # [num_slices, num_slots] float32
     out: torch.Tensor,  # [num_slices, num_tokens, max_rank], overwritten
 ) -> None:
     """Semantics: sgmv_shrink with one segment per token (slot token_slots[t])."""
@@ -89,7 +93,7 @@ def bgmv_shrink(
         # Zero the columns past each row's rank so padded weights never leak into the result.
         keep = (rank_positions[None, :] < ranks[i][slots][:, None]) & active[:, None]
         delta = torch.bmm(a[slots], x.unsqueeze(-1)).squeeze(-1)  # [num_tokens, max_rank]
-        out[i] = torch.where(keep, delta * scalings[slots].to(x.dtype)[:, None], torch.zeros_like(delta))
+        out[i] = torch.where(keep, delta * scalings[i][slots].to(x.dtype)[:, None], torch.zeros_like(delta))
 
 
 def bgmv_expand(

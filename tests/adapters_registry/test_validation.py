@@ -102,7 +102,20 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
     "not lora": (edit_config(peft_type="IA3"), E.UnsupportedConfigError, "peft_type is 'IA3'"),
     "dora": (edit_config(use_dora=True), E.UnsupportedConfigError, "use_dora=True: DoRA"),
     "modules_to_save": (edit_config(modules_to_save=["lm_head"]), E.UnsupportedConfigError, "modules_to_save"),
-    "rank_pattern": (edit_config(rank_pattern={"q_proj": 8}), E.UnsupportedConfigError, "rank_pattern"),
+    "rank_pattern mismatch": (
+        edit_config(rank_pattern={"v_proj": 2, "q_proj": 8}),
+        E.RankError,
+        f"'{A_KEY}' has shape [4, 16], i.e. rank 4, but adapter_config.json says r=8 for model.layers.0.self_attn.q_proj",
+    ),
+    "rank_pattern over max": (
+        edit_config(rank_pattern={"q_proj": 512}),
+        E.RankError,
+        "rank_pattern['q_proj']=512 exceeds the registry's maximum rank 256",
+    ),
+    "rank_pattern zero": (edit_config(rank_pattern={"q_proj": 0}), E.AdapterConfigError, "rank_pattern['q_proj']"),
+    "rank_pattern list": (edit_config(rank_pattern=["q_proj"]), E.AdapterConfigError, "rank_pattern must map"),
+    "alpha_pattern bad regex": (edit_config(alpha_pattern={"(*": 4}), E.AdapterConfigError, "not a valid regex"),
+    "alpha_pattern string": (edit_config(alpha_pattern={"q_proj": "8"}), E.AdapterConfigError, "positive numbers"),
     "unknown field": (edit_config(use_magic=True), E.UnsupportedConfigError, "unsupported field use_magic=True"),
     "trained bias": (edit_config(bias="all"), E.UnsupportedConfigError, "bias='all'"),
     "bad regex targets": (edit_config(target_modules="(*proj"), E.AdapterConfigError, "is not a valid regex"),
@@ -285,6 +298,27 @@ def test_peft_extras_that_are_off_are_accepted(store: AdapterStore, make_adapter
     )
     record = store.push(directory, "team-a/ok")
     assert record.use_rslora and record.scaling == pytest.approx(8 / 2)
+
+
+def test_rank_and_alpha_patterns_are_read_as_peft_reads_them(store: AdapterStore, make_adapter: AdapterFactory) -> None:
+    """PEFT's get_pattern_key: the first key (in the file's order) matching the end of the module path wins."""
+    from adapters_registry.peft_config import check_config
+
+    # Tensors of rank 4 everywhere; r says 8, the patterns bring every module back to 4.
+    pattern = {r"layers\.0\.self_attn\.q_proj": 4, "q_proj": 2, "v_proj": 4, "layers.1.self_attn.q_proj": 6}
+    with pytest.raises(errors.RankError, match=r"r=2 for model\.layers\.1\.self_attn\.q_proj"):
+        store.push(make_adapter(config={"r": 8, "rank_pattern": pattern}), "team-a/patterns")
+    fitting = {r"layers\.0\.self_attn\.q_proj": 4, "v_proj": 4, "layers.1.self_attn.q_proj": 4}
+    assert store.push(make_adapter(config={"r": 8, "rank_pattern": fitting}), "team-a/patterns").version == 1
+    settings = check_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                             "rank_pattern": pattern, "alpha_pattern": {"q_proj": 1}}, max_rank=64)  # fmt: skip
+    assert settings.rank_of("model.layers.0.self_attn.q_proj") == 4  # the first matching key, not the most specific
+    assert settings.rank_of("model.layers.1.self_attn.q_proj") == 2
+    assert settings.rank_of("model.layers.1.self_attn.k_proj") == 8  # no key matches: r
+    assert settings.rank_of("model.layers.1.self_attn.xq_proj") == 8  # keys match whole dotted components only
+    assert settings.scaling_of("model.layers.1.self_attn.q_proj") == 1 / 2
+    assert settings.scaling_of("model.layers.1.self_attn.v_proj") == 16 / 4
+    assert settings.max_rank == 8
 
 
 BASE_CONFIG = {

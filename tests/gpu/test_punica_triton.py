@@ -1,8 +1,9 @@
 """Triton LoRA kernels vs the torch reference on CUDA, at Llama-3-8B shapes (hidden 4096; q/k/v slices 4096/1024/1024).
 
-Cases: Punica's popularity patterns x ranks (8, 16, 64, mixed) x batch sizes (1, 8, 32, 128 requests), as SGMV
+Cases: Punica's popularity patterns x ranks (8, 16, 64, mixed, uneven) x batch sizes (1, 8, 32, 128 requests), as SGMV
 prefill segments (1-16 tokens per request) and BGMV decode (one token per request, unsorted), with base rows, a
-spare slot, rank-0 slices and padding past each rank filled with a large value (reading it fails loudly).
+spare slot, rank-0 slices, a rank and scaling per slice of each slot (PEFT's rank_pattern / alpha_pattern) and
+padding past each rank filled with a large value (reading it fails loudly).
 
 Tolerance (bf16): the truth is the reference run in fp32 on the same bf16 values. Every output must satisfy
     max |triton - truth| <= 2^-6 * max |truth|

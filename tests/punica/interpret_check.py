@@ -28,6 +28,8 @@ CASES = [
     ("identical", "8", 40, "bgmv", 1, [16, 32], torch.float32),
     ("skewed", "mixed", 8, "sgmv", 2, [40], torch.float16),
     ("uniform", "8", 6, "sgmv", 3, [16, 16, 16, 16], torch.float32),
+    ("zipf", "uneven", 7, "sgmv", 3, [24, 16], torch.float32),
+    ("uniform", "uneven", 9, "bgmv", 1, [16, 8, 8], torch.float32),
 ]
 
 

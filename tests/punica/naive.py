@@ -26,7 +26,7 @@ def naive_lora(case: LoRACase, row_slots: list[int]) -> tuple[torch.Tensor, torc
             continue
         for i, (a, b) in enumerate(zip(case.lora_a, case.lora_b, strict=True)):
             rank = int(case.ranks[i, slot])
-            shrunk[i, row, :rank] = case.scalings[slot] * (a[slot, :rank] @ case.x[row])
+            shrunk[i, row, :rank] = case.scalings[i, slot] * (a[slot, :rank] @ case.x[row])
             columns = slice(case.slice_offsets[i], case.slice_offsets[i] + b.shape[1])
             delta[row, columns] = b[slot, :, :rank] @ shrunk[i, row, :rank]
     return shrunk, delta

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 import torch
 
 PATTERNS = ("distinct", "uniform", "zipf", "identical", "skewed")
-RANK_SETTINGS: dict[str, tuple[int, ...]] = {"8": (8,), "16": (16,), "64": (64,), "mixed": (8, 16, 32, 64)}
+# "mixed": each slot's slices take different ranks, as one adapter's modules do under PEFT's rank_pattern; "uneven":
+# ranks that fill no tile (a kernel that rounds a rank up to its block reads the padding).
+RANK_SETTINGS: dict[str, tuple[int, ...]] = {
+    "8": (8,), "16": (16,), "64": (64,), "mixed": (8, 16, 32, 64), "uneven": (3, 5, 12, 40),
+}  # fmt: skip
 # Padding past an adapter's rank holds this (finite, so 0 * padding stays 0): a kernel that reads it fails loudly.
 PADDING_VALUE = 100.0
 
@@ -23,7 +27,7 @@ class LoRACase:
     lora_a: list[torch.Tensor]  # num_slices x [num_slots, max_rank, in_features]
     lora_b: list[torch.Tensor]  # num_slices x [num_slots, out_features_i, max_rank]
     ranks: torch.Tensor  # [num_slices, num_slots] int32
-    scalings: torch.Tensor  # [num_slots] float32
+    scalings: torch.Tensor  # [num_slices, num_slots] float32
     slice_offsets: list[int]  # [num_slices]
     token_slots: torch.Tensor  # [num_tokens] int32, -1 = base (BGMV view of the batch)
     seg_indptr: torch.Tensor  # [num_requests + 1] int32 (SGMV view: one segment per request)
@@ -122,13 +126,15 @@ def make_case(
         _padded(randn(num_slots, n, max_rank) / max_rank**0.5, ranks[i], rank_dim=2).to(dtype)
         for i, n in enumerate(out_features)
     ]
-    alphas = torch.tensor([8.0, 16.0, 32.0], device=device)[torch.arange(num_slots, device=device) % 3]
+    # Each slice of each slot has its own alpha and rank, so its own scaling (PEFT's alpha_pattern / rank_pattern).
+    slot_plus_slice = torch.arange(num_slots, device=device)[None, :] + torch.arange(len(out_features), device=device)[:, None]
+    alphas = torch.tensor([8.0, 16.0, 32.0], device=device)[slot_plus_slice % 3]
     return LoRACase(
         x=randn(int(seg_indptr[-1]), in_features).to(dtype),
         lora_a=lora_a,
         lora_b=lora_b,
         ranks=ranks,
-        scalings=alphas / ranks.max(dim=0).values.clamp(min=1),
+        scalings=alphas / ranks.clamp(min=1),
         slice_offsets=[sum(out_features[:i]) for i in range(len(out_features))],
         token_slots=torch.repeat_interleave(slot_tensor, lengths).to(device),
         seg_indptr=seg_indptr.to(device),

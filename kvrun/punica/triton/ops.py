@@ -10,7 +10,7 @@ What a CUDA-graphed caller preallocates (allocate before capture, update in plac
     - for BGMV, one `LoRAKernelMeta(max_tokens, num_slots, device)`; call `group_tokens(token_slots)` once per
       step and pass the result as `groups=` to every bgmv_* call of the step (without it each call sorts again
       into fresh, graph-pool memory: correct, but a few extra launches per call),
-    - ranks [num_slices, num_slots] int32 and scalings [num_slots] float32 per layer, updated in place on load,
+    - ranks and scalings [num_slices, num_slots] (int32, float32) per layer, updated in place on load,
 and runs each batch-size bucket once before capturing it, so Triton compiles its kernels outside the capture.
 The ops themselves allocate nothing, sync nothing and size their grids from shapes alone. Layout they require:
 A and B rank-contiguous as [num_slots, max_rank, in] / [num_slots, out_i, max_rank] (all A slices alike), and
@@ -71,7 +71,7 @@ def shrink(
     lora_a: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, in_features]
     groups: SlotGroups,
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
-    scalings: torch.Tensor,  # [num_slots] float32
+    scalings: torch.Tensor,  # [num_slices, num_slots] float32
     out: torch.Tensor,  # [num_slices, num_tokens, max_rank], overwritten
 ) -> None:
     """Semantics: `kvrun.punica.ref.sgmv_shrink` over the groups (a group is a segment)."""

@@ -1,4 +1,4 @@
-"""LoRA shrink: out[i, t, :r] = scaling[s] * x[t] @ lora_a[i][s, :r].T, all slices of a layer in one launch.
+"""LoRA shrink: out[i, t, :r] = scaling[i, s] * x[t] @ lora_a[i][s, :r].T, all slices of a layer in one launch.
 
 Grid: (row tiles, slices x rank blocks, split-K). A program loads one adapter's A tile once for a whole tile of rows
 of that adapter, stops at the slot's rank (rank blocks at or past it exit before loading anything), and with an
@@ -40,6 +40,7 @@ def _shrink_kernel(
     stride_a_rank,
     stride_out_slice,
     stride_ranks_slice,
+    stride_scalings_slice,
     NUM_SLICES: tl.constexpr,
     MAX_RANK: tl.constexpr,
     RANK_BLOCKS: tl.constexpr,
@@ -90,7 +91,7 @@ def _shrink_kernel(
             accumulator += tl.dot(x_tile, a_tile)
         x_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    accumulator *= tl.load(scalings_ptr + slot)
+    accumulator *= tl.load(scalings_ptr + slice_id * stride_scalings_slice + slot)
 
     out_ptrs = out_ptr + slice_id * stride_out_slice + tokens[:, None] * MAX_RANK + rank_offsets[None, :]
     out_mask = row_mask[:, None] & rank_mask[None, :]
@@ -107,7 +108,7 @@ def launch_shrink(
     group_starts: torch.Tensor,  # [num_groups + 1] int32
     group_slots: torch.Tensor,  # [num_groups] int32, -1 = base
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
-    scalings: torch.Tensor,  # [num_slots] float32
+    scalings: torch.Tensor,  # [num_slices, num_slots] float32
     out: torch.Tensor,  # [num_slices, num_tokens, max_rank], overwritten
 ) -> None:
     _check_shrink(x, lora_a, ranks, scalings, out)
@@ -134,7 +135,7 @@ def launch_shrink(
             group_starts,
             group_slots,
             ranks[first:],
-            scalings,
+            scalings[first:],
             num_groups,
             in_features,
             k_per_split,
@@ -143,6 +144,7 @@ def launch_shrink(
             chunk[0].stride(1),
             out.stride(0),
             ranks.stride(0),
+            scalings.stride(0),
             NUM_SLICES=len(chunk),
             MAX_RANK=max_rank,
             RANK_BLOCKS=rank_blocks,
@@ -167,5 +169,6 @@ def _check_shrink(x, lora_a, ranks, scalings, out) -> None:
         raise ValueError("x and lora_a need contiguous last dimensions, out contiguous [num_tokens, max_rank] slices")
     if out.shape != (len(lora_a), x.shape[0], first.shape[1]):
         raise ValueError(f"out is {tuple(out.shape)}, expected {(len(lora_a), x.shape[0], first.shape[1])}")
-    if ranks.shape != (len(lora_a), first.shape[0]) or ranks.stride(1) != 1 or scalings.stride(0) != 1:
-        raise ValueError("ranks must be [num_slices, num_slots] with contiguous rows; scalings contiguous")
+    for name, table in (("ranks", ranks), ("scalings", scalings)):
+        if table.shape != (len(lora_a), first.shape[0]) or table.stride(1) != 1:
+            raise ValueError(f"{name} must be [num_slices, num_slots] with contiguous rows")

@@ -1,0 +1,86 @@
+"""Every PEFT LoRA feature kvrun serves, made by PEFT itself on tiny random models (fp32), served in one mixed batch
+with a plain LoRA adapter and base rows: each row's greedy tokens equal HF + PEFT run on that row alone, logprobs
+within 1e-4 relative. Each feature runs on Llama and on at least one other family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvrun import LLM
+from tests.models.families import FAMILIES, CachedReference, PeftSpec, make_peft_adapter, tiny_checkpoint
+from tests.models.test_families import assert_rows_match, generate, rows_for
+
+PLAIN = "plain"
+
+
+class FeatureModel:
+    """A tiny base model of one family with a plain LoRA adapter beside the feature adapters a test adds."""
+
+    def __init__(self, family: str, root: Path, **config) -> None:
+        self.family = FAMILIES[family]
+        self.root = root
+        self.base = tiny_checkpoint(self.family, root / "base", seed=3, **config)
+        self.adapters: dict[str, Path] = {}
+        self.add(PeftSpec(PLAIN, 8, list(self.family.attention), alpha=16.0))
+
+    def add(self, spec: PeftSpec) -> str:
+        self.adapters[spec.name] = make_peft_adapter(self.base, spec, self.root / spec.name, seed=len(self.adapters) + 1)
+        return spec.name
+
+    def check_mixed_batch(self, *names: str, max_lora_rank: int = 16, **llm_options) -> None:
+        """names and the plain adapter in one engine, two rows each, plus base rows; every row matches HF + PEFT."""
+        served = {name: self.adapters[name] for name in (*names, PLAIN)}
+        llm = LLM(str(self.base), max_loras=len(served), max_lora_rank=max_lora_rank, num_blocks=96, block_size=4,
+                  **llm_options)  # fmt: skip
+        for name, directory in served.items():
+            llm.load_adapter(name, directory)
+        rows = rows_for(list(served))
+        assert_rows_match(generate(llm, rows), rows, CachedReference(self.base, served))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> FeatureModel:
+    return FeatureModel("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory) -> FeatureModel:
+    return FeatureModel("qwen2", tmp_path_factory.mktemp("qwen2"))
+
+
+# -- per-module ranks and alphas ---------------------------------------------------------------------------------------
+def _pattern_spec(family) -> PeftSpec:
+    """Keys as PEFT reads them: a leaf name, a dotted suffix naming one layer's module, and a regex; the first key
+    that matches wins, so the order matters (q_proj of layer 0 takes 12, not 2)."""
+    q, k, v = family.attention[:3]
+    down = family.mlp[-1]
+    rank_pattern = {rf"layers\.0\.self_attn\.{q}": 12, q: 2, k: 3, f"model.layers.1.mlp.{down}": 16}
+    alpha_pattern = {v: 5.0, rf"layers\.[01]\.mlp\.{down}": 32.0}
+    return PeftSpec("patterns", 4, [q, k, v, down], alpha=8.0,
+                    extra={"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_rank_and_alpha_patterns_match_peft(family, request):
+    model: FeatureModel = request.getfixturevalue(family)
+    name = model.add(_pattern_spec(model.family))
+    model.check_mixed_batch(name)
+
+
+def test_rank_pattern_shapes_are_what_peft_saved(llama):
+    from safetensors.torch import load_file
+
+    name = llama.add(_pattern_spec(llama.family))
+    tensors = load_file(llama.adapters[name] / "adapter_model.safetensors")
+    ranks = {key.split(".lora_A")[0].removeprefix("base_model.model."): t.shape[0] for key, t in tensors.items()
+             if ".lora_A." in key}  # fmt: skip
+    assert ranks["model.layers.0.self_attn.q_proj"] == 12 and ranks["model.layers.1.self_attn.q_proj"] == 2
+    assert ranks["model.layers.1.mlp.down_proj"] == 16 and ranks["model.layers.0.mlp.down_proj"] == 4
+    llm = LLM(str(llama.base), max_loras=1, max_lora_rank=16, num_blocks=16, block_size=4)
+    parsed = llm.engine.adapters.parse_path(name, llama.adapters[name])
+    assert {module: a.shape[0] for module, (a, _) in parsed.weights.items()} == ranks
+    assert parsed.scaling("model.layers.0.self_attn.v_proj") == 5.0 / 4
+    assert parsed.scaling("model.layers.1.mlp.down_proj") == 32.0 / 16
+    assert parsed.scaling("model.layers.0.self_attn.q_proj") == 8.0 / 12
