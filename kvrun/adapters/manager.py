@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
 
 
+class AdapterLoadError(RuntimeError):
+    """An adapter version's weights could not be placed in a slot (e.g. its files vanished): its requests end."""
+
+
 class UnknownAdapterError(LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"adapter {name!r} is not loaded")
@@ -129,8 +133,13 @@ class LoRAManager:
         if evicted is not None:
             self._forget_if_idle(evicted)
         if needs_load:
-            parsed = self.host.get(ref, self._sources[ref], keep=self._in_use)
-            self._write_slot(slot, parsed)
+            try:
+                parsed = self.host.get(ref, self._sources[ref], keep=self._in_use)
+                self._write_slot(slot, parsed)
+            except Exception as error:
+                self.slots.release(ref)
+                self.slots.discard(ref)
+                raise AdapterLoadError(f"adapter {ref} could not be loaded into a slot: {error}") from error
         return slot
 
     def release(self, ref: AdapterRef) -> None:

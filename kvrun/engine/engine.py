@@ -166,8 +166,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step. Never raises for one row: a row that fails ends alone with finish_reason "error"."""
         batch = self.scheduler.schedule()
+        failed = [self._end_with_error(request, reason) for request, reason in self.scheduler.take_failed()]
         if batch is None:
-            return []
+            return failed
         try:
             logits = self.runner.execute(batch)
         except BaseException:
@@ -175,7 +176,12 @@ class LLMEngine:
             raise
         requests = [self._requests[scheduled.request_id] for scheduled in batch.sampling_requests()]
         sampled = sample(logits, [request.sampling for request in requests])
-        return [self._settle(request, result) for request, result in zip(requests, sampled)]
+        return failed + [self._settle(request, result) for request, result in zip(requests, sampled)]
+
+    def _end_with_error(self, request: Request, reason: str) -> RequestOutput:
+        logger.warning("request %s failed: %s", request.request_id, reason)
+        request.finish_reason, request.stop_reason, request.error = "error", None, reason
+        return self._finish(request)
 
     def _settle(self, request: Request, result: SampledToken | SamplingFailure) -> RequestOutput:
         """Append the row's token, or end the request with the reason it has none; either way one output."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvrun.adapters.manager import LoRAManager
+from kvrun.adapters.manager import AdapterLoadError, LoRAManager
 from kvrun.config import SchedulerConfig
 from kvrun.engine.block_manager import BlockManager, block_key, root_key
 from kvrun.engine.request import Request, RequestStatus
@@ -68,6 +68,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        self._failed: list[tuple[Request, str]] = []  # requests that can never run (their adapter failed to load)
         self._cached_this_step: list[int] = []  # blocks this step offered to the prefix cache
 
     def add(self, request: Request) -> None:
@@ -84,6 +85,11 @@ class Scheduler:
         if not step.preempted:
             self._admit(step)
         return self._batch(step) if step.rows else None
+
+    def take_failed(self) -> list[tuple[Request, str]]:
+        """Requests the last schedule() found can never run, with why; the engine ends each one alone."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def abandon_step(self) -> None:
         """The last scheduled step failed: its K/V may be half written, so no later request may reuse them."""
@@ -108,7 +114,13 @@ class Scheduler:
             if not count or not self.blocks.can_grow(request.block_table, request.num_computed_tokens + count):
                 self._drop_blocks(request)
                 break  # memory is the queue's order: nobody behind may jump a request that waits for blocks
-            if not self._pin_adapter(request):
+            try:
+                pinned = self._pin_adapter(request)
+            except AdapterLoadError as error:
+                self._drop_blocks(request)
+                self._failed.append((request, str(error)))
+                continue  # it ends with this error (LLMEngine.step); the queue goes on
+            if not pinned:
                 self._drop_blocks(request)
                 continue  # its adapter waits for a slot; others behind it may run
             self.blocks.grow(request.block_table, request.num_computed_tokens + count)

@@ -158,3 +158,28 @@ def test_a_failed_generate_leaves_nothing_queued(tiny_gqa):
     assert engine.blocks.num_free == engine.blocks.num_blocks
     assert all(engine.adapters.slots.pins(ref) == 0 for ref in engine.adapters.slots.resident())
     assert llm.generate([[5, 6]], GREEDY)[0].finish_reason == "length"  # still serving
+
+
+def test_an_adapter_whose_weights_cannot_be_reloaded_fails_its_requests_alone(tiny_gqa, tmp_path):
+    """A path-loaded adapter evicted from host memory and slot, whose directory is then gone: its requests end with
+    finish_reason "error"; base rows and other adapters in the same steps go on, and the engine keeps serving."""
+    import shutil
+
+    base, adapters = tiny_gqa
+    moved = tmp_path / "attn-r4"
+    shutil.copytree(adapters["attn-r4"], moved)
+    llm = LLM(str(base), max_loras=2, max_lora_rank=16, num_blocks=64, block_size=4)
+    llm.load_adapter("doomed", moved)
+    llm.load_adapter("fine", adapters["all-r8"])
+    manager = llm.engine.adapters
+    ref = manager.resolve("doomed")
+    manager.host.drop(ref)
+    shutil.rmtree(moved)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    outputs = llm.generate(prompts, params, adapters=["doomed", None, "fine"])
+    assert outputs[0].finish_reason == "error" and "could not be loaded" in outputs[0].error
+    assert [o.finish_reason for o in outputs[1:]] == ["length", "length"]
+    alone = llm.generate(prompts[1:], params, adapters=[None, "fine"])
+    assert [o.token_ids for o in outputs[1:]] == [o.token_ids for o in alone]
+    assert not llm.engine.has_unfinished() and manager.slots.pins(ref) == 0
