@@ -33,13 +33,15 @@ _HARMLESS_FIELDS = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "lora_dropout", "init_lora_weights", "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
+    # Describes the base layer's weight layout (GPT-2's Conv1D stores [in, out]); PEFT sets it per module type and
+    # stores lora_A [r, in] / lora_B [out, r] either way, so the delta is the same.
+    "fan_in_fan_out",
 }  # fmt: skip
 
 # Fields the engine does not implement, with the reason given to the user when they are switched on.
 _UNSUPPORTED_FIELDS = {
     "use_dora": "DoRA adds a magnitude vector the engine does not apply",
     "modules_to_save": "fully fine-tuned modules (modules_to_save) cannot be hot-swapped per request",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights) is not supported",
     "lora_bias": "LoRA bias terms (lora_bias) are not supported",
     "layer_replication": "layer_replication changes the base model's layer layout",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",

@@ -30,6 +30,8 @@ FAMILY_SHAPES = {  # what the tiny CPU overrides set that must follow the larger
     "mistral": dict(sliding_window=24),
     "qwen2": dict(sliding_window=24),
     "starcoder2": dict(sliding_window=24),
+    "gpt2": dict(n_inner=1024),  # learned positions, Conv1D weights, no rotary
+    "gpt_neox": dict(rotary_pct=0.5),  # partial rotary in the fused kernel, per-head fused qkv
 }  # fmt: skip
 
 

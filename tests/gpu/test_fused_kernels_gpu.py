@@ -76,6 +76,21 @@ def test_rotary(fused):
     torch.testing.assert_close(k_out, k_expected, **TOLERANCE)
 
 
+@pytest.mark.parametrize("rotary_dim", [32, 48, 64])  # NeoX rotary_pct 0.25, a non-power-of-two half, Phi 0.5
+def test_partial_rotary(fused, rotary_dim):
+    from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
+
+    torch.manual_seed(4)
+    rotary = RotaryEmbedding(RopeSpec(10000.0, HEAD_DIM, rotary_dim, 4096), max_positions=4096).to("cuda", DTYPE)
+    positions = torch.randint(0, 4096, (NUM_TOKENS,), device="cuda")
+    q, k, _ = strided_qkv()
+    q_out, k_out = fused.rotary(positions, q, k, rotary.cos, rotary.sin)
+    q_expected, k_expected = rotary(positions, q, k)  # built without fused=True: the torch path
+    torch.testing.assert_close(q_out, q_expected, **TOLERANCE)
+    torch.testing.assert_close(k_out, k_expected, **TOLERANCE)
+    torch.testing.assert_close(q_out[..., rotary_dim:], q[..., rotary_dim:], rtol=0, atol=0)
+
+
 def test_silu_and_mul(fused):
     torch.manual_seed(2)
     gate_up = torch.randn(NUM_TOKENS, 2 * INTERMEDIATE, dtype=DTYPE, device="cuda")

@@ -22,6 +22,8 @@ class Family:
     overrides: dict = field(default_factory=dict)
     attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # LoRA-targetable leaves (HF names)
     mlp: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    attention_path: str = "model.layers.{i}.self_attn"  # HF module path of layer i's attention
+    layers_pattern: str = "layers"
 
 
 FAMILIES = {
@@ -42,6 +44,11 @@ FAMILIES = {
     "starcoder2": Family("starcoder2", "Starcoder2Config", dict(sliding_window=7, use_bias=True),
                          mlp=("c_fc", "c_proj")),
     "cohere": Family("cohere", "CohereConfig", dict(use_qk_norm=True, logit_scale=0.5, attention_bias=True)),
+    "gpt2": Family("gpt2", "GPT2Config", dict(n_inner=96), attention=("c_attn", "attn.c_proj"),
+                   mlp=("c_fc", "mlp.c_proj"), attention_path="transformer.h.{i}.attn", layers_pattern="h"),
+    "gpt_neox": Family("gpt_neox", "GPTNeoXConfig", dict(rotary_pct=0.5, rotary_emb_base=500.0),
+                       attention=("query_key_value", "dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
+                       attention_path="gpt_neox.layers.{i}.attention"),
 }  # fmt: skip
 
 
@@ -50,7 +57,8 @@ def _randomise(model: torch.nn.Module, seed: int, std: float) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):  # scales near 1 (or near 0 for (1 + w) norms: still random)
+            is_norm = "norm" in name or ".ln_" in name  # GPT-2's ln_1, Falcon's ln_attn, ...
+            if is_norm and name.endswith("weight"):  # scales near 1 (or near 0 for (1 + w) norms: still random)
                 param.copy_(1 + (torch.rand(param.shape, generator=generator) - 0.5) * 10 * std)
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
@@ -80,12 +88,13 @@ class PeftSpec:
 
 def standard_adapters(family: Family) -> list[PeftSpec]:
     """≥ 3 adapters as teams train them: all-linear, a list with exclude_modules, an MLP-only rsLoRA on layer 0."""
-    first_attention = f"model.layers.1.self_attn.{family.attention[0]}"
+    first_attention = f"{family.attention_path.format(i=1)}.{family.attention[0]}"
     return [
         PeftSpec("all-linear-r8", 8, "all-linear"),
         PeftSpec("attn-r4-excl", 4, list(family.attention), alpha=8.0, extra={"exclude_modules": [first_attention]}),
         PeftSpec("mlp-r16-rs-l0", 16, list(family.mlp), alpha=8.0,
-                 extra={"use_rslora": True, "layers_to_transform": [0], "layers_pattern": "layers"}),  # fmt: skip
+                 extra={"use_rslora": True, "layers_to_transform": [0],
+                        "layers_pattern": family.layers_pattern}),  # fmt: skip
     ]
 
 

@@ -74,7 +74,8 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_si
 
 REFUSED = {
     "unknown architecture": ({"architectures": ["MambaForCausalLM"]}, "'MambaForCausalLM' is not supported"),
-    "classic family not yet served": ({"architectures": ["GPT2LMHeadModel"], "n_embd": 16}, "supported: "),
+    "gpt2 cross-attention": ({"architectures": ["GPT2LMHeadModel"], "n_embd": 16, "n_head": 2, "n_layer": 1,
+                              "vocab_size": 8, "add_cross_attention": True}, "cross-attention"),
     "missing key": ({**LLAMA, "hidden_size": None}, "no 'hidden_size'"),
     "unknown rope type": ({**LLAMA, "rope_scaling": {"type": "mrope", "factor": 2}}, "rope type 'mrope'"),
     "rope without its factor": ({**LLAMA, "rope_scaling": {"rope_type": "linear"}}, "needs 'factor'"),
@@ -99,6 +100,6 @@ def test_what_kvrun_cannot_compute_is_refused_by_name(case):
 
 def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(ModelConfigError) as error:
-        read_model_config({"architectures": ["FalconForCausalLM"]}, "x")
+        read_model_config({"architectures": ["RwkvForCausalLM"]}, "x")
     for architecture in supported_architectures():
         assert architecture in str(error.value)

@@ -98,7 +98,8 @@ def add_rms_norm(
 
 @triton.jit
 def _rotate_heads(src_ptr, dst_ptr, row, row_stride, head_stride, num_heads, cos1, cos2, sin1, sin2,
-                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_PASS: tl.constexpr):
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < num_heads) & (dims < HALF)
@@ -106,9 +107,14 @@ def _rotate_heads(src_ptr, dst_ptr, row, row_stride, head_stride, num_heads, cos
     first = tl.load(src, mask=mask, other=0.0)
     second = tl.load(src + HALF, mask=mask, other=0.0)
     first32, second32 = first.to(tl.float32), second.to(tl.float32)
-    dst = dst_ptr + row * num_heads * 2 * HALF + heads * 2 * HALF + dims
+    dst = dst_ptr + row * num_heads * HEAD_DIM + heads * HEAD_DIM + dims
     tl.store(dst, (first32 * cos1 - second32 * sin1).to(first.dtype), mask=mask)
     tl.store(dst + HALF, (second32 * cos2 + first32 * sin2).to(first.dtype), mask=mask)
+    if HEAD_DIM > 2 * HALF:  # partial rotary: the features past the rotary ones are copied as they are
+        rest = tl.arange(0, BLOCK_PASS)[None, :]
+        rest_mask = (heads < num_heads) & (rest < HEAD_DIM - 2 * HALF)
+        kept = tl.load(src_ptr + row * row_stride + heads * head_stride + 2 * HALF + rest, mask=rest_mask, other=0.0)
+        tl.store(dst_ptr + row * num_heads * HEAD_DIM + heads * HEAD_DIM + 2 * HALF + rest, kept, mask=rest_mask)
 
 
 @triton.jit
@@ -117,6 +123,7 @@ def _rotary_kernel(
     q_row_stride, q_head_stride, k_row_stride, k_head_stride, cos_row_stride, sin_row_stride,
     num_q_heads, num_kv_heads,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_PASS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + row).to(tl.int64)
@@ -128,29 +135,33 @@ def _rotary_kernel(
     sin1 = tl.load(sin_ptr + position * sin_row_stride + dims, mask=mask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + position * sin_row_stride + HALF + dims, mask=mask, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, q_out_ptr, row, q_row_stride, q_head_stride, num_q_heads, cos1, cos2, sin1, sin2,
-                  HALF, BLOCK_HALF, BLOCK_Q_HEADS)
+                  HALF, BLOCK_HALF, BLOCK_Q_HEADS, HEAD_DIM, BLOCK_PASS)
     _rotate_heads(k_ptr, k_out_ptr, row, k_row_stride, k_head_stride, num_kv_heads, cos1, cos2, sin1, sin2,
-                  HALF, BLOCK_HALF, BLOCK_KV_HEADS)
+                  HALF, BLOCK_HALF, BLOCK_KV_HEADS, HEAD_DIM, BLOCK_PASS)
 
 
 def rotary(
     positions: torch.Tensor,  # [num_tokens] int64
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim], any row/head stride, last dim contiguous
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], same
-    cos: torch.Tensor,  # [max_positions, head_dim], model dtype
-    sin: torch.Tensor,  # [max_positions, head_dim], model dtype
+    cos: torch.Tensor,  # [max_positions, rotary_dim], model dtype (rotary_dim <= head_dim, even)
+    sin: torch.Tensor,  # [max_positions, rotary_dim], model dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:  # contiguous (q_out, k_out)
-    """Rotate-half (NeoX) rotary embedding of q and k in one launch (layers.rotary.RotaryEmbedding.forward).
+    """Rotate-half (NeoX) rotary embedding of q and k in one launch (layers.rotary.RotaryEmbedding.forward), over
+    the first rotary_dim features of each head (all of them, or a part: NeoX rotary_pct, Phi partial_rotary_factor).
 
-    Semantics, with x1, x2 = x[..., :half], x[..., half:] and c, s = cos[positions], sin[positions]:
+    Semantics, with half = rotary_dim / 2, x1, x2 = x[..., :half], x[..., half:rotary_dim] and c, s = cos[positions],
+    sin[positions]:
         out[..., :half] = x1 * c[:half] - x2 * s[:half]
-        out[..., half:] = x2 * c[half:] + x1 * s[half:]
+        out[..., half:rotary_dim] = x2 * c[half:] + x1 * s[half:]
+        out[..., rotary_dim:] = x[..., rotary_dim:]
     computed in fp32 from the stored values and rounded once. Torch rounds each product and the sum to the model
     dtype, so in bf16/fp16 the two differ by at most 1 ulp; in fp32 they agree to fp32 rounding.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    assert head_dim % 2 == 0, "rotate-half needs an even head_dim"
+    rotary_dim = cos.shape[1]
+    assert rotary_dim % 2 == 0 and rotary_dim <= head_dim, "rotate-half needs an even rotary_dim <= head_dim"
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
     q_out = torch.empty((num_tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((num_tokens, num_kv_heads, head_dim), dtype=k.dtype, device=k.device)
@@ -158,9 +169,10 @@ def rotary(
         positions, q, k, cos, sin, q_out, k_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
         num_q_heads, num_kv_heads,
-        HALF=head_dim // 2, BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        HALF=rotary_dim // 2, BLOCK_HALF=triton.next_power_of_2(rotary_dim // 2),
         BLOCK_Q_HEADS=triton.next_power_of_2(num_q_heads),
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
+        HEAD_DIM=head_dim, BLOCK_PASS=triton.next_power_of_2(max(1, head_dim - rotary_dim)),
         num_warps=4,
     )
     return q_out, k_out

@@ -18,9 +18,11 @@ class Projection(nn.Linear):
     checkpoint naming is declared here once and the loader, LoRA wrapping and adapter shape tables all derive from it.
     """
 
-    def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool) -> None:
+    def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool, transposed: bool = False) -> None:
+        """transposed: the checkpoint stores weights as [in, out] (GPT-2's Conv1D); they are loaded as [out, in]."""
         super().__init__(in_features, sum(output_slices.values()), bias=bias)
         self.output_slices = dict(output_slices)
+        self.transposed = transposed
 
     def slice_rows(self, name: str) -> slice:
         start = 0
@@ -35,6 +37,8 @@ class Projection(nn.Linear):
         param = getattr(self, param_name, None)
         if not isinstance(param, torch.Tensor):
             raise ValueError(f"has no place: this layer has no {param_name} (does the config say it has one?)")
+        if self.transposed and param_name == "weight":
+            tensor = tensor.t()
         rows = self.slice_rows(slice_name)
         target = param.data[rows]
         if tuple(tensor.shape) != tuple(target.shape):

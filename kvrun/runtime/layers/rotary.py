@@ -145,9 +145,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, spec: RopeSpec, max_positions: int, fused: bool = False) -> None:
         super().__init__()
         self.spec = spec
-        # The fused Triton kernel covers full-width rotate-half rotation from a table (or per-token rows).
+        # The fused Triton kernel covers rotate-half rotation (full or partial) from a table (or per-token rows).
         self._kernel = None
-        if fused and spec.rotary_dim == spec.head_dim and not spec.interleaved:
+        if fused and not spec.interleaved:
             from kvrun.runtime.layers.fused import rotary as kernel
 
             self._kernel = kernel

@@ -1,8 +1,9 @@
 """The shared decoder every family plug-in configures: attention, MLP and block layouts built from a DecoderSpec.
 
-Module names mirror the HF checkpoints of the Llama lineage (model.embed_tokens, model.layers.N.self_attn,
-model.layers.N.mlp, model.norm, lm_head); projections carry the checkpoint names of the modules they pack as
-output slices, so weights and adapters find their place without per-family tables (kvrun.runtime.models.weights).
+Module names are those of the Llama lineage (model.embed_tokens, model.layers.N.self_attn, model.layers.N.mlp,
+model.norm, lm_head); a family named otherwise (GPT-2's transformer.h.N.attn, ...) renames them by prefix in its
+DecoderSpec.checkpoint_names. Projections carry the checkpoint names of the modules they pack as output slices, so
+weights and adapters find their place without per-family tables (kvrun.runtime.models.weights).
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if len(spec.qkv_slices) == 3:
             slices = dict(zip(spec.qkv_slices, (q_size, kv_size, kv_size)))
-        else:  # the checkpoint stores q, k and v as one module, in that order
+        else:  # the checkpoint stores q, k and v as one module, laid out as spec.qkv_layout says
             slices = {spec.qkv_slices[0]: q_size + 2 * kv_size}
-        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias)
-        self.o_proj = Projection(q_size, {spec.o_slice: config.hidden_size}, spec.o_bias)
+        transposed = config.decoder.transposed_weights
+        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias, transposed)
+        self.o_proj = Projection(q_size, {spec.o_slice: config.hidden_size}, spec.o_bias, transposed)
         self.split = (q_size, kv_size, kv_size)
+        self.grouped = spec.qkv_layout == "grouped"
+        self.clip_qkv = spec.clip_qkv
         self.q_norm = self.k_norm = None
         if spec.qk_norm is not None:
             per_head = spec.qk_norm_per_head
@@ -45,17 +49,33 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden, batch.lora).split(self.split, dim=-1)
+        qkv = self.qkv_proj(hidden, batch.lora)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = self._split_heads(qkv)
         num_tokens = hidden.shape[0]
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = _head_norm(self.q_norm, q), _head_norm(self.k_norm, k)
         if self.rotary is not None:
             q, k = self.rotary(batch.positions, q, k, batch.token_seq_lens)
+        else:  # the backends take strided heads, but a contiguous query keeps every kernel on its fast path
+            q = q.contiguous()
         out = self.backend.forward(q, k, v, kv_cache, self.variant)
         return self.o_proj(out.reshape(num_tokens, -1), batch.lora)
+
+    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[tokens, q + 2 kv] → q [tokens, heads, dim], k and v [tokens, kv_heads, dim] (views where possible)."""
+        num_tokens = qkv.shape[0]
+        if self.grouped:
+            groups = qkv.view(num_tokens, self.num_kv_heads, -1, self.head_dim)
+            q = groups[:, :, :-2].reshape(num_tokens, self.num_heads, self.head_dim)
+            return q, groups[:, :, -2], groups[:, :, -1]
+        q, k, v = qkv.split(self.split, dim=-1)
+        return (
+            q.reshape(num_tokens, self.num_heads, self.head_dim),
+            k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+            v.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+        )
 
 
 def _head_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -65,15 +85,15 @@ def _head_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, spec: MLPSpec, fused: bool) -> None:
+    def __init__(self, hidden_size: int, spec: MLPSpec, fused: bool, transposed: bool = False) -> None:
         super().__init__()
         size = spec.intermediate_size
         if spec.gated and len(spec.in_slices) == 2:
             slices = dict.fromkeys(spec.in_slices, size)
         else:  # one checkpoint module: plain MLP input, or gate and up already fused (Phi-3)
             slices = {spec.in_slices[0]: 2 * size if spec.gated else size}
-        self.gate_up_proj = Projection(hidden_size, slices, spec.bias)
-        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias)
+        self.gate_up_proj = Projection(hidden_size, slices, spec.bias, transposed)
+        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias, transposed)
         self.gated = spec.gated
         if spec.gated and spec.activation in ("silu", "swish") and fused:
             from kvrun.runtime.layers.fused import silu_and_mul
@@ -102,7 +122,7 @@ class DecoderLayer(nn.Module):
         self.block = spec.block
         self.input_layernorm = make_norm(hidden, spec.norm, fused)
         self.self_attn = Attention(config, spec.layers[index], rotary, backend, fused)
-        self.mlp = MLP(hidden, spec.mlp, fused)
+        self.mlp = MLP(hidden, spec.mlp, fused, spec.transposed_weights)
         if self.block != "parallel":
             self.post_attention_layernorm = make_norm(hidden, spec.norm, fused)
         if self.block == "sandwich":
@@ -113,6 +133,10 @@ class DecoderLayer(nn.Module):
         self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch, kv_cache: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) in and out: the stream is hidden + residual, added by the next norm (fused there)."""
+        if self.block == "post_norm":  # the stream is each norm's output: nothing left for the next norm to add
+            stream = hidden if residual is None else hidden + residual
+            normed, _ = self.input_layernorm(self.self_attn(stream, batch, kv_cache), stream)
+            return self.post_attention_layernorm(self.mlp(normed, batch), normed)[0], None
         if residual is None:
             residual, normed = hidden, self.input_layernorm(hidden)
         else:
@@ -121,6 +145,8 @@ class DecoderLayer(nn.Module):
         if self.block == "parallel":
             # HF adds (residual + attention) + mlp; the next norm adds the mlp output to the first sum.
             return self.mlp(normed, batch), residual + attended
+        if self.block == "parallel2":
+            return self.mlp(self.post_attention_layernorm(residual), batch), residual + attended
         if self.block == "sandwich":
             attended = self.post_attention_layernorm(attended)
             normed, residual = self.pre_feedforward_layernorm(attended, residual)
@@ -133,7 +159,17 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool) -> None:
         super().__init__()
         spec = config.decoder
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, spec.embedding_projection or hidden)
+        self.project_in = self.project_out = None
+        if spec.embedding_projection is not None:  # LoRA-targetable: PEFT's "all-linear" adapts them
+            self.project_in = Projection(spec.embedding_projection, {"project_in": hidden}, False)
+            self.project_out = Projection(hidden, {"project_out": spec.embedding_projection}, False)
+        self.embed_positions = None
+        if spec.learned_positions is not None:
+            self.embed_positions = nn.Embedding(spec.learned_positions, hidden)
+        self.position_offset = spec.learned_position_offset
+        self.embed_norm = None if spec.embedding_norm is None else make_norm(hidden, spec.embedding_norm, fused)
         rotaries: dict[RopeSpec, RotaryEmbedding] = {}  # layers with the same rotary settings share one table
         layers = []
         for index, layer in enumerate(spec.layers):
@@ -142,8 +178,31 @@ class DecoderModel(nn.Module):
                 rotary = rotaries.setdefault(layer.rope, RotaryEmbedding(layer.rope, max_positions, fused))
             layers.append(DecoderLayer(config, index, rotary, backend, fused))
         self.layers = nn.ModuleList(layers)
-        self.norm = make_norm(config.hidden_size, spec.norm, fused)
+        self.norm = None if spec.block == "post_norm" else make_norm(hidden, spec.norm, fused)
         self.embedding_scale = spec.embedding_scale
+
+    def embed(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(batch.input_ids)
+        if self.embedding_scale is not None:
+            hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
+        if self.project_in is not None:
+            hidden = self.project_in(hidden, batch.lora)
+        if self.embed_positions is not None:
+            hidden = hidden + self.embed_positions(batch.positions + self.position_offset)
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
+        return hidden
+
+    def final_hidden(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch) -> torch.Tensor:
+        """The last layer's stream → final norm → project_out, for the rows that sample."""
+        last = batch.logits_indices
+        if self.project_out is not None:
+            # project_out may carry LoRA, whose segments index every token of the step: run it on all of them.
+            stream = hidden if residual is None else hidden + residual
+            return self.project_out(stream if self.norm is None else self.norm(stream), batch.lora)[last]
+        if residual is None:
+            return hidden[last] if self.norm is None else self.norm(hidden[last])
+        return self.norm(hidden[last], residual[last])[0]
 
 
 class CausalLM(nn.Module):
@@ -153,8 +212,19 @@ class CausalLM(nn.Module):
         """fused=True (CUDA): norms, rotary and the SwiGLU activation run as single Triton kernels."""
         super().__init__()
         self.config = config
+        spec = config.decoder
         self.model = DecoderModel(config, backend, max_positions, fused)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, False)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            width = spec.embedding_projection or config.hidden_size
+            self.lm_head = nn.Linear(width, config.vocab_size, bias=spec.lm_head_bias)
+        elif spec.lm_head_bias:
+            raise ValueError(f"{config.architecture}: an lm_head bias with tied embeddings is not supported")
+        self._checkpoint_names = dict(spec.checkpoint_names)
+
+    def checkpoint_name(self, path: str) -> str:
+        """The checkpoint's name for a module or parameter path of this model (see DecoderSpec.checkpoint_names)."""
+        return checkpoint_path(path, self._checkpoint_names)
 
     @property
     def needs_token_seq_lens(self) -> bool:
@@ -163,19 +233,14 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits of each request's last token: [batch, vocab]. kv_cache: [layers, pages, 2, page_size, kv_heads, dim]."""
         model = self.model
-        hidden, residual = model.embed_tokens(batch.input_ids), None
-        if model.embedding_scale is not None:
-            hidden = hidden * torch.tensor(model.embedding_scale, dtype=hidden.dtype)
+        hidden, residual = model.embed(batch), None
         for index, layer in enumerate(model.layers):
             hidden, residual = layer(hidden, residual, batch, kv_cache[index])
-        last = batch.logits_indices
-        hidden, _ = model.norm(hidden[last], residual[last])
-        return self.compute_logits(hidden)
+        return self.compute_logits(model.final_hidden(hidden, residual, batch))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         spec = self.config.decoder
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = F.linear(hidden, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
         if spec.logit_scale is not None:
             logits = logits * spec.logit_scale
         if spec.final_logit_soft_cap is not None:
@@ -188,3 +253,17 @@ class CausalLM(nn.Module):
         if self.config.decoder.normalized_lm_head:
             head = self.model.embed_tokens if self.lm_head is None else self.lm_head
             head.weight.copy_(F.normalize(head.weight, dim=-1))
+
+
+def checkpoint_path(path: str, names: dict[str, str]) -> str:
+    """Rename path by the longest prefix (whole dotted parts, layer indices written "{i}") found in names."""
+    if not names:
+        return path
+    parts = path.split(".")
+    generic = ["{i}" if part.isdigit() else part for part in parts]
+    for cut in range(len(parts), 0, -1):
+        target = names.get(".".join(generic[:cut]))
+        if target is not None:
+            index = next((part for part in parts[:cut] if part.isdigit()), "")
+            return ".".join([target.replace("{i}", index), *parts[cut:]]) if target else ".".join(parts[cut:])
+    return path

@@ -26,6 +26,13 @@ class HFConfig:
     def error(self, message: str) -> ModelConfigError:
         return ModelConfigError(f"{self.architecture}: {message}")
 
+    def rename_keys(self, names: dict[str, str]) -> None:
+        """Read the family's own key names under the standard ones (HF's attribute_map: hidden_size ← n_embd, ...);
+        a standard key already present wins."""
+        for standard, own in names.items():
+            if standard not in self.raw and own in self.raw:
+                self.raw[standard] = self.raw[own]
+
     def has(self, key: str) -> bool:
         return key in self.raw
 
@@ -140,6 +147,8 @@ class HFConfig:
         theta_key: str = "rope_theta",
         original_max_position_embeddings: int | None = None,
         interleaved: bool = False,
+        partial_key: str = "partial_rotary_factor",
+        default_partial: float = 1.0,
     ) -> RopeSpec:
         """The rotary embedding of one layer type, as transformers standardises it (`rope_scaling` wins over
         `rope_parameters`; theta and partial_rotary_factor may sit at the top level)."""
@@ -155,7 +164,7 @@ class HFConfig:
         if rope_type not in ROPE_TYPES:
             raise self.error(f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
         theta = params.pop("rope_theta", None) or self.raw.get(theta_key) or default_theta
-        partial = params.pop("partial_rotary_factor", None) or self.raw.get("partial_rotary_factor") or 1.0
+        partial = params.pop("partial_rotary_factor", None) or self.raw.get(partial_key) or default_partial
         if rope_type in ("llama3", "yarn", "longrope"):
             original = original_max_position_embeddings or params.get("original_max_position_embeddings")
             params["original_max_position_embeddings"] = original or max_position_embeddings

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from kvrun.runtime.models import baichuan, cohere, gemma, llama, mistral, phi3, qwen2, starcoder2
+from kvrun.runtime.models import baichuan, cohere, gemma, gpt2, gpt_neox, llama, mistral, phi3, qwen2, starcoder2
 from kvrun.runtime.models.hf_config import HFConfig, ModelConfigError
 from kvrun.runtime.models.spec import ModelConfig
 
-FAMILIES: tuple[ModuleType, ...] = (llama, mistral, qwen2, gemma, phi3, starcoder2, cohere, baichuan)
+FAMILIES: tuple[ModuleType, ...] = (llama, mistral, qwen2, gemma, phi3, starcoder2, cohere, baichuan, gpt2, gpt_neox)
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.ARCHITECTURES}
 _BY_MODEL_TYPE = {model_type: arch for family in FAMILIES for arch, model_type in family.ARCHITECTURES.items()}

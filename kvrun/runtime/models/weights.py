@@ -8,7 +8,7 @@ table (kvrun.runtime.models.manifest), so there is one source of checkpoint nami
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -16,17 +16,25 @@ from torch import nn
 from kvrun.runtime.layers.linear import Projection
 
 # Buffers some checkpoints carry that kvrun recomputes (rotary tables) or never uses.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
+_IGNORED_SUFFIXES = (
+    ".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias", ".attention.masked_bias", ".attention.bias",
+)  # fmt: skip
+
+
+def _renamer(model: nn.Module) -> Callable[[str], str]:
+    """The model's own module path → checkpoint path renaming (identity for Llama-named families)."""
+    return getattr(model, "checkpoint_name", lambda path: path)
 
 
 def projection_slices(model: nn.Module) -> dict[str, tuple[str, str]]:
     """Checkpoint module path → (path of the Projection holding it, slice name), for every Projection."""
+    rename = _renamer(model)
     index = {}
     for path, module in model.named_modules():
         if isinstance(module, Projection):
             parent = path.rpartition(".")[0]
             for slice_name in module.output_slices:
-                index[f"{parent}.{slice_name}" if parent else slice_name] = (path, slice_name)
+                index[rename(f"{parent}.{slice_name}" if parent else slice_name)] = (path, slice_name)
     return index
 
 
@@ -39,20 +47,22 @@ def expected_checkpoint_names(model: nn.Module) -> list[str]:
         names.append(f"{checkpoint_module}.weight")
         if module.bias is not None:
             names.append(f"{checkpoint_module}.bias")
+    rename = _renamer(model)
     for name, _ in model.named_parameters():
         if name.rpartition(".")[0] not in owned:
-            names.append(name)
+            names.append(rename(name))
     return names
 
 
 @torch.no_grad()
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], architecture: str) -> None:
     index = projection_slices(model)
-    params = dict(model.named_parameters())
-    tied = getattr(model, "lm_head", "absent") is None
+    rename = _renamer(model)
+    params = {rename(name): param for name, param in model.named_parameters()}
+    tied_head = rename("lm_head.weight") if getattr(model, "lm_head", "absent") is None else None
     loaded: set[str] = set()
     for name, tensor in weights:
-        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(_IGNORED_SUFFIXES) or name == tied_head:
             continue
         module_path, _, param_name = name.rpartition(".")
         try:

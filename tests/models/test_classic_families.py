@@ -1,0 +1,46 @@
+"""The classic families' variants beyond the default configs of tests/models/families.py: each one computed as HF
+computes it (base rows, fp32, greedy tokens identical and logprobs within 1e-4 relative), and the checkpoint-name
+mapping the non-Llama families rely on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters_registry.peft_config import check_config
+from kvrun.runtime.models.decoder import checkpoint_path
+from tests.models.families import FAMILIES, PeftSpec, make_peft_adapter, tiny_checkpoint
+from tests.models.test_configs import _check_base_parity
+
+
+def test_checkpoint_path_takes_the_longest_prefix():
+    names = {"model": "transformer", "model.layers.{i}": "transformer.h.{i}",
+             "model.layers.{i}.self_attn": "transformer.h.{i}.attn", "lm_head": "embed_out"}  # fmt: skip
+    assert checkpoint_path("model.layers.12.self_attn.c_attn", names) == "transformer.h.12.attn.c_attn"
+    assert checkpoint_path("model.layers.3.mlp.c_fc.weight", names) == "transformer.h.3.mlp.c_fc.weight"
+    assert checkpoint_path("model.norm.weight", names) == "transformer.norm.weight"
+    assert checkpoint_path("lm_head.weight", names) == "embed_out.weight"
+    assert checkpoint_path("model.layers.0.self_attn_norm", names) == "transformer.h.0.self_attn_norm"  # whole parts
+    assert checkpoint_path("model.layers.0.x", {}) == "model.layers.0.x"
+
+
+def test_gpt2_conv1d_adapters_carry_fan_in_fan_out_and_are_accepted(tmp_path):
+    base = tiny_checkpoint(FAMILIES["gpt2"], tmp_path / "base", seed=2, n_inner=96)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        adapter = make_peft_adapter(base, PeftSpec("conv1d", 4, ["c_attn", "c_fc"]), tmp_path / "adapter", seed=1)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True
+    assert check_config(config, max_rank=16).rank == 4
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [
+        ("gpt_neox", dict(use_parallel_residual=False, attention_bias=False, rotary_pct=1.0)),
+        ("gpt2", dict(scale_attn_by_inverse_layer_idx=True, activation_function="gelu", n_inner=96)),
+    ],
+)
+def test_variants_match_hf(family, overrides, tmp_path):
+    base = tiny_checkpoint(FAMILIES[family], tmp_path / "base", seed=5, **overrides)
+    _check_base_parity(base)
