@@ -1,101 +1,185 @@
-"""GGUF (llama.cpp) → HF-style directory for the Llama family: dequantized weights, config, tokenizer."""
+"""GGUF (llama.cpp) → HF-style directory: dequantized weights, config.json, tokenizer.
+
+transformers reads GGUF for most families: it names tensors through the `gguf` package and undoes llama.cpp's
+transforms (Llama's interleaved Q/K rows, Gemma's `norm + 1`). It maps only some metadata keys to the config and
+drops the rest without a word, so kvrun checks every key and tensor of the file first: a key that changes the math
+is applied to the config or refused by name, never ignored.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-import numpy as np
-import torch
 from safetensors.torch import save_file
 
-_LAYER_TENSORS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+logger = logging.getLogger(__name__)
+
+CONVERSION = 2  # part of the converted directory's cache key: bump when the conversion's output changes
+
+# GGUF architecture → the HF architecture kvrun serves it as (transformers reads these files). llama.cpp writes
+# Mistral as "llama" without its sliding window, so such a file is a Llama model (transformers may call it Mistral).
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "starcoder2": "Starcoder2ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Metadata keys (after "<arch>.") that say nothing about the math, or that transformers maps itself.
+_INERT = {"context_length", "rope.scaling.finetuned", "attention.causal", "tensor_data_layout"}
+# Keys kvrun applies itself, since transformers drops them for some architectures: key → config field.
+_APPLIED = {
+    "vocab_size": "vocab_size",
+    "attention.key_length": "head_dim",
+    "attention.sliding_window": "sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+}
+# Gemma 2 / 3 27B scale queries by hidden / heads instead of head_dim; llama.cpp tells them by their layer count.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# A rope scaling kvrun can express: GGUF's scaling type → its HF rope type.
+_ROPE_SCALING = {"none": None, "linear": "linear", "yarn": "yarn"}
+
+
+class GGUFError(ValueError):
+    """A GGUF file kvrun cannot convert faithfully; the message names the key, tensor or architecture."""
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    import torch
     from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     reader = GGUFReader(str(gguf_path))
-    meta = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.")}
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (llama only)")
-    config = _hf_config(meta, reader)
-    num_heads, num_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-
-    tensors: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        weight = torch.from_numpy(np.array(values, dtype=np.float32)).reshape([int(d) for d in reversed(tensor.shape)])
-        name = _hf_name(tensor.name)
-        # llama.cpp stores Q and K rows interleaved for its rotary layout; HF uses the rotate-half layout.
-        if name.endswith("q_proj.weight"):
-            weight = _unpermute(weight, num_heads)
-        elif name.endswith("k_proj.weight"):
-            weight = _unpermute(weight, num_kv_heads)
-        tensors[name] = weight.contiguous()
-    config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in ARCHITECTURES:
+        raise GGUFError(
+            f"{gguf_path.name}: GGUF architecture {arch!r} is not supported; kvrun converts GGUF files of "
+            f"{', '.join(sorted(ARCHITECTURES))}. Give the model's HF directory (config.json + safetensors) instead"
+        )
+    source, name = str(gguf_path.parent), gguf_path.name
+    config = AutoConfig.from_pretrained(source, gguf_file=name)
+    _apply_metadata(reader, arch, config, gguf_path.name)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=name, config=config, dtype=torch.float32, output_loading_info=True
+    )
+    if type(model).__name__ not in (ARCHITECTURES[arch], "MistralForCausalLM" if arch == "llama" else None):
+        raise GGUFError(f"{gguf_path.name}: read as {type(model).__name__}, expected {ARCHITECTURES[arch]}")
+    unplaced = sorted(info.get("unexpected_keys") or ())
+    if unplaced:
+        raise GGUFError(f"{gguf_path.name}: tensors the {arch} config has no place for: {', '.join(unplaced[:5])}")
+    missing = sorted(set(info.get("missing_keys") or ()) - {"lm_head.weight"})
+    if missing:
+        raise GGUFError(f"{gguf_path.name}: tensors missing from the file: {', '.join(missing[:5])}")
+    tensors = {key: value.contiguous() for key, value in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    model.config.architectures = [type(model).__name__]
+    model.config.name_or_path = str(_field(reader, "general.name") or gguf_path.stem)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    _save_tokenizer(gguf_path, out_dir)
+    saved = model.config.to_dict()
+    saved.pop("quantization_config", None)  # the weights written here are dequantized
+    (out_dir / "config.json").write_text(json.dumps(saved, indent=2))
+    _save_tokenizer(reader, gguf_path, out_dir)
 
 
-def _hf_config(meta: dict, reader) -> dict:
-    prefix = "llama."
-    hidden = int(meta[prefix + "embedding_length"])
-    num_heads = int(meta[prefix + "attention.head_count"])
-    vocab = meta.get(prefix + "vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    token_field = reader.fields.get
-    bos = token_field("tokenizer.ggml.bos_token_id")
-    eos = token_field("tokenizer.ggml.eos_token_id")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": int(meta[prefix + "feed_forward_length"]),
-        "num_hidden_layers": int(meta[prefix + "block_count"]),
-        "num_attention_heads": num_heads,
-        "num_key_value_heads": int(meta.get(prefix + "attention.head_count_kv", num_heads)),
-        "head_dim": int(meta.get(prefix + "rope.dimension_count", hidden // num_heads)),
-        "rms_norm_eps": float(meta[prefix + "attention.layer_norm_rms_epsilon"]),
-        "rope_theta": float(meta.get(prefix + "rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(meta.get(prefix + "context_length", 2048)),
-        "vocab_size": int(vocab),
-        "bos_token_id": int(bos.contents()) if bos else None,
-        "eos_token_id": int(eos.contents()) if eos else None,
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
-        "name_or_path": meta.get("general.name", ""),
-    }
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
 
 
-def _hf_name(gguf_name: str) -> str:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
-    return f"{_GLOBAL_TENSORS[parts[0]]}.{parts[1]}"
+def _apply_metadata(reader, arch: str, config, file_name: str) -> None:
+    """Every `<arch>.*` key is understood: mapped by transformers, applied here, checked inert, or refused."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    mapped = set(GGUF_CONFIG_MAPPING.get(arch, {}))
+    prefix = f"{arch}."
+    keys = {key[len(prefix) :]: _field(reader, key) for key in reader.fields if key.startswith(prefix)}
+    for short, field in _APPLIED.items():
+        if short in keys:
+            setattr(config, field, keys[short])
+    if "rope.freq_base" in keys:
+        _set_rope_theta(config, float(keys["rope.freq_base"]))
+    rope_scaling: dict = {}
+    for short, value in keys.items():
+        key = prefix + short
+        if short == "attention.value_length":
+            if value != _head_dim(config):
+                raise GGUFError(f"{file_name}: {key} = {value} differs from the key length {_head_dim(config)}")
+        elif short == "rope.dimension_count":
+            _check_rotary_dim(config, int(value), key, file_name)
+        elif short.startswith("rope.scaling."):
+            rope_scaling[short.removeprefix("rope.scaling.")] = value
+        elif short not in mapped and short not in _INERT and short not in _APPLIED and short != "rope.freq_base":
+            raise GGUFError(f"{file_name}: GGUF key {key} = {value!r} is not understood by kvrun; refusing to guess")
+    _apply_rope_scaling(config, rope_scaling, file_name)
+    for name in ("bos", "eos", "padding"):
+        value = _field(reader, f"tokenizer.ggml.{name}_token_id")
+        setattr(config, "pad_token_id" if name == "padding" else f"{name}_token_id", value)
+    if arch in _GEMMA_27B_LAYERS:
+        # GGUF does not state Gemma's query scale; llama.cpp derives it from the model size, and so does kvrun.
+        large = config.num_hidden_layers == _GEMMA_27B_LAYERS[arch]
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads if large else _head_dim(config)
+    for tensor in reader.tensors:
+        if tensor.name.startswith(("rope_freqs", "rope_factors")):
+            raise GGUFError(
+                f"{file_name}: tensor {tensor.name} (rope frequency factors baked into the file) is not supported; "
+                "give the model's HF directory, whose config states its rope scaling"
+            )
 
 
-def _unpermute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    rows, cols = weight.shape
-    return weight.reshape(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+def _set_rope_theta(config, theta: float) -> None:
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        parameters["rope_theta"] = theta
+    elif isinstance(parameters, dict) and "full_attention" in parameters:  # per layer type (Gemma 3)
+        parameters["full_attention"]["rope_theta"] = theta
+    else:
+        config.rope_theta = theta
 
 
-def _save_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _check_rotary_dim(config, rotary_dim: int, key: str, file_name: str) -> None:
+    partial = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    expected = int(_head_dim(config) * partial)
+    if rotary_dim != expected:
+        raise GGUFError(f"{file_name}: {key} = {rotary_dim}, but the config rotates {expected} dims per head")
+
+
+def _apply_rope_scaling(config, scaling: dict, file_name: str) -> None:
+    kind = scaling.pop("type", "none")
+    if kind not in _ROPE_SCALING:
+        raise GGUFError(f"{file_name}: rope scaling type {kind!r} is not supported (kvrun maps none, linear, yarn)")
+    rope_type = _ROPE_SCALING[kind]
+    if rope_type is None:
+        return
+    update = {"rope_type": rope_type, "factor": float(scaling.pop("factor"))}
+    if "original_context_length" in scaling:
+        update["original_max_position_embeddings"] = int(scaling.pop("original_context_length"))
+    if scaling:
+        raise GGUFError(f"{file_name}: rope scaling keys {sorted(scaling)} are not supported")
+    parameters = getattr(config, "rope_parameters", None)
+    if not isinstance(parameters, dict):
+        config.rope_scaling = update
+    elif "full_attention" in parameters:  # per layer type (Gemma 3): the scaling is the global layers'
+        parameters["full_attention"].update(update)
+    else:
+        parameters.update(update)
+
+
+def _save_tokenizer(reader, gguf_path: Path, out_dir: Path) -> None:
+    if "tokenizer.ggml.model" not in reader.fields:
+        logger.warning("%s carries no tokenizer: prompts must be token ids", gguf_path.name)
+        return
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -68,7 +68,10 @@ def resolve_model(model: str | os.PathLike | None, needs_weights: bool = True) -
 
 def convert_gguf_cached(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    from kvrun.runtime.gguf import CONVERSION
+
+    source = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:conversion-{CONVERSION}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target

@@ -1,8 +1,10 @@
 """Every family on the CUDA path in bf16 (FlashInfer with its sliding-window / soft-cap / scale variants, Triton LoRA
-and fused kernels, CUDA graphs) against HF transformers + PEFT in fp32 on the same card, so the bound measures
-kvrun's own bf16 error, with the tolerances of test_engine_gpu.py: teacher-forced, kvrun's logprob for its own token
-within 0.1 nats of the reference at every step, its token the reference's argmax on >= 95% of steps and the argmax
-or a near-tie (<= 0.05 nats) on >= 99%.
+and fused kernels, CUDA graphs) against HF transformers + PEFT in fp32 on the same card, teacher-forced on kvrun's
+own tokens. kvrun's token must be the fp32 reference's argmax on >= 95% of steps and the argmax or a near-tie
+(<= 0.05 nats) on >= 99%. Its logprob error is bounded by what bf16 itself costs this family: HF + PEFT run in bf16
+on the same rows gives the family's own bf16 error (Gemma's sqrt(hidden) embedding scale and soft-caps make it larger
+than Llama's), and kvrun's error must stay within max(0.1 nats, 2x HF's) at every step and within 1.5x HF's mean
+(plus 0.01 nats) on average.
 
 Shapes use head_dim 128 for every family, as the production models do, so FlashInfer compiles one head size.
 """
@@ -22,7 +24,10 @@ from tests.models.families import FAMILIES, make_peft_adapter, standard_adapters
 GPU_SHAPE = dict(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=512, head_dim=128)  # fmt: skip
 FAMILY_SHAPES = {  # what the tiny CPU overrides set that must follow the larger head
-    "phi3": dict(original_max_position_embeddings=48, partial_rotary_factor=0.5,
+    # Every prompt is longer than original_max_position_embeddings, so LongRoPE's long factors rotate every key both
+    # here and in the teacher-forced reference (a sequence that crosses it mid-generation keeps its early keys rotated
+    # with the short factors, as HF's own generate does, which one teacher-forced pass cannot reproduce).
+    "phi3": dict(original_max_position_embeddings=8, partial_rotary_factor=0.5,
                  rope_scaling={"type": "longrope", "short_factor": [1.0 + i / 64 for i in range(32)],
                                "long_factor": [2.0 + i / 16 for i in range(32)]}),
     "gemma2": dict(sliding_window=24, query_pre_attn_scalar=96),
@@ -48,9 +53,6 @@ def gpu_family(request, tmp_path_factory):
 
 
 def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from kvrun import LLM, SamplingParams
 
     base, adapters = gpu_family
@@ -64,18 +66,39 @@ def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
     outputs = llm.generate([p for p, _ in batch], params, adapters=[a for _, a in batch])
     del llm
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager").cuda()
-    peft = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
-    for name in list(adapters)[1:]:
-        peft.load_adapter(adapters[name], adapter_name=name)
-    peft.eval()
+    references = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        peft = hf_peft(base, adapters, dtype)
+        references[dtype] = [teacher_forced(peft, p, a, o.token_ids) for o, (p, a) in zip(outputs, batch)]
+        del peft
     exact = near = total = 0
-    for output, (prompt, adapter) in zip(outputs, batch):
-        reference = teacher_forced(peft, prompt, adapter, output.token_ids)
+    ours_errors, hf_errors = [], []
+    for row, (output, (_, adapter)) in enumerate(zip(outputs, batch)):
+        reference, hf_bf16 = references[torch.float32][row], references[torch.bfloat16][row]
         for step, token in enumerate(output.token_ids):
             exact += int(reference[step].argmax()) == token
             near += float(reference[step].max() - reference[step, token]) <= NEAR_TIE_NATS
             total += 1
-            assert abs(output.logprobs[step][token] - float(reference[step, token])) <= LOGPROB_ATOL, (adapter, step)
+            ours_errors.append((abs(output.logprobs[step][token] - float(reference[step, token])), adapter, step))
+            hf_errors.append(abs(float(hf_bf16[step, token] - reference[step, token])))
+    ours_max, adapter, step = max(ours_errors)
+    ours_mean = sum(e for e, _, _ in ours_errors) / total
+    hf_max, hf_mean = max(hf_errors), sum(hf_errors) / total
+    print(f"{base.parent.name}: kvrun bf16 error mean {ours_mean:.4f} max {ours_max:.4f} | HF+PEFT bf16 error mean "
+          f"{hf_mean:.4f} max {hf_max:.4f} | greedy agreement {exact}/{total}, with near-ties {near}/{total}")
+    assert ours_max <= max(LOGPROB_ATOL, 2 * hf_max), (adapter, step, ours_max, hf_max)
+    assert ours_mean <= 1.5 * hf_mean + 0.01, (ours_mean, hf_mean)
     assert exact / total >= EXACT_AGREEMENT, f"greedy agreement {exact}/{total}"
     assert near / total >= TIE_AWARE_AGREEMENT, f"agreement counting near-ties {near}/{total}"
+
+
+def hf_peft(base, adapters, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation="eager").cuda()
+    names = list(adapters)
+    peft = PeftModel.from_pretrained(model, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(adapters[name], adapter_name=name)
+    return peft.eval()
