@@ -1,4 +1,4 @@
-"""Imports flow one way: serving → engine → adapters → runtime → punica; the registry imports nothing of kvrun."""
+"""Imports flow one way: serving → engine → structured → adapters → runtime → punica; the registry imports nothing of kvrun."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["kvrun.serving", "kvrun.engine", "kvrun.adapters", "kvrun.runtime", "kvrun.punica"]
+ORDER = ["kvrun.serving", "kvrun.engine", "kvrun.structured", "kvrun.adapters", "kvrun.runtime", "kvrun.punica"]
 
 
 def imported_modules(path: Path) -> set[str]:

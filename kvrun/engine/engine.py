@@ -43,6 +43,7 @@ class LLMEngine:
         self._eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
+        self._grammars = None  # GrammarCompiler, made for the first request with structured output
 
     def _init_pools(self, config: EngineConfig) -> None:
         self.adapters = (
@@ -99,6 +100,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        grammar = None if params.structured_output is None else self.grammars().start(params.structured_output)
         ref = None
         if adapter is not None:
             if self.adapters is None:
@@ -113,6 +115,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         request = Request(request_id, token_ids, params, ref, detokenizer, generator)
+        request.grammar = grammar
         request.sampling = SamplingRow(
             params, generator, request.prompt_token_ids, request.output_token_ids, self._held_token_ids(params)
         )
@@ -125,6 +128,17 @@ class LLMEngine:
         outside = sorted(token for token in params.logit_bias or () if token >= vocab_size)
         if outside:
             raise ValueError(f"logit_bias token ids must be below the vocabulary size {vocab_size}, got {outside[:5]}")
+
+    def grammars(self):
+        """The GrammarCompiler for this model's tokenizer, made on first use (it loads xgrammar and reads the
+        vocabulary). A grammar not in its cache compiles on its worker thread while the request's prompt prefills."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer, and this model has none")
+            from kvrun.structured.compiler import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self._eos)
+        return self._grammars
 
     def _check_length(self, prompt_len: int, max_tokens: int) -> None:
         total = prompt_len + max_tokens
@@ -175,7 +189,11 @@ class LLMEngine:
             self.scheduler.abandon_step()
             raise
         requests = [self._requests[scheduled.request_id] for scheduled in batch.sampling_requests()]
-        sampled = sample(logits, [request.sampling for request in requests])
+        # Filled while the device computes the logits (the forward pass was only launched): rows without a
+        # grammar are neither masked nor waited for.
+        constrained = {row: request.grammar for row, request in enumerate(requests) if request.grammar is not None}
+        allowed = self._grammars.bitmask(constrained) if constrained else None
+        sampled = sample(logits, [request.sampling for request in requests], allowed)
         return failed + [self._settle(request, result) for request, result in zip(requests, sampled)]
 
     def _end_with_error(self, request: Request, reason: str) -> RequestOutput:
@@ -203,6 +221,8 @@ class LLMEngine:
             return self._finish(request, previous_text)
 
     def _append(self, request: Request, token: SampledToken) -> RequestOutput:
+        if request.grammar is not None and not request.grammar.accept(token.token_id):
+            raise RowError(f"token {token.token_id} does not continue the request's structured output")
         request.output_token_ids.append(token.token_id)
         if request.params.logprobs is not None:
             request.logprobs.append({token.token_id: token.logprob, **(token.top_logprobs or {})})
@@ -210,6 +230,8 @@ class LLMEngine:
         if request.detokenizer is not None:
             request.text += request.detokenizer.step(request.output_token_ids)
         check_stop(request, self._eos, len(previous_text))
+        if request.finish_reason is None and request.grammar is not None and request.grammar.terminated:
+            request.finish_reason = "stop"  # the grammar is complete and ended (ignore_eos cannot extend it)
         if request.finish_reason is not None:
             return self._finish(request, previous_text, [token.token_id])
         return self._output(request, previous_text, [token.token_id])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from kvrun.engine.detokenizer import IncrementalDetokenizer
 from kvrun.engine.sampling_params import SamplingParams
 from kvrun.runtime.forward_batch import BASE_SLOT
 from kvrun.runtime.sampler import SamplingRow
+
+if TYPE_CHECKING:  # imports xgrammar; engines load it on the first constrained request
+    from kvrun.structured.compiler import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +49,7 @@ class Request:
     num_preemptions: int = 0
     error: str | None = None  # why it ended, when finish_reason is "error"
     sampling: SamplingRow | None = None  # the sampler's view of this request, set by the engine (shares the lists)
+    grammar: RequestGrammar | None = None  # structured output: where the request stands in its grammar
 
     @property
     def num_tokens(self) -> int:

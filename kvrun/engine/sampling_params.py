@@ -3,28 +3,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# Fields whose behaviour the sampler implements; any other field left at a non-default value is refused by
-# `SamplingParams.__post_init__` so a request never runs with a setting the engine would silently ignore.
-_NOT_YET = ("structured_output",)
+from kvrun.structured.spec import StructuredOutputParams
 
-
-@dataclass(frozen=True, slots=True)
-class StructuredOutputParams:
-    """Constrain generation to a language (vLLM's GuidedDecodingParams); exactly one field is set."""
-
-    json: str | dict | None = None  # a JSON schema (object or its JSON text)
-    json_object: bool = False  # any JSON object
-    regex: str | None = None
-    choice: tuple[str, ...] | None = None  # one of these strings, exactly
-    grammar: str | None = None  # an EBNF / GBNF grammar
-
-    def __post_init__(self) -> None:
-        if self.choice is not None:
-            object.__setattr__(self, "choice", tuple(self.choice))
-        chosen = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
-        chosen += ["json_object"] if self.json_object else []
-        if len(chosen) != 1:
-            raise ValueError(f"structured output needs exactly one of json, json_object, regex, choice, grammar; got {chosen or 'none'}")
+__all__ = ["SamplingParams", "StructuredOutputParams"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +28,9 @@ class SamplingParams:
       × (count > 0), count = occurrences among the generated tokens.
     - logit_bias: {token id: bias in [-100, 100]} added to the logits (ids checked against the model's vocabulary
       when the request is added).
-    - structured_output: constrain the output to a JSON schema, any JSON object, a regex, a choice or a grammar.
+    - structured_output: constrain the output to a JSON schema, any JSON object, a regex, a choice or a grammar
+      (StructuredOutputParams); refused here when it cannot be parsed. The request ends ("stop") once its grammar
+      is complete and the model chose to end it; ignore_eos does not extend a complete grammar.
     - logprobs: None = none; N in [0, 20] = the chosen token's logprob plus the N most likely alternatives. Logprobs
       are always those of the model's raw distribution: before penalties, biases, masks and temperature.
     - skip_special_tokens: leave special tokens out of the text.
@@ -103,14 +86,10 @@ class SamplingParams:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.logit_bias is not None:
             object.__setattr__(self, "logit_bias", _checked_logit_bias(self.logit_bias))
-        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputParams):
-            raise ValueError("structured_output must be a StructuredOutputParams")
+        if self.structured_output is not None:
+            _check_structured_output(self.structured_output)
         if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be an integer in 0..20, got {self.logprobs!r}")
-        defaults = SamplingParams.__dataclass_fields__
-        for name in _NOT_YET:
-            if getattr(self, name) != defaults[name].default:
-                raise ValueError(f"{name} is not supported yet")
 
 
 def _is_int(value: object) -> bool:
@@ -125,6 +104,18 @@ def _check_range(name: str, value: object, low: float, high: float) -> None:
     # `low <= value <= high` is False for NaN, so NaN is refused with the range.
     if not (_is_number(value) and low <= value <= high):
         raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+
+def _check_structured_output(spec: object) -> None:
+    """Parsed now (no tokenizer needed), so a bad schema, regex or grammar is refused before anything is queued."""
+    if not isinstance(spec, StructuredOutputParams):
+        raise ValueError("structured_output must be a StructuredOutputParams")
+    from kvrun.structured.grammar import GrammarError, parse  # imports xgrammar: only for constrained requests
+
+    try:
+        parse(spec)
+    except GrammarError as error:
+        raise ValueError(f"structured_output {error}") from None
 
 
 def _checked_logit_bias(bias: object) -> dict[int, float]:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -68,6 +68,7 @@ class TokenBitmask:
 
     rows: list[int]  # which rows of the batch the masks belong to
     bits: torch.Tensor  # [len(rows), ceil(vocab / 32)] int32, on the host
+    failed: dict[int, str] = field(default_factory=dict)  # rows whose mask could not be made: they fail, alone
 
 
 @dataclass(slots=True)
@@ -90,10 +91,14 @@ def sample(
 ) -> list[SampledToken | SamplingFailure]:
     """logits: [len(rows), vocab], one row per SamplingRow in order. One host sync for the whole batch."""
     try:
-        return _sample(logits, rows, allowed)
+        results = _sample(logits, rows, allowed)
     except Exception:  # noqa: BLE001 - a fault in one row must not cost the others their token
         logger.exception("sampling a batch of %d rows failed; sampling each row alone", len(rows))
-        return [_sample_alone(logits, rows, allowed, index) for index in range(len(rows))]
+        results = [_sample_alone(logits, rows, allowed, index) for index in range(len(rows))]
+    if allowed is not None:
+        for row, reason in allowed.failed.items():
+            results[row] = SamplingFailure(reason)
+    return results
 
 
 def _sample_alone(
@@ -345,14 +350,33 @@ def _token_counts(histories: list[Sequence[int]], vocab: int, device: torch.devi
 
 # -- structured output -------------------------------------------------------------------------------------------------
 def apply_token_bitmask(scores: torch.Tensor, allowed: TokenBitmask) -> None:
-    """Set every token a row's bitmask does not allow to -inf, in place, on the scores' device."""
+    """Set every token a row's bitmask does not allow to -inf, in place, on the scores' device.
+
+    The words are read as little-endian bytes (bit j of word i is bit j % 8 of byte 4i + j // 8), and each byte
+    looks up its eight forbidden flags in a 256-entry table: one gather on the device, no per-bit arithmetic."""
     device = scores.device
-    vocab = scores.shape[1]
-    bits = allowed.bits.to(device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    unpacked = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1).bool()
-    permitted = torch.zeros((len(allowed.rows), vocab), dtype=torch.bool, device=device)
-    width = min(vocab, unpacked.shape[1])
-    permitted[:, :width] = unpacked[:, :width]  # tokens past the mask's vocabulary are never allowed
-    index = _index(allowed.rows, device)
-    scores[index] = scores[index].masked_fill_(~permitted, -math.inf)
+    num_rows, vocab = len(allowed.rows), scores.shape[1]
+    if not num_rows:
+        return
+    data = allowed.bits.to(device, non_blocking=True).contiguous().view(torch.uint8)
+    forbidden = _forbidden_by_byte(device)[data.long()].view(num_rows, -1)
+    if forbidden.shape[1] < vocab:  # a mask narrower than the logits: the tokens past it are never allowed
+        forbidden = torch.nn.functional.pad(forbidden, (0, vocab - forbidden.shape[1]), value=True)
+    forbidden = forbidden[:, :vocab]
+    if allowed.rows == list(range(scores.shape[0])):
+        scores.masked_fill_(forbidden, -math.inf)
+    else:
+        index = _index(allowed.rows, device)
+        scores[index] = scores[index].masked_fill_(forbidden, -math.inf)
+
+
+_FORBIDDEN_BY_BYTE: dict[torch.device, torch.Tensor] = {}
+
+
+def _forbidden_by_byte(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: entry [v, b] is True when bit b of the byte value v is 0 (that token is not allowed)."""
+    table = _FORBIDDEN_BY_BYTE.get(device)
+    if table is None:
+        table = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).eq(0).to(device)
+        _FORBIDDEN_BY_BYTE[device] = table
+    return table
