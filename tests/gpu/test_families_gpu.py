@@ -37,6 +37,10 @@ FAMILY_SHAPES = {  # what the tiny CPU overrides set that must follow the larger
     "starcoder2": dict(sliding_window=24),
     "gpt2": dict(n_inner=1024),  # learned positions, Conv1D weights, no rotary
     "gpt_neox": dict(rotary_pct=0.5),  # partial rotary in the fused kernel, per-head fused qkv
+    "opt": dict(ffn_dim=1024, word_embed_proj_dim=256),  # project_in/out with LoRA, learned positions offset 2
+    "phi": dict(partial_rotary_factor=0.375),  # 48 of 128 features rotate; parallel block, lm_head bias
+    "gpt_bigcode": dict(n_inner=1024),  # multi-query: one KV head for four query heads
+    "falcon": dict(ffn_hidden_size=1024),  # grouped fused qkv with two KV heads, two parallel norms
 }  # fmt: skip
 
 

@@ -49,6 +49,17 @@ FAMILIES = {
     "gpt_neox": Family("gpt_neox", "GPTNeoXConfig", dict(rotary_pct=0.5, rotary_emb_base=500.0),
                        attention=("query_key_value", "dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
                        attention_path="gpt_neox.layers.{i}.attention"),
+    "opt": Family("opt", "OPTConfig", dict(ffn_dim=96, word_embed_proj_dim=48),
+                  attention=("q_proj", "k_proj", "v_proj", "out_proj"), mlp=("fc1", "fc2"),
+                  attention_path="model.decoder.layers.{i}.self_attn"),
+    "phi": Family("phi", "PhiConfig", dict(partial_rotary_factor=0.4, qk_layernorm=True),
+                  attention=("q_proj", "k_proj", "v_proj", "dense"), mlp=("fc1", "fc2")),
+    "gpt_bigcode": Family("gpt_bigcode", "GPTBigCodeConfig", dict(n_inner=96), attention=("c_attn", "attn.c_proj"),
+                          mlp=("c_fc", "mlp.c_proj"), attention_path="transformer.h.{i}.attn", layers_pattern="h"),
+    "falcon": Family("falcon", "FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2, bias=True,
+                                                    ffn_hidden_size=96, rope_theta=500.0),
+                     attention=("query_key_value", "self_attention.dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
+                     attention_path="transformer.h.{i}.self_attention", layers_pattern="h"),
 }  # fmt: skip
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from adapters_registry.peft_config import check_config
 from kvrun.runtime.models.decoder import checkpoint_path
+from kvrun.runtime.models.hf_config import ModelConfigError
+from kvrun.runtime.models.registry import read_model_config
 from tests.models.families import FAMILIES, PeftSpec, make_peft_adapter, tiny_checkpoint
 from tests.models.test_configs import _check_base_parity
 
@@ -39,8 +41,30 @@ def test_gpt2_conv1d_adapters_carry_fan_in_fan_out_and_are_accepted(tmp_path):
     [
         ("gpt_neox", dict(use_parallel_residual=False, attention_bias=False, rotary_pct=1.0)),
         ("gpt2", dict(scale_attn_by_inverse_layer_idx=True, activation_function="gelu", n_inner=96)),
+        ("opt", dict(do_layer_norm_before=False, ffn_dim=96, enable_bias=False)),  # OPT-350m: norms after blocks
+        ("phi", dict(qk_layernorm=False, partial_rotary_factor=0.5)),
+        ("gpt_bigcode", dict(multi_query=False, n_inner=96)),  # q/k/v fused per head
+        ("falcon", dict(new_decoder_architecture=False, multi_query=True, ffn_hidden_size=96)),  # 7B: MQA, one norm
+        ("falcon", dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, num_kv_heads=4,
+                        ffn_hidden_size=96)),
+        ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=1, ffn_hidden_size=96)),
     ],
 )
 def test_variants_match_hf(family, overrides, tmp_path):
     base = tiny_checkpoint(FAMILIES[family], tmp_path / "base", seed=5, **overrides)
     _check_base_parity(base)
+
+
+REFUSED = {
+    "falcon alibi": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                              vocab_size=8, alibi=True), "ALiBi variant"),
+    "opt without norm weights": ("OPTForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                 vocab_size=8, ffn_dim=8, layer_norm_elementwise_affine=False), "elementwise_affine"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_what_the_classic_families_cannot_compute_is_refused_by_name(case):
+    architecture, config, message = REFUSED[case]
+    with pytest.raises(ModelConfigError, match=message):
+        read_model_config({"architectures": [architecture], **config}, "x")

@@ -18,7 +18,7 @@ class Projection(nn.Linear):
     checkpoint naming is declared here once and the loader, LoRA wrapping and adapter shape tables all derive from it.
     """
 
-    def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool, transposed: bool = False) -> None:
+    def __init__(self, in_features: int, output_slices: dict[str, int], bias: bool, *, transposed: bool = False) -> None:
         """transposed: the checkpoint stores weights as [in, out] (GPT-2's Conv1D); they are loaded as [out, in]."""
         super().__init__(in_features, sum(output_slices.values()), bias=bias)
         self.output_slices = dict(output_slices)

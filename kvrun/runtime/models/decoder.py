@@ -34,8 +34,8 @@ class Attention(nn.Module):
         else:  # the checkpoint stores q, k and v as one module, laid out as spec.qkv_layout says
             slices = {spec.qkv_slices[0]: q_size + 2 * kv_size}
         transposed = config.decoder.transposed_weights
-        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias, transposed)
-        self.o_proj = Projection(q_size, {spec.o_slice: config.hidden_size}, spec.o_bias, transposed)
+        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias, transposed=transposed)
+        self.o_proj = Projection(q_size, {spec.o_slice: config.hidden_size}, spec.o_bias, transposed=transposed)
         self.split = (q_size, kv_size, kv_size)
         self.grouped = spec.qkv_layout == "grouped"
         self.clip_qkv = spec.clip_qkv
@@ -92,8 +92,8 @@ class MLP(nn.Module):
             slices = dict.fromkeys(spec.in_slices, size)
         else:  # one checkpoint module: plain MLP input, or gate and up already fused (Phi-3)
             slices = {spec.in_slices[0]: 2 * size if spec.gated else size}
-        self.gate_up_proj = Projection(hidden_size, slices, spec.bias, transposed)
-        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias, transposed)
+        self.gate_up_proj = Projection(hidden_size, slices, spec.bias, transposed=transposed)
+        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias, transposed=transposed)
         self.gated = spec.gated
         if spec.gated and spec.activation in ("silu", "swish") and fused:
             from kvrun.runtime.layers.fused import silu_and_mul
@@ -178,7 +178,7 @@ class DecoderModel(nn.Module):
                 rotary = rotaries.setdefault(layer.rope, RotaryEmbedding(layer.rope, max_positions, fused))
             layers.append(DecoderLayer(config, index, rotary, backend, fused))
         self.layers = nn.ModuleList(layers)
-        self.norm = None if spec.block == "post_norm" else make_norm(hidden, spec.norm, fused)
+        self.norm = make_norm(hidden, spec.norm, fused) if spec.final_norm else None
         self.embedding_scale = spec.embedding_scale
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:

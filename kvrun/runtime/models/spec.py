@@ -56,7 +56,7 @@ class DecoderSpec:
       "sandwich"    x += norm2(attn(norm1(x))); x += norm4(mlp(norm3(x)))                     (Gemma 2/3)
       "parallel"    n = norm1(x); x += attn(n) + mlp(n)                                      (Cohere, Phi, Falcon)
       "parallel2"   x += attn(norm1(x)) + mlp(norm2(x))                                      (NeoX, Falcon 40B+)
-      "post_norm"   x = norm1(x + attn(x)); x = norm2(x + mlp(x)); no final norm             (OPT-350m)
+      "post_norm"   x = norm1(x + attn(x)); x = norm2(x + mlp(x))                             (OPT-350m)
 
     The ends: token embeddings (× embedding_scale) → project_in → + learned position embeddings → embedding_norm
     → layers → final norm → project_out → lm_head (+ bias) → logit scale, soft cap.
@@ -75,6 +75,7 @@ class DecoderSpec:
     embedding_norm: NormSpec | None = None  # a norm right after the embeddings (Bloom)
     embedding_projection: int | None = None  # embeddings (and lm_head) of this width, projected to/from hidden (OPT)
     lm_head_bias: bool = False  # Phi
+    final_norm: bool = True  # False: the last layer's stream goes to the head as it is (OPT-350m)
     transposed_weights: bool = False  # checkpoint projections store [in, out] (GPT-2's Conv1D)
     # kvrun module path → checkpoint module path, for families not named like Llama: (prefix, replacement) pairs,
     # "{i}" standing for a layer index; the longest matching prefix wins (kvrun.runtime.models.weights)
