@@ -41,6 +41,7 @@ FAMILY_SHAPES = {  # what the tiny CPU overrides set that must follow the larger
     "phi": dict(partial_rotary_factor=0.375),  # 48 of 128 features rotate; parallel block, lm_head bias
     "gpt_bigcode": dict(n_inner=1024),  # multi-query: one KV head for four query heads
     "falcon": dict(ffn_hidden_size=1024),  # grouped fused qkv with two KV heads, two parallel norms
+    # bloom and mpt: ALiBi in FlashInfer (prefill, decode and its CUDA graphs)
 }  # fmt: skip
 
 

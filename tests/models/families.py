@@ -60,6 +60,11 @@ FAMILIES = {
                                                     ffn_hidden_size=96, rope_theta=500.0),
                      attention=("query_key_value", "self_attention.dense"), mlp=("dense_h_to_4h", "dense_4h_to_h"),
                      attention_path="transformer.h.{i}.self_attention", layers_pattern="h"),
+    "bloom": Family("bloom", "BloomConfig", {}, attention=("query_key_value", "self_attention.dense"),
+                    mlp=("dense_h_to_4h", "dense_4h_to_h"), attention_path="transformer.h.{i}.self_attention",
+                    layers_pattern="h"),
+    "mpt": Family("mpt", "MptConfig", dict(attn_config={"clip_qkv": 0.6}), attention=("Wqkv", "out_proj"),
+                  mlp=("up_proj", "down_proj"), attention_path="transformer.blocks.{i}.attn", layers_pattern="blocks"),
 }  # fmt: skip
 
 

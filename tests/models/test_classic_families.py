@@ -58,6 +58,11 @@ def test_variants_match_hf(family, overrides, tmp_path):
 REFUSED = {
     "falcon alibi": ("FalconForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
                                               vocab_size=8, alibi=True), "ALiBi variant"),
+    "mpt learned positions": ("MptForCausalLM", dict(d_model=64, n_heads=4, n_layers=1, vocab_size=8,
+                                                     attn_config={"alibi": False}), "attn_config.alibi"),
+    "mpt slopes": ("MptForCausalLM", dict(d_model=60, n_heads=6, n_layers=1, vocab_size=8), "power-of-two"),
+    "bloom post-norm residual": ("BloomForCausalLM", dict(hidden_size=64, n_head=4, n_layer=1, vocab_size=8,
+                                 apply_residual_connection_post_layernorm=True), "apply_residual_connection"),
     "opt without norm weights": ("OPTForCausalLM", dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=1,
                                  vocab_size=8, ffn_dim=8, layer_norm_elementwise_affine=False), "elementwise_affine"),
 }  # fmt: skip

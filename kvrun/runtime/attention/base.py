@@ -9,6 +9,7 @@ KV cache layout, per layer (FlashInfer "NHD" paged layout):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,11 +45,27 @@ class AttentionVariant:
     scale:           multiplies q·k (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window:  a query at position p sees keys at p - sliding_window + 1 .. p; None = all
     logits_soft_cap: scores become cap * tanh(scores / cap) before masking and softmax; None = off
+    alibi:           scores (after scaling) gain slope_h * (key position - query position), with head h's slope
+                     from alibi_slopes(num_heads) (Bloom, MPT); the model has no rotary embedding then
     """
 
     scale: float
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
+    alibi: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alibi and self.logits_soft_cap is not None:
+            raise ValueError("ALiBi with a logit soft cap is not supported")
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """[num_heads] fp32: the ALiBi slopes of Press et al. as Bloom and FlashInfer compute them: 2^(-8 i / n) for
+    the n = largest power of two <= num_heads heads, then every other slope of the 2n series for the rest."""
+    n = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-4.0 * i / n) for i in range(1, 2 * (num_heads - n), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 class AttentionBackend(Protocol):

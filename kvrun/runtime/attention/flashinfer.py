@@ -87,8 +87,11 @@ class FlashInferBackend:
 
 def _variant_arguments(variant: AttentionVariant) -> dict:
     # FlashInfer's window_left counts the keys left of the query's own: a window of W keys is window_left W - 1.
+    # ALiBi: FlashInfer adds slope_h * (key - query) to the scaled scores with its own slopes for the planned head
+    # count, the formula of attention.base.alibi_slopes.
     return {
         "sm_scale": variant.scale,
         "window_left": -1 if variant.sliding_window is None else variant.sliding_window - 1,
         "logits_soft_cap": variant.logits_soft_cap or 0.0,
+        "pos_encoding_mode": "ALIBI" if variant.alibi else "NONE",
     }

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, write_kv
+from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, alibi_slopes, write_kv
 
 
 class TorchReferenceBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.slopes = alibi_slopes(num_heads)  # [heads] fp32, used by ALiBi variants only
         self._metadata: AttentionMetadata | None = None
         self._page_table: torch.Tensor | None = None  # [batch, max_pages] for the batched decode gather
         self._key_positions: torch.Tensor | None = None  # [max_pages * page_size]
@@ -51,11 +52,19 @@ class TorchReferenceBackend:
             values = kv_cache[pages, 1].reshape(-1, self.num_kv_heads, kv_cache.shape[-1])[:seq_len]
             # Query j sits at position seq_len - query_len + j and sees every key up to it.
             query_positions = torch.arange(seq_len - query_len, seq_len, device=q.device)
-            mask = _visible(query_positions, torch.arange(seq_len, device=q.device), variant)
+            key_positions = torch.arange(seq_len, device=q.device)
+            mask = _visible(query_positions, key_positions, variant)
+            bias = self._alibi(query_positions, key_positions) if variant.alibi else None
             rows = slice(qo[index], qo[index + 1])
             queries = q[rows].transpose(0, 1)
-            out[rows] = self._attend(queries, keys.transpose(0, 1), values.transpose(0, 1), mask, variant).transpose(0, 1)
+            attended = self._attend(queries, keys.transpose(0, 1), values.transpose(0, 1), mask, variant, bias)
+            out[rows] = attended.transpose(0, 1)
         return out
+
+    def _alibi(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """[heads, queries, keys] fp32: slope_h * (key position - query position)."""
+        distance = (key_positions[None, :] - query_positions[:, None]).float()
+        return self.slopes.to(distance.device)[:, None, None] * distance[None]
 
     def _decode(self, q, kv_cache, variant: AttentionVariant) -> torch.Tensor:
         batch, max_pages = self._page_table.shape
@@ -63,14 +72,20 @@ class TorchReferenceBackend:
         keys = kv_cache[self._page_table, 0].reshape(batch, max_pages * kv_cache.shape[2], self.num_kv_heads, head_dim)
         values = kv_cache[self._page_table, 1].reshape(batch, -1, self.num_kv_heads, head_dim)
         mask = _visible(self._query_positions, self._key_positions, variant)[:, None, None, :]
+        bias = None
+        if variant.alibi:  # one query per row: [heads, batch, keys] → [batch, heads, 1, keys]
+            bias = self._alibi(self._query_positions, self._key_positions).transpose(0, 1)[:, :, None, :]
         queries = q.unsqueeze(2)  # [batch, heads, 1, head_dim]
-        out = self._attend(queries, keys.transpose(1, 2), values.transpose(1, 2), mask, variant)
+        out = self._attend(queries, keys.transpose(1, 2), values.transpose(1, 2), mask, variant, bias)
         return out.squeeze(2)
 
-    def _attend(self, q, keys, values, mask, variant: AttentionVariant) -> torch.Tensor:
-        """q [..., heads, q_len, dim]; keys/values [..., kv_heads, k_len, dim]; mask broadcastable, True = attend."""
+    def _attend(self, q, keys, values, mask, variant: AttentionVariant, bias=None) -> torch.Tensor:
+        """q [..., heads, q_len, dim]; keys/values [..., kv_heads, k_len, dim]; mask broadcastable, True = attend;
+        bias (ALiBi, never with a soft cap) broadcastable to the scores, added after scaling."""
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if variant.logits_soft_cap is None:
+            if bias is not None:  # SDPA adds a float mask to the scaled scores
+                mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=variant.scale, enable_gqa=self.num_heads != self.num_kv_heads
             )

@@ -10,13 +10,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from kvrun.runtime.models import (
-    baichuan, cohere, falcon, gemma, gpt2, gpt_bigcode, gpt_neox, llama, mistral, opt, phi, phi3, qwen2, starcoder2,
+    baichuan, bloom, cohere, falcon, gemma, gpt2, gpt_bigcode, gpt_neox, llama, mistral, mpt, opt, phi, phi3, qwen2,
+    starcoder2,
 )  # fmt: skip
 from kvrun.runtime.models.hf_config import HFConfig, ModelConfigError
 from kvrun.runtime.models.spec import ModelConfig
 
 FAMILIES: tuple[ModuleType, ...] = (
     llama, mistral, qwen2, gemma, phi3, starcoder2, cohere, baichuan, gpt2, gpt_neox, opt, phi, gpt_bigcode, falcon,
+    bloom, mpt,
 )  # fmt: skip
 
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.ARCHITECTURES}
