@@ -47,6 +47,9 @@ class DecodeGraphs:
         sizes = [size for size in BUCKETS if size < max_batch_size] + [max_batch_size]
         self.buckets = {size: _Bucket(size, runner.device, max_pages_per_seq) for size in sizes}
         self.pool = None
+        # One side stream for every capture: cuBLAS keeps a workspace per stream (32 MiB on Hopper), so a fresh
+        # stream per graph would leave one workspace behind for each captured graph.
+        self.stream = torch.cuda.Stream(runner.device)
         for size in sorted(self.buckets, reverse=True):  # largest first, so smaller graphs reuse its memory
             self._capture(self.buckets[size])
         logger.info("captured decode graphs for batch sizes %s", sorted(self.buckets))
@@ -64,14 +67,14 @@ class DecodeGraphs:
         self._fill(bucket, [])
         for uses_lora in (True, False) if self.with_lora else (False,):
             batch = self._forward_batch(bucket, uses_lora)
-            stream = torch.cuda.Stream()
+            stream = self.stream
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up: Triton autotuning and FlashInfer JIT happen outside the capture
                     runner.model(batch, runner.kv_cache)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
                 bucket.logits[uses_lora] = runner.model(batch, runner.kv_cache)
             self.pool = graph.pool()
             bucket.graphs[uses_lora] = graph

@@ -30,6 +30,8 @@ GPU_MAX_NUM_SEQS = 256
 # A mixed step of ~512 tokens costs little more than a decode step on a large model (its GEMMs are still near the
 # memory-bound regime), so running streams keep their pace while prompts are chunked in.
 GPU_MAX_NUM_BATCHED_TOKENS = 512
+# cuBLAS's workspace for the one stream graphs are captured on (PyTorch's default on Hopper: 8 x 4 MiB).
+CAPTURE_STREAM_WORKSPACE = 32 * MIB
 LORA_SHARE = 0.25
 MAX_AUTO_LORAS = 64
 # The sampler's working copies of a row's logits at their worst (top-k/top-p rows): fp32 logits, log-probabilities,
@@ -117,7 +119,7 @@ def graph_pool_bytes(inputs: PlanInputs, decode_activations: int) -> int:
         return 0
     graphs_per_size = 2 if inputs.graphs_with_lora else 1
     kept_logits = sum(inputs.graph_batch_sizes) * inputs.vocab_size * inputs.logits_element_bytes * graphs_per_size
-    return decode_activations + kept_logits
+    return decode_activations + kept_logits + CAPTURE_STREAM_WORKSPACE
 
 
 def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
