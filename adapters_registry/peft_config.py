@@ -38,18 +38,64 @@ _HARMLESS_FIELDS = {
     "fan_in_fan_out",
 }  # fmt: skip
 
-# Fields the engine does not implement, with the reason given to the user when they are switched on.
-_UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA adds a magnitude vector the engine does not apply",
+# What PEFT can save that kvrun does not serve, each refused by name with the reason given here: the registry at push
+# and the engine at load read this one table, so both refuse with the same words.
+UNSERVED_FIELDS = {
+    "use_dora": "DoRA (use_dora) adds a magnitude vector the engine does not apply yet",
     "modules_to_save": "fully fine-tuned modules (modules_to_save) cannot be hot-swapped per request",
-    "lora_bias": "LoRA bias terms (lora_bias) are not supported",
+    "lora_bias": "LoRA bias terms (lora_bias) are not applied yet",
     "layer_replication": "layer_replication changes the base model's layer layout",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
-    "trainable_token_indices": "trainable token embeddings are not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "use_qalora": "QALoRA is not supported",
-    "megatron_config": "Megatron-parallel LoRA layers are not supported",
+    "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the adapter only from the invocation "
+    "tokens on, which the engine does not do; serving it as a plain LoRA would give different outputs",
+    "use_qalora": "QALoRA (use_qalora) is not supported",
+    "megatron_config": "Megatron-parallel LoRA layers (megatron_config) are not supported",
+    "velora_config": "the VeLoRA variant (velora_config) is not supported",
+    "monteclora_config": "the MonteCLoRA variant (monteclora_config) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "arrow_config": "Arrow routing among LoRA experts (arrow_config) is not supported",
+    "kasa_config": "the KaSA variant (kasa_config) is not supported",
 }
+UNSERVED_BIAS = {
+    "all": "bias='all' retrains every bias of the base model, which the engine cannot swap per request; only "
+    "bias='none' is served",
+    "lora_only": "bias='lora_only' retrains the biases of the adapted base layers, which the engine cannot swap per "
+    "request; only bias='none' is served",
+}
+# peft_type → the method's name: every PEFT method but LoRA changes the model in ways the LoRA kernels do not compute.
+UNSERVED_PEFT_TYPES = {
+    "LOHA": "LoHa (low-rank Hadamard product)", "LOKR": "LoKr (low-rank Kronecker product)",
+    "IA3": "IA3 (learned activation scaling)", "OFT": "OFT (orthogonal fine-tuning)",
+    "BOFT": "BOFT (butterfly orthogonal fine-tuning)", "ADALORA": "AdaLoRA (SVD-form LoRA with a learned spectrum)",
+    "VERA": "VeRA (shared random projections)", "FOURIERFT": "FourierFT", "HRA": "HRA (Householder reflections)",
+    "VBLORA": "VB-LoRA (vector bank)", "XLORA": "X-LoRA (mixture of LoRA experts)", "RANDLORA": "RandLoRA",
+    "SHIRA": "SHiRA (sparse high-rank adapters)", "MISS": "MiSS", "ROAD": "RoAd (2D rotations)",
+    "C3A": "C3A (circular convolution)", "LN_TUNING": "LN tuning (retrained layer norms)",
+    "TRAINABLE_TOKENS": "trainable tokens", "POLY": "Poly (routed adapters)", "PROMPT_TUNING": "prompt tuning",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning", "P_TUNING": "P-tuning", "PREFIX_TUNING": "prefix tuning",
+    "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter)", "CPT": "context-aware prompt tuning",
+}  # fmt: skip
+
+
+# Tensors PEFT saves for the features above, for an adapter whose config does not admit to them (hand-edited, or
+# saved by an older PEFT): the pattern of the key, and what it is.
+_UNSERVED_TENSORS = (
+    (r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", "a DoRA magnitude vector (use_dora)"),
+    (r"\.lora_embedding_[AB](\.[^.]+)?$", "a LoRA weight of an embedding layer"),
+    (r"\.lora_B(\.[^.]+)?\.bias$", "a LoRA bias (lora_bias)"),
+    (r"\.trainable_tokens_delta(\.[^.]+)?$", "a trainable-token embedding delta (trainable_token_indices)"),
+    (r"\.alora_", "an activated-LoRA tensor"),
+    (r"\.(hada|lokr)_", "a LoHa/LoKr weight"),
+    (r"\.ia3_l", "an IA3 scaling vector"),
+    (r"\.oft_", "an OFT rotation"),
+)
+
+
+def unserved_tensor(key: str) -> str | None:
+    """What a saved tensor that is no LoRA A/B weight belongs to, when it belongs to a PEFT feature kvrun does not
+    serve; None when it is not recognised."""
+    return next((what for pattern, what in _UNSERVED_TENSORS if re.search(pattern, key)), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +199,6 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
     if not isinstance(config, dict):
         raise AdapterConfigError(f"{CONFIG_FILE} must be a JSON object")
     _check_feature_fields(config)
-    if config.get("peft_type") != "LORA":
-        raise UnsupportedConfigError(
-            f"{CONFIG_FILE}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are served"
-        )
     rank = config.get("r")
     if type(rank) is not int or rank < 1:
         raise AdapterConfigError(f"{CONFIG_FILE}: r must be a positive integer, got {rank!r}")
@@ -202,13 +244,22 @@ def _pattern(config: dict, field: str, valid, what: str) -> tuple[tuple[str, obj
 
 
 def _check_feature_fields(config: dict[str, object]) -> None:
+    """Refuse, by name, every method, variant and option in config that the engine would not compute as PEFT does."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        method = UNSERVED_PEFT_TYPES.get(peft_type) if isinstance(peft_type, str) else None
+        named = f" ({method})" if method else ""
+        raise UnsupportedConfigError(
+            f"{CONFIG_FILE}: peft_type is {peft_type!r}{named}; kvrun serves LoRA adapters (peft_type 'LORA') only"
+        )
     bias = config.get("bias", "none")
     if bias != "none":
-        raise UnsupportedConfigError(f"{CONFIG_FILE}: bias={bias!r} trains base-layer biases; only 'none' is served")
+        reason = UNSERVED_BIAS.get(bias, "only bias='none' is served") if isinstance(bias, str) else "only 'none'"
+        raise UnsupportedConfigError(f"{CONFIG_FILE}: unsupported bias={bias!r}: {reason}")
     for field, value in config.items():
         if field in _SERVED_FIELDS or field in _HARMLESS_FIELDS or value in (None, False, "", [], {}):
             continue
-        reason = _UNSUPPORTED_FIELDS.get(field, "this registry does not know the field, so it cannot be served safely")
+        reason = UNSERVED_FIELDS.get(field, "this registry does not know the field, so it cannot be served safely")
         raise UnsupportedConfigError(f"{CONFIG_FILE}: unsupported field {field}={value!r}: {reason}")
 
 

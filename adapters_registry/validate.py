@@ -22,7 +22,7 @@ from adapters_registry.errors import (
     ValidationError,
     WeightMagnitudeError,
 )
-from adapters_registry.peft_config import CONFIG_FILE, LoraSettings, parse_config
+from adapters_registry.peft_config import CONFIG_FILE, LoraSettings, parse_config, unserved_tensor
 from adapters_registry.safetensors_format import TensorInfo, check_finite, decode, find_at_least, parse_header
 
 log = logging.getLogger(__name__)
@@ -167,10 +167,9 @@ def _explain_bad_key(key: str) -> str:
     prefix = f"{WEIGHTS_FILE}: tensor {key!r}"
     if re.search(r"\.lora_[AB]\.[^.]+\.weight$", key):
         return f"{prefix} carries an adapter name; save with PEFT's save_pretrained, which strips it"
-    if "lora_embedding_" in key:
-        return f"{prefix} is an embedding LoRA, which is not supported"
-    if "lora_magnitude_vector" in key:
-        return f"{prefix} is a DoRA magnitude vector; DoRA is not supported"
+    what = unserved_tensor(key)
+    if what is not None:
+        return f"{prefix} is {what}, which kvrun does not serve"
     return f"{prefix} is not a PEFT LoRA weight (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load
 
 from adapters_registry import check_lora_magnitude
 from adapters_registry.errors import ValidationError
-from adapters_registry.peft_config import check_config
+from adapters_registry.peft_config import check_config, unserved_tensor
 from kvrun.adapters.ref import AdapterRef
 from kvrun.runtime.models.manifest import lora_targets
 from kvrun.runtime.models.spec import ModelConfig
@@ -130,6 +130,9 @@ def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tupl
     for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
+            what = unserved_tensor(key)
+            if what is not None:
+                raise fail(f"{WEIGHTS_FILE}: tensor {key!r} is {what}, which kvrun does not serve")
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA A/B weight)")
         module, side = match["module"], match["side"]
         if module not in targets.modules:

@@ -74,6 +74,10 @@ def _embedding(tensors):
     tensors["base_model.model.model.embed_tokens.lora_A.weight"] = torch.zeros(4, 64)
 
 
+def _dora_vector(tensors):
+    tensors[first_key(tensors, "A").replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(64)
+
+
 def _int_weights(tensors):
     key = first_key(tensors, "A")
     tensors[key] = tensors[key].to(torch.int32)
@@ -112,6 +116,7 @@ CASES = {
     "shape": (lambda d: edit_weights(d, _wrong_shape), "has shape"),
     "layer out of range": (lambda d: edit_weights(d, _layer_out_of_range), "not a LoRA-targetable module .*2 layers"),
     "embedding key": (lambda d: edit_weights(d, _embedding), "embed_tokens"),
+    "dora vector without use_dora": (lambda d: edit_weights(d, _dora_vector), "is a DoRA magnitude vector"),
     "integer weights": (lambda d: edit_weights(d, _int_weights), "dtype"),
     "impossible magnitude": (lambda d: edit_weights(d, _huge_weights), "the bound for a trained LoRA weight"),
 }

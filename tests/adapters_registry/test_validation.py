@@ -155,7 +155,12 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
     "embedding lora": (
         replace_tensor(EMBEDDING_KEY, torch.zeros(4, 8, dtype=HALF)),
         E.TensorNameError,
-        "embedding LoRA",
+        "is a LoRA weight of an embedding layer, which kvrun does not serve",
+    ),
+    "dora vector without use_dora": (
+        replace_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(16)),
+        E.TensorNameError,
+        "is a DoRA magnitude vector (use_dora), which kvrun does not serve",
     ),
     "nan f16": (
         edit_tensors(set_element(A_KEY, float("nan"), HALF)),
