@@ -26,7 +26,7 @@ ALL_LINEAR = "all-linear"
 # Fields the engine reads and applies.
 _SERVED_FIELDS = {
     "peft_type", "r", "target_modules", "exclude_modules", "lora_alpha", "use_rslora", "bias", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias",
 }  # fmt: skip
 # Fields that may hold any value: bookkeeping, training-only or initialization-only settings.
 _HARMLESS_FIELDS = {
@@ -43,7 +43,6 @@ _HARMLESS_FIELDS = {
 UNSERVED_FIELDS = {
     "use_dora": "DoRA (use_dora) adds a magnitude vector the engine does not apply yet",
     "modules_to_save": "fully fine-tuned modules (modules_to_save) cannot be hot-swapped per request",
-    "lora_bias": "LoRA bias terms (lora_bias) are not applied yet",
     "layer_replication": "layer_replication changes the base model's layer layout",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
@@ -83,7 +82,6 @@ UNSERVED_PEFT_TYPES = {
 _UNSERVED_TENSORS = (
     (r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", "a DoRA magnitude vector (use_dora)"),
     (r"\.lora_embedding_[AB](\.[^.]+)?$", "a LoRA weight of an embedding layer"),
-    (r"\.lora_B(\.[^.]+)?\.bias$", "a LoRA bias (lora_bias)"),
     (r"\.trainable_tokens_delta(\.[^.]+)?$", "a trainable-token embedding delta (trainable_token_indices)"),
     (r"\.alora_", "an activated-LoRA tensor"),
     (r"\.(hada|lokr)_", "a LoHa/LoKr weight"),
@@ -111,6 +109,7 @@ class LoraSettings:
     # PEFT's per-module overrides of r and lora_alpha, in the file's order: (key, value), the key a regex
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    lora_bias: bool = False  # every LoRA module's lora_B has a bias (PEFT saves `<module>.lora_B.bias`)
 
     @property
     def max_rank(self) -> int:
@@ -212,17 +211,22 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
         if value > max_rank:
             raise RankError(f"{CONFIG_FILE}: rank_pattern[{key!r}]={value} exceeds {rank_limit} {max_rank}")
     alpha_pattern = _pattern(config, "alpha_pattern", _positive_number, "positive numbers")
-    use_rslora = config.get("use_rslora", False)
-    if type(use_rslora) is not bool:
-        raise AdapterConfigError(f"{CONFIG_FILE}: use_rslora must be true or false, got {use_rslora!r}")
+    use_rslora, lora_bias = _flag(config, "use_rslora"), _flag(config, "lora_bias")
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
     return LoraSettings(
         rank, float(alpha), _names_or_pattern(config, "target_modules", required=True), use_rslora, base_model or None,
         _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config), rank_pattern,
-        tuple((key, float(value)) for key, value in alpha_pattern),
+        tuple((key, float(value)) for key, value in alpha_pattern), lora_bias,
     )  # fmt: skip
+
+
+def _flag(config: dict, field: str) -> bool:
+    value = config.get(field, False)
+    if type(value) is not bool:
+        raise AdapterConfigError(f"{CONFIG_FILE}: {field} must be true or false, got {value!r}")
+    return value
 
 
 def _positive_number(value: object) -> bool:

@@ -39,8 +39,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LORA_MAGNITUDE_POWER = 10
 LORA_MAGNITUDE_BOUND = float(2**LORA_MAGNITUDE_POWER)
 
-# PEFT's saved key: the adapter name ("default") is stripped by save_pretrained.
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<side>[AB])\.weight$")
+# PEFT's saved keys: the adapter name ("default") is stripped by save_pretrained. lora_B.bias only with lora_bias.
+_KEY_RE = re.compile(
+    r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias)$"
+)
+_PARTS = ("lora_A.weight", "lora_B.weight")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +110,17 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
     tensors = parse_header(data, WEIGHTS_FILE)
     if not tensors:
         raise TensorNameError(f"{WEIGHTS_FILE}: contains no tensors")
-    pairs = _pair_tensors(tensors, settings)
+    parts = _module_tensors(tensors, settings)
     dtype = _common_dtype(tensors)
+    pairs = {module: (found["lora_A.weight"], found["lora_B.weight"]) for module, found in parts.items()}
     for module, (a, b) in sorted(pairs.items()):
         _check_pair_shapes(module, a, b, settings.rank_of(module))
+        bias = parts[module].get("lora_B.bias")
+        if bias is not None and list(bias.shape) != [b.shape[0]]:
+            raise TensorShapeError(
+                f"{WEIGHTS_FILE}: tensor {bias.key!r} has shape {list(bias.shape)}; lora_B's bias is [{b.shape[0]}] "
+                f"for {module} (lora_B is {list(b.shape)})"
+            )
     for info in tensors.values():
         _check_values(data, info)
     shapes = {module: (a.shape, b.shape) for module, (a, b) in sorted(pairs.items())}
@@ -141,8 +151,9 @@ def _check_values(data: bytes, info: TensorInfo) -> None:
         raise WeightMagnitudeError(f"{WEIGHTS_FILE}: {error}") from None
 
 
-def _pair_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dict[str, tuple[TensorInfo, TensorInfo]]:
-    sides: dict[str, dict[str, TensorInfo]] = {}
+def _module_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dict[str, dict[str, TensorInfo]]:
+    """module -> {"lora_A.weight": ..., "lora_B.weight": ..., and "lora_B.bias" with lora_bias}."""
+    modules: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         match = _KEY_RE.match(key)
         if match is None:
@@ -153,14 +164,19 @@ def _pair_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dic
                 f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which adapter_config.json does not "
                 f"target (target_modules {settings.target_list}); PEFT would not apply it"
             )
-        sides.setdefault(module, {})[match["side"]] = info
-    pairs = {}
-    for module, found in sides.items():
-        missing = {"A", "B"} - set(found)
+        if match["part"] == "lora_B.bias" and not settings.lora_bias:
+            raise TensorNameError(
+                f"{WEIGHTS_FILE}: tensor {key!r} is a LoRA bias, but adapter_config.json does not set lora_bias=true; "
+                "PEFT would not apply it"
+            )
+        modules.setdefault(module, {})[match["part"]] = info
+    required = (*_PARTS, "lora_B.bias") if settings.lora_bias else _PARTS
+    for module, found in modules.items():
+        missing = [part for part in required if part not in found]
         if missing:
-            raise TensorNameError(f"{WEIGHTS_FILE}: module {module!r} has no lora_{missing.pop()}.weight")
-        pairs[module] = (found["A"], found["B"])
-    return pairs
+            because = " (adapter_config.json sets lora_bias=true)" if missing[0] == "lora_B.bias" else ""
+            raise TensorNameError(f"{WEIGHTS_FILE}: module {module!r} has no {missing[0]}{because}")
+    return modules
 
 
 def _explain_bad_key(key: str) -> str:

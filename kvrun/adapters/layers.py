@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from kvrun.punica import LoRAOps
+from kvrun.punica.ref import PLAIN, SHIFT, ExpandEpilogue
 from kvrun.runtime.forward_batch import LoRABatchInfo
 from kvrun.runtime.layers.linear import Projection
 
 
+@dataclass(frozen=True, slots=True)
+class SliceWeights:
+    """One adapter's weights for one output slice of a wrapped projection."""
+
+    a: torch.Tensor  # [rank, in_features]
+    b: torch.Tensor  # [out_features_i, rank]
+    scaling: float
+    bias: torch.Tensor | None = None  # [out_features_i] lora_B's bias (PEFT's lora_bias), None without one
+
+
 class LinearWithLoRA(nn.Module):
     """y = base(x) + scaling_{i,s} · (x A_{i,s}^T) B_{i,s}^T for each row's slot s, per output slice i (q/k/v,
-    gate/up, ...): every slice of every slot has its own rank and scaling."""
+    gate/up, ...): every slice of every slot has its own rank and scaling. An adapter with lora_bias adds
+    scaling_{i,s} · bias_{i,s} on its rows (the expand's epilogue, `kvrun.punica.ref.ExpandEpilogue`)."""
 
     def __init__(self, base: Projection, num_slots: int, max_rank: int, ops: LoRAOps) -> None:
         super().__init__()
@@ -34,28 +48,40 @@ class LinearWithLoRA(nn.Module):
         ]
         self.ranks = torch.zeros(len(self.slice_names), num_slots, dtype=torch.int32, device=weight.device)
         self.scalings = torch.zeros(len(self.slice_names), num_slots, dtype=torch.float32, device=weight.device)
+        self.epilogue = ExpandEpilogue(
+            modes=torch.zeros(len(self.slice_names), num_slots, dtype=torch.int32, device=weight.device),
+            scale=[torch.ones(num_slots, width, device=weight.device) for width in base.output_slices.values()],
+            shift=[
+                torch.zeros(num_slots, width, dtype=weight.dtype, device=weight.device)
+                for width in base.output_slices.values()
+            ],
+        )
         self.max_rank = max_rank
         self.ops = ops
         # The Triton shrink accumulates in fp32 and splits the input dimension when it may write fp32 partials;
         # the torch reference multiplies in the activation dtype.
         self.shrink_dtype = torch.float32 if weight.is_cuda else weight.dtype
 
-    def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Write one adapter's (A, B, scaling) per slice into slot (slices it leaves alone get rank 0)."""
+    def set_slot(self, slot: int, weights: dict[str, SliceWeights]) -> None:
+        """Write one adapter's weights per slice into slot (slices it leaves alone get rank 0)."""
         for index, name in enumerate(self.slice_names):
             entry = weights.get(name)
             self.lora_a[index][slot].zero_()
             self.lora_b[index][slot].zero_()
+            self.epilogue.modes[index, slot] = PLAIN
             if entry is None:
                 self.ranks[index, slot] = 0
                 self.scalings[index, slot] = 0.0
                 continue
-            a, b, scaling = entry
-            rank = a.shape[0]
-            self.lora_a[index][slot, :rank].copy_(a, non_blocking=True)
-            self.lora_b[index][slot, :, :rank].copy_(b, non_blocking=True)
+            rank = entry.a.shape[0]
+            self.lora_a[index][slot, :rank].copy_(entry.a, non_blocking=True)
+            self.lora_b[index][slot, :, :rank].copy_(entry.b, non_blocking=True)
             self.ranks[index, slot] = rank
-            self.scalings[index, slot] = scaling
+            self.scalings[index, slot] = entry.scaling
+            if entry.bias is not None:
+                # PEFT: lora_B(lora_A(x)) * scaling, lora_B's bias inside the product.
+                self.epilogue.shift[index][slot].copy_(entry.bias.float() * entry.scaling)
+                self.epilogue.modes[index, slot] = SHIFT
 
     def forward(self, x: torch.Tensor, lora: LoRABatchInfo | None = None) -> torch.Tensor:
         out = self.base(x)
@@ -63,5 +89,7 @@ class LinearWithLoRA(nn.Module):
             return out
         shrunk = torch.empty(len(self.slice_names), x.shape[0], self.max_rank, dtype=self.shrink_dtype, device=x.device)
         self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
-        self.ops.sgmv_expand(shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets)
+        self.ops.sgmv_expand(
+            shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets, self.epilogue
+        )
         return out

@@ -7,11 +7,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from kvrun.adapters.host_cache import HostCache
-from kvrun.adapters.layers import LinearWithLoRA
+from kvrun.adapters.layers import LinearWithLoRA, SliceWeights
 from kvrun.adapters.peft_format import ParsedAdapter, load_peft_adapter
 from kvrun.adapters.ref import AdapterRef
 from kvrun.adapters.slot_pool import SlotPool
@@ -146,10 +145,11 @@ class LoRAManager:
         self.slots.release(ref)
 
     def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
-        per_wrapper: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        per_wrapper: dict[int, dict[str, SliceWeights]] = {}
         for module, (a, b) in parsed.weights.items():
             wrapper, slice_name = self._targets[module]
-            per_wrapper.setdefault(id(wrapper), {})[slice_name] = (a, b, parsed.scaling(module))
+            weights = SliceWeights(a, b, parsed.scaling(module), parsed.biases.get(module))
+            per_wrapper.setdefault(id(wrapper), {})[slice_name] = weights
         for wrapper in self._wrappers:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
 

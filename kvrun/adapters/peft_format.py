@@ -31,8 +31,11 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_WEIGHTS_BYTES = 4 * 1024**3
-# PEFT saves `base_model.model.<module>.lora_A.weight` (older versions kept the adapter name before `.weight`).
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
+# PEFT saves `base_model.model.<module>.lora_A.weight` (older versions kept the adapter name before `.weight`), and
+# `<module>.lora_B.bias` with lora_bias.
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.(?P<side>lora_A|lora_B)(?:\.default)?\.(?P<kind>weight|bias)$"
+)
 
 
 class AdapterError(ValueError):
@@ -46,13 +49,15 @@ class ParsedAdapter:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     # module → PEFT's scaling of its delta where rank_pattern / alpha_pattern give it its own (else ref.scaling)
     scalings: dict[str, float] = field(default_factory=dict)
+    # module → lora_B's bias [out] (PEFT's lora_bias), model dtype; empty without lora_bias
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def scaling(self, module: str) -> float:
         return self.scalings.get(module, self.ref.scaling)
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values()) + sum(b.nbytes for b in self.biases.values())
 
 
 def load_peft_adapter(
@@ -112,17 +117,20 @@ def parse_adapter(
         tensors = load(data)
     except (SafetensorError, ValueError) as error:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({error})") from None
-    pairs = _pair_tensors(name, tensors, targets, settings)
-    weights = {module: (a.to(dtype).contiguous(), b.to(dtype).contiguous()) for module, (a, b) in pairs.items()}
+    parts = _module_tensors(name, tensors, targets, settings)
+    weights = {module: (found["A"].to(dtype).contiguous(), found["B"].to(dtype).contiguous())
+               for module, found in parts.items()}  # fmt: skip
+    biases = {module: found["bias"].to(dtype).contiguous() for module, found in parts.items() if "bias" in found}
     leaves = tuple(sorted({module.rsplit(".", 1)[-1] for module in weights}))
     digest = hashlib.sha256(repr(dataclasses.replace(settings, base_model=None)).encode()).hexdigest()
     ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
                      settings.use_rslora, digest)  # fmt: skip
     scalings = {module: settings.scaling_of(module) for module in weights}
-    return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling})
+    return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling}, biases)
 
 
-def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, dict[str, torch.Tensor]]:
+    """module → {"A": lora_A [rank, in], "B": lora_B [out, rank], and "bias": lora_B's bias [out] with lora_bias}."""
     def fail(message: str) -> AdapterError:
         return AdapterError(f"adapter {name!r}: {message}")
 
@@ -134,7 +142,10 @@ def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tupl
             if what is not None:
                 raise fail(f"{WEIGHTS_FILE}: tensor {key!r} is {what}, which kvrun does not serve")
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA A/B weight)")
-        module, side = match["module"], match["side"]
+        module = match["module"]
+        side = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias"}.get(f"{match['side']}.{match['kind']}")
+        if side is None:
+            raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (lora_A has no bias)")
         if module not in targets.modules:
             raise fail(
                 f"tensor {key!r} is for module {module!r}, which is not a LoRA-targetable module of "
@@ -145,11 +156,16 @@ def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tupl
                 f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which adapter_config.json does not "
                 f"target (target_modules {settings.target_list}); PEFT would not apply it"
             )
+        if side == "bias" and not settings.lora_bias:
+            raise fail(
+                f"{WEIGHTS_FILE}: tensor {key!r} is a LoRA bias, but adapter_config.json does not set lora_bias=true; "
+                "PEFT would not apply it"
+            )
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise fail(f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
         in_features, out_features = targets.modules[module]
         rank = settings.rank_of(module)
-        expected = (rank, in_features) if side == "A" else (out_features, rank)
+        expected = {"A": (rank, in_features), "B": (out_features, rank), "bias": (out_features,)}[side]
         if tuple(tensor.shape) != expected:
             raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")
         if not torch.isfinite(tensor).all():
@@ -161,7 +177,11 @@ def _pair_tensors(name: str, tensors: dict, targets, settings) -> dict[str, tupl
         sides.setdefault(module, {})[side] = tensor
     if not sides:
         raise fail(f"{WEIGHTS_FILE} holds no LoRA weights")
+    required = {"A": "lora_A weight", "B": "lora_B weight"}
+    if settings.lora_bias:
+        required["bias"] = "lora_B.bias (adapter_config.json sets lora_bias=true)"
     for module, found in sides.items():
-        if len(found) != 2:
-            raise fail(f"module {module!r} has no lora_{'B' if 'A' in found else 'A'} weight")
-    return {module: (found["A"], found["B"]) for module, found in sides.items()}
+        missing = [what for side, what in required.items() if side not in found]
+        if missing:
+            raise fail(f"module {module!r} has no {missing[0]}")
+    return sides

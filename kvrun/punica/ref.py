@@ -14,13 +14,39 @@ may hold anything).
 
 Rows are matched to slots either by segments (SGMV: prefill, rows of one request are contiguous and the batch is
 grouped by slot) or per token (BGMV: decode). Slot -1 means "base model": no delta, and shrink writes zeros.
+
+The expand may finish each row's output slice by what its slot's adapter adds beyond the delta (an `ExpandEpilogue`:
+PEFT's lora_bias, DoRA's per-feature rescaling), on the rows of that slot alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+# ExpandEpilogue.modes
+PLAIN = 0  # out += delta
+SHIFT = 1  # out += delta + shift                 (lora_bias: shift = scaling * lora_B.bias)
+SCALE_SHIFT = 2  # out = scale * (out + delta) + shift  (DoRA: scale = m / ||W + scaling B A||, shift = (1 - scale) b)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpandEpilogue:
+    """Per slice and slot, what a row's output gets beyond the LoRA delta; applied only where the slot's rank for the
+    slice is non-zero (an adapter that leaves a module alone changes nothing there).
+
+        modes[i, s] == PLAIN:        out[t, cols_i] += delta
+        modes[i, s] == SHIFT:        out[t, cols_i] += delta + shift[i][s]
+        modes[i, s] == SCALE_SHIFT:  out[t, cols_i] = scale[i][s] * (out[t, cols_i] + delta) + shift[i][s]
+    (elementwise over the slice's columns, computed in fp32). DoRA's y = m/||W + s·BA|| * (x W^T + s·x A^T B^T) + b
+    is SCALE_SHIFT with shift = (1 - scale) * b, since the base output `out` already holds the bias b.
+    """
+
+    modes: torch.Tensor  # [num_slices, num_slots] int32
+    scale: Sequence[torch.Tensor]  # num_slices x [num_slots, out_features_i] float32
+    shift: Sequence[torch.Tensor]  # num_slices x [num_slots, out_features_i] float32 or the weights' dtype
 
 
 def sgmv_shrink(
@@ -59,12 +85,15 @@ def sgmv_expand(
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
     out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
     slice_offsets: Sequence[int],  # [num_slices] column where slice i starts in out
+    epilogue: ExpandEpilogue | None = None,
 ) -> None:
     """Semantics:
-        for each segment g with slot s >= 0, rows t, slice i, r = ranks[i, s], o = slice_offsets[i]:
+        for each segment g with slot s >= 0, rows t, slice i, r = ranks[i, s] > 0, o = slice_offsets[i]:
             out[t, o : o + out_features_i] += y[i, t, :r] @ lora_b[i][s, :, :r].T
+            (finished as the epilogue's mode for (i, s) says, when one is given)
     """
     bounds, slice_ranks = seg_indptr.tolist(), ranks.tolist()
+    modes = epilogue.modes.tolist() if epilogue is not None else None
     for g, slot in enumerate(seg_slots.tolist()):
         if slot < 0:
             continue
@@ -74,7 +103,15 @@ def sgmv_expand(
             if rank == 0:
                 continue
             cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[1])
-            out[rows, cols] += y[i, rows, :rank] @ b[slot, :, :rank].T
+            delta = y[i, rows, :rank] @ b[slot, :, :rank].T
+            mode = modes[i][slot] if modes is not None else PLAIN
+            if mode == PLAIN:
+                out[rows, cols] += delta
+                continue
+            result = out[rows, cols].float() + delta.float()
+            if mode == SCALE_SHIFT:
+                result = result * epilogue.scale[i][slot]
+            out[rows, cols] = (result + epilogue.shift[i][slot].float()).to(out.dtype)
 
 
 def bgmv_shrink(
@@ -103,6 +140,7 @@ def bgmv_expand(
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
     out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
     slice_offsets: Sequence[int],
+    epilogue: ExpandEpilogue | None = None,
 ) -> None:
     """Semantics: sgmv_expand with one segment per token; rows with slot -1 are left untouched."""
     active = token_slots >= 0
@@ -112,4 +150,12 @@ def bgmv_expand(
         keep = (rank_positions[None, :] < ranks[i][slots][:, None]) & active[:, None]
         masked = torch.where(keep, y[i], torch.zeros_like(y[i]))
         delta = torch.bmm(b[slots], masked.unsqueeze(-1)).squeeze(-1)  # [num_tokens, out_features_i]
-        out[:, slice_offsets[i] : slice_offsets[i] + b.shape[1]] += delta
+        cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[1])
+        if epilogue is None:
+            out[:, cols] += delta
+            continue
+        modes = torch.where(active & (ranks[i][slots] > 0), epilogue.modes[i][slots], PLAIN)[:, None]
+        scale = torch.where(modes == SCALE_SHIFT, epilogue.scale[i][slots], 1.0)
+        shift = torch.where(modes == PLAIN, 0.0, epilogue.shift[i][slots].float())
+        finished = scale * (out[:, cols].float() + delta.float()) + shift
+        out[:, cols] = torch.where(modes == PLAIN, out[:, cols] + delta, finished.to(out.dtype))

@@ -116,11 +116,14 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
 
 
 def lora_slot_bytes(model: torch.nn.Module, max_rank: int, element_bytes: int) -> int:
-    """One adapter slot: an A [max_rank, in] per output slice and a B [width, max_rank] per slice, every projection."""
+    """One adapter slot: an A [max_rank, in] per output slice and a B [width, max_rank] per slice, every projection,
+    and per output feature the expand epilogue's fp32 scale and model-dtype shift (lora_bias, DoRA)."""
     projections = [module for module in model.modules() if isinstance(module, Projection)]
     return sum(
-        max_rank * (len(module.output_slices) * module.in_features + module.out_features) for module in projections
-    ) * element_bytes
+        max_rank * (len(module.output_slices) * module.in_features + module.out_features) * element_bytes
+        + module.out_features * (4 + element_bytes)
+        for module in projections
+    )
 
 
 def lora_workspace_bytes(model: torch.nn.Module, num_tokens: int, max_rank: int) -> int:

@@ -4,11 +4,15 @@ within 1e-4 relative. Each feature runs on Llama and on at least one other famil
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from adapters_registry import open_store
 from kvrun import LLM
+from kvrun.runtime.models.manifest import manifest
+from kvrun.runtime.models.registry import read_model_config
 from tests.models.families import FAMILIES, CachedReference, PeftSpec, make_peft_adapter, tiny_checkpoint
 from tests.models.test_families import assert_rows_match, generate, rows_for
 
@@ -38,6 +42,13 @@ class FeatureModel:
             llm.load_adapter(name, directory)
         rows = rows_for(list(served))
         assert_rows_match(generate(llm, rows), rows, CachedReference(self.base, served))
+
+    def push(self, name: str, registry: Path) -> None:
+        """The registry accepts what the engine serves: push against this base model's manifest."""
+        config = json.loads((self.base / "config.json").read_text())
+        with open_store(f"file://{registry}", token="") as store:
+            store.set_base_config("tiny/base", manifest(read_model_config(config, "tiny")))
+            assert store.push(self.adapters[name], f"team/{name}", base_model="tiny/base").version == 1
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +95,17 @@ def test_rank_pattern_shapes_are_what_peft_saved(llama):
     assert parsed.scaling("model.layers.0.self_attn.v_proj") == 5.0 / 4
     assert parsed.scaling("model.layers.1.mlp.down_proj") == 32.0 / 16
     assert parsed.scaling("model.layers.0.self_attn.q_proj") == 8.0 / 12
+
+
+# -- lora_bias -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_lora_bias_matches_peft(family, request, tmp_path):
+    """A bias on every lora_B (attention and MLP, one module at its own rank and alpha), beside plain LoRA and base
+    rows."""
+    model: FeatureModel = request.getfixturevalue(family)
+    q = model.family.attention[0]
+    targets = [*model.family.attention, *model.family.mlp]
+    name = model.add(PeftSpec("lora-bias", 4, targets, alpha=8.0,
+                              extra={"lora_bias": True, "rank_pattern": {q: 6}, "alpha_pattern": {q: 3.0}}))  # fmt: skip
+    model.check_mixed_batch(name)
+    model.push(name, tmp_path / "registry")

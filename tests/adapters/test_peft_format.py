@@ -78,6 +78,11 @@ def _dora_vector(tensors):
     tensors[first_key(tensors, "A").replace("lora_A.weight", "lora_magnitude_vector")] = torch.ones(64)
 
 
+def _lora_bias(tensors):
+    key = first_key(tensors, "B")
+    tensors[key.replace(".weight", ".bias")] = torch.zeros(tensors[key].shape[0])
+
+
 def _int_weights(tensors):
     key = first_key(tensors, "A")
     tensors[key] = tensors[key].to(torch.int32)
@@ -117,6 +122,8 @@ CASES = {
     "layer out of range": (lambda d: edit_weights(d, _layer_out_of_range), "not a LoRA-targetable module .*2 layers"),
     "embedding key": (lambda d: edit_weights(d, _embedding), "embed_tokens"),
     "dora vector without use_dora": (lambda d: edit_weights(d, _dora_vector), "is a DoRA magnitude vector"),
+    "bias without lora_bias": (lambda d: edit_weights(d, _lora_bias), "does not set lora_bias=true"),
+    "lora_bias without biases": (lambda d: edit_config(d, lora_bias=True), r"has no lora_B.bias \(adapter_config"),
     "integer weights": (lambda d: edit_weights(d, _int_weights), "dtype"),
     "impossible magnitude": (lambda d: edit_weights(d, _huge_weights), "the bound for a trained LoRA weight"),
 }

@@ -37,7 +37,6 @@ CASES = {
     "bias all": (lambda: _lora(bias="all"), UNSERVED_BIAS["all"]),
     "bias lora_only": (lambda: _lora(bias="lora_only"), UNSERVED_BIAS["lora_only"]),
     "dora": (lambda: _lora(use_dora=True), UNSERVED_FIELDS["use_dora"]),
-    "lora_bias": (lambda: _lora(lora_bias=True), UNSERVED_FIELDS["lora_bias"]),
     "activated lora": (
         lambda: _lora(alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"),
         UNSERVED_FIELDS["alora_invocation_tokens"],

@@ -157,6 +157,17 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
         E.TensorNameError,
         "is a LoRA weight of an embedding layer, which kvrun does not serve",
     ),
+    "lora bias without lora_bias": (
+        replace_tensor(B_KEY.replace(".weight", ".bias"), torch.zeros(16, dtype=HALF)),
+        E.TensorNameError,
+        "is a LoRA bias, but adapter_config.json does not set lora_bias=true",
+    ),
+    "lora_bias without a bias": (
+        edit_config(lora_bias=True),
+        E.TensorNameError,
+        "has no lora_B.bias (adapter_config.json sets lora_bias=true)",
+    ),
+    "lora_bias not a flag": (edit_config(lora_bias="yes"), E.AdapterConfigError, "lora_bias must be true or false"),
     "dora vector without use_dora": (
         replace_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(16)),
         E.TensorNameError,
@@ -295,6 +306,22 @@ def test_configurable_max_rank(registry_url: str, make_adapter: AdapterFactory) 
         pytest.raises(errors.RankError, match="r=4 exceeds the registry's maximum rank 2"),
     ):
         store.push(make_adapter(rank=4), "team-a/wide")
+
+
+def test_lora_bias_is_checked_against_lora_b(store: AdapterStore, make_adapter: AdapterFactory) -> None:
+    def add_biases(length: int) -> Callable[[dict[str, torch.Tensor]], None]:
+        def change(tensors: dict[str, torch.Tensor]) -> None:
+            for key in [key for key in tensors if key.endswith("lora_B.weight")]:
+                tensors[key.replace(".weight", ".bias")] = torch.ones(length, dtype=HALF)
+
+        return change
+
+    directory = make_adapter(config={"lora_bias": True})
+    edit_tensors(add_biases(8))(directory)
+    with pytest.raises(errors.TensorShapeError, match=r"has shape \[8\]; lora_B's bias is \[16\]"):
+        store.push(directory, "team-a/bias")
+    edit_tensors(add_biases(16))(directory)
+    assert store.push(directory, "team-a/bias").version == 1
 
 
 def test_peft_extras_that_are_off_are_accepted(store: AdapterStore, make_adapter: AdapterFactory) -> None:

@@ -40,7 +40,9 @@ def triton_module():
     return module
 
 
-def _case(pattern: str, rank_setting: str, num_requests: int, mode: str, dtype=torch.bfloat16, **shape) -> LoRACase:
+def _case(
+    pattern: str, rank_setting: str, num_requests: int, mode: str, dtype=torch.bfloat16, epilogue=False, **shape
+) -> LoRACase:
     return make_case(
         pattern,
         rank_setting,
@@ -51,6 +53,7 @@ def _case(pattern: str, rank_setting: str, num_requests: int, mode: str, dtype=t
         dtype=dtype,
         device="cuda",
         seed=num_requests,
+        epilogue=epilogue,
     )
 
 
@@ -101,6 +104,21 @@ def test_other_dtypes(triton_module, dtype, mode) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_mlp_shapes(triton_module, shape, mode) -> None:
     case = _case("uniform", "16", 32, mode, **shape)
+    _check(triton_module.TRITON_OPS, case, mode, torch.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_requests", [1, 8, 32, 128])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_epilogue_bf16_matches_reference(triton_module, pattern, num_requests, mode) -> None:
+    """lora_bias (a shift) and DoRA (a per-feature scale and shift) slots beside plain LoRA slots, q/k/v shapes."""
+    case = _case(pattern, "mixed", num_requests, mode, epilogue=True)
+    _check(triton_module.TRITON_OPS, case, mode, torch.float32 if mode == "bgmv" else torch.bfloat16)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_epilogue_mlp_shapes(triton_module, mode) -> None:
+    case = _case("zipf", "uneven", 32, mode, epilogue=True, out_features=[14336, 14336])
     _check(triton_module.TRITON_OPS, case, mode, torch.float32)
 
 
@@ -179,6 +197,9 @@ def test_custom_ops_pass_opcheck(triton_module) -> None:
         torch.ops.kvrun.lora_shrink.default, (case.x, case.lora_a, *grouping, case.ranks, case.scalings, shrunk)
     )
     out = random_base(case)
+    expand_args = (shrunk, case.lora_b, *grouping, case.ranks, out, case.slice_offsets)
+    torch.library.opcheck(torch.ops.kvrun.lora_expand.default, (*expand_args, None, [], []))
+    epilogue = _case("uniform", "mixed", 8, "bgmv", epilogue=True).epilogue
     torch.library.opcheck(
-        torch.ops.kvrun.lora_expand.default, (shrunk, case.lora_b, *grouping, case.ranks, out, case.slice_offsets)
+        torch.ops.kvrun.lora_expand.default, (*expand_args, epilogue.modes, list(epilogue.scale), list(epilogue.shift))
     )

@@ -29,9 +29,11 @@ def run_expand(ops: LoRAOps, case: LoRACase, mode: str, y: torch.Tensor, base: t
     """-> base + the LoRA delta (base itself is left as it was)."""
     out = base.clone()
     if mode == "sgmv":
-        ops.sgmv_expand(y, case.lora_b, case.seg_indptr, case.seg_slots, case.ranks, out, case.slice_offsets)
+        ops.sgmv_expand(
+            y, case.lora_b, case.seg_indptr, case.seg_slots, case.ranks, out, case.slice_offsets, case.epilogue
+        )
     else:
-        ops.bgmv_expand(y, case.lora_b, case.token_slots, case.ranks, out, case.slice_offsets)
+        ops.bgmv_expand(y, case.lora_b, case.token_slots, case.ranks, out, case.slice_offsets, case.epilogue)
     return out
 
 

@@ -31,6 +31,12 @@ CASES = [
     ("zipf", "uneven", 7, "sgmv", 3, [24, 16], torch.float32),
     ("uniform", "uneven", 9, "bgmv", 1, [16, 8, 8], torch.float32),
 ]
+# The lora_bias / DoRA expand epilogue (a shift; a scale and a shift) beside plain slots, over 1-4 slices.
+EPILOGUE_CASES = [
+    ("zipf", "mixed", 9, "sgmv", 3, [24, 16, 8], torch.float32),
+    ("skewed", "uneven", 8, "bgmv", 1, [16, 16, 16, 8], torch.float32),
+    ("uniform", "16", 6, "sgmv", 2, [40], torch.float16),
+]
 # --extended (a slow test): wider inputs (several K blocks and split-K programs), more rows than one tile, up to
 # six slices (two launches of three), fp16 shrink outputs over mixed ranks.
 EXTENDED_CASES = [
@@ -42,11 +48,13 @@ EXTENDED_CASES = [
 
 
 def check_case(
-    triton_ops, pattern, rank_setting, num_requests, mode, max_segment, out_features, out_dtype, in_features=48
+    triton_ops, pattern, rank_setting, num_requests, mode, max_segment, out_features, out_dtype, in_features=48,
+    epilogue=False,
 ) -> str:
     case = make_case(
-        pattern, rank_setting, num_requests, in_features=in_features, out_features=out_features, max_segment=max_segment
-    )
+        pattern, rank_setting, num_requests, in_features=in_features, out_features=out_features, max_segment=max_segment,
+        epilogue=epilogue,
+    )  # fmt: skip
     tolerance = dict(rtol=1e-5, atol=1e-5) if out_dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
     expected = run_shrink(REFERENCE_OPS, case, mode, out_dtype)
     torch.testing.assert_close(run_shrink(triton_ops, case, mode, out_dtype), expected, **tolerance)
@@ -59,7 +67,7 @@ def check_case(
         rtol=1e-5,
         atol=1e-5,
     )
-    return f"{pattern}/{rank_setting}/{num_requests}/{mode}/{len(out_features)} slices"
+    return f"{pattern}/{rank_setting}/{num_requests}/{mode}/{len(out_features)} slices{' +epilogue' * epilogue}"
 
 
 def check_shared_groups(triton_ops_module) -> str:
@@ -90,6 +98,10 @@ def main() -> int:
         name = check_case(triton_ops_module.TRITON_OPS, *case)
         print(f"ok {name} ({time.perf_counter() - case_started:.1f} s)", flush=True)
     if "--extended" not in sys.argv[1:]:
+        for case in EPILOGUE_CASES:
+            case_started = time.perf_counter()
+            name = check_case(triton_ops_module.TRITON_OPS, *case, epilogue=True)
+            print(f"ok {name} ({time.perf_counter() - case_started:.1f} s)", flush=True)
         print("ok", check_shared_groups(triton_ops_module), flush=True)
     print(f"interpreter checks took {time.perf_counter() - started:.1f} s")
     return 0

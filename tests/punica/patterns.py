@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvrun.punica.ref import ExpandEpilogue
+
 PATTERNS = ("distinct", "uniform", "zipf", "identical", "skewed")
 # "mixed": each slot's slices take different ranks, as one adapter's modules do under PEFT's rank_pattern; "uneven":
 # ranks that fill no tile (a kernel that rounds a rank up to its block reads the padding).
@@ -32,6 +34,8 @@ class LoRACase:
     token_slots: torch.Tensor  # [num_tokens] int32, -1 = base (BGMV view of the batch)
     seg_indptr: torch.Tensor  # [num_requests + 1] int32 (SGMV view: one segment per request)
     seg_slots: torch.Tensor  # [num_requests] int32
+    # lora_bias / DoRA finishing of the expand (None: plain LoRA everywhere)
+    epilogue: ExpandEpilogue | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -61,7 +65,13 @@ class LoRACase:
             self.token_slots,
             self.seg_indptr,
             self.seg_slots,
+            self.epilogue if self.epilogue is None else _epilogue_to(self.epilogue, dtype),
         )
+
+
+def _epilogue_to(epilogue: ExpandEpilogue, dtype: torch.dtype) -> ExpandEpilogue:
+    """Shifts in dtype (as a layer stores them beside its weights); scales stay fp32."""
+    return ExpandEpilogue(epilogue.modes, epilogue.scale, [shift.to(dtype) for shift in epilogue.shift])
 
 
 def request_adapters(pattern: str, num_requests: int, generator: torch.Generator) -> list[int]:
@@ -93,11 +103,14 @@ def make_case(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    epilogue: bool = False,
 ) -> LoRACase:
     """A batch of num_requests requests of 1..max_segment tokens (1 = decode) in shuffled order.
 
     Every 7th request (from the 4th) is a base request (slot -1). Slots are a shuffled numbering of the adapters plus
     one spare, unused slot. Some slots have rank 0 on one slice (the adapter leaves that projection alone).
+    With epilogue, slots cycle through plain LoRA, lora_bias (a shift) and DoRA (a scale near 1 and a shift) per slice;
+    the scale and shift tables hold large values in the plain slots (reading them fails loudly).
     """
     generator = torch.Generator().manual_seed(seed)  # batch layout, drawn on the CPU
     adapters = request_adapters(pattern, num_requests, generator)
@@ -139,7 +152,19 @@ def make_case(
         token_slots=torch.repeat_interleave(slot_tensor, lengths).to(device),
         seg_indptr=seg_indptr.to(device),
         seg_slots=slot_tensor.to(device),
+        epilogue=_random_epilogue(out_features, num_slots, randn, dtype, device) if epilogue else None,
     )
+
+
+def _random_epilogue(out_features, num_slots, randn, dtype, device) -> ExpandEpilogue:
+    slot_plus_slice = torch.arange(num_slots, device=device)[None, :] + torch.arange(len(out_features), device=device)[:, None]
+    modes = (slot_plus_slice % 3).to(torch.int32)  # 0 plain, 1 shift, 2 scale and shift
+    scale, shift = [], []
+    for i, n in enumerate(out_features):
+        plain = (modes[i] == 0)[:, None]
+        scale.append(torch.where(plain, PADDING_VALUE, 1 + 0.2 * randn(num_slots, n)).float().contiguous())
+        shift.append(torch.where(plain, PADDING_VALUE, randn(num_slots, n)).to(dtype).contiguous())
+    return ExpandEpilogue(modes, scale, shift)
 
 
 def _ranks(choices: tuple[int, ...], num_slices: int, num_slots: int) -> torch.Tensor:

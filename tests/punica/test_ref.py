@@ -7,7 +7,7 @@ import torch
 
 from kvrun.punica import REFERENCE_OPS
 from tests.punica.checks import MODES, random_base, run_expand, run_shrink
-from tests.punica.naive import naive_lora, row_slots_from_segments
+from tests.punica.naive import naive_expand, naive_lora, row_slots_from_segments
 from tests.punica.patterns import PATTERNS, RANK_SETTINGS, make_case
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -22,7 +22,7 @@ def _check(case, mode: str) -> None:
 
     base = random_base(case)
     expanded = run_expand(REFERENCE_OPS, case, mode, shrunk, base)
-    torch.testing.assert_close(expanded, base + delta, **TOLERANCE)
+    torch.testing.assert_close(expanded, naive_expand(case, row_slots_from_segments(case), base, delta), **TOLERANCE)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -55,3 +55,15 @@ def test_patterns_cover_base_rows_and_rank_zero_slices() -> None:
     assert -1 in case.token_slots.tolist()
     assert (case.ranks[:, used] == 0).any()
     assert set(case.ranks.flatten().tolist()) >= {8, 16, 32, 64}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_reference_epilogue_matches_row_by_row(pattern: str, mode: str) -> None:
+    """lora_bias (a shift) and DoRA (a scale and a shift) slots beside plain ones, rank-0 slices and base rows."""
+    case = make_case(pattern, "mixed", 20, in_features=32, out_features=[24, 8, 8],
+                     max_segment=4 if mode == "sgmv" else 1, seed=3, epilogue=True)  # fmt: skip
+    used = sorted({slot for slot in case.token_slots.tolist() if slot >= 0})
+    active = case.ranks[:, used] > 0
+    assert set(case.epilogue.modes[:, used][active].tolist()) == {0, 1, 2}
+    _check(case, mode)

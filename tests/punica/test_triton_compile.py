@@ -60,15 +60,18 @@ def test_shrink_compiles_with_16_byte_async_weight_loads(dtype: str, max_rank: i
     assert not any(kind.startswith("ld.global.b16") for kind in loads), loads
 
 
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "epilogue"])
 @pytest.mark.parametrize(("dtype", "max_rank"), VARIANTS)
-def test_expand_compiles_with_16_byte_async_weight_loads(dtype: str, max_rank: int) -> None:
+def test_expand_compiles_with_16_byte_async_weight_loads(dtype: str, max_rank: int, epilogue: bool) -> None:
     from kvrun.punica.triton.expand import _expand_kernel
 
     pointers = dict.fromkeys(["b0_ptr", "b1_ptr", "b2_ptr", "out_ptr"], f"*{dtype}")
     pointers |= {"y_ptr": "*fp32", "token_order_ptr": "*i64"}
-    pointers |= dict.fromkeys(["group_starts_ptr", "group_slots_ptr", "ranks_ptr"], "*i32")
+    pointers |= dict.fromkeys(["group_starts_ptr", "group_slots_ptr", "ranks_ptr", "modes_ptr"], "*i32")
+    pointers |= dict.fromkeys(["scale0_ptr", "scale1_ptr", "scale2_ptr"], "*fp32")
+    pointers |= dict.fromkeys(["shift0_ptr", "shift1_ptr", "shift2_ptr"], f"*{dtype}")
     constexprs = dict(NUM_SLICES=3, MAX_RANK=max_rank, BLOCK_M=16, BLOCK_N=256, BLOCK_R=16, BLOCK_GROUPS=64)
-    constexprs |= dict(SORTED=True, IEEE_FP32=dtype == "fp32")
+    constexprs |= dict(SORTED=True, IEEE_FP32=dtype == "fp32", EPILOGUE=epilogue)
     loads = _global_loads(_compile(_expand_kernel, pointers, constexprs).asm["ptx"])
     assert loads.get("cp.async.cg.shared.global 0x10", 0) > 0, loads
     assert not any(kind.startswith("ld.global.b16") for kind in loads), loads

@@ -126,7 +126,7 @@ def test_slot_arithmetic_matches_the_buffers_lora_allocates(tiny_gqa):
     allocated = sum(
         tensor.numel() * tensor.element_size()
         for wrapper in llm.engine.adapters._wrappers
-        for tensor in (*wrapper.lora_a, *wrapper.lora_b)
+        for tensor in (*wrapper.lora_a, *wrapper.lora_b, *wrapper.epilogue.scale, *wrapper.epilogue.shift)
     )
     assert allocated == 3 * lora_slot_bytes(llm.engine.runner.model, 8, 4)
 

@@ -3,7 +3,9 @@
 Grid: (row tiles, column blocks of all slices laid end to end). Each program reads one adapter's B tile once for a
 tile of rows of that adapter, loops over rank only up to the slot's own rank, and adds into its columns of the
 fused output (q/k/v or gate/up side by side). Every (row, column) belongs to exactly one program, so the
-read-add-write needs no atomics; base rows are in no tile and are never touched.
+read-add-write needs no atomics; base rows are in no tile and are never touched. With an epilogue (PEFT's lora_bias,
+DoRA; `kvrun.punica.ref.ExpandEpilogue`), the program reads its slot's mode once and, for a slot that has one, its
+shift (and scale) columns once per tile, and finishes the rows in registers before the one store.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ def _expand_kernel(
     group_starts_ptr,
     group_slots_ptr,
     ranks_ptr,
+    modes_ptr,
+    scale0_ptr,
+    scale1_ptr,
+    scale2_ptr,
+    shift0_ptr,
+    shift1_ptr,
+    shift2_ptr,
     num_groups,
     features0,
     features1,
@@ -44,6 +53,12 @@ def _expand_kernel(
     stride_y_slice,
     stride_out_token,
     stride_ranks_slice,
+    stride_scale0_slot,
+    stride_scale1_slot,
+    stride_scale2_slot,
+    stride_shift0_slot,
+    stride_shift1_slot,
+    stride_shift2_slot,
     NUM_SLICES: tl.constexpr,
     MAX_RANK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -52,6 +67,7 @@ def _expand_kernel(
     BLOCK_GROUPS: tl.constexpr,
     SORTED: tl.constexpr,
     IEEE_FP32: tl.constexpr,
+    EPILOGUE: tl.constexpr,
 ):
     slot, first_row, end_row = locate_tile(
         tl.program_id(0), group_starts_ptr, group_slots_ptr, num_groups, BLOCK_M, BLOCK_GROUPS
@@ -68,6 +84,10 @@ def _expand_kernel(
     features = features0 + zero
     offset = offset0 + zero
     stride_slot = stride_b0_slot + zero
+    scale_ptr = scale0_ptr
+    shift_ptr = shift0_ptr
+    stride_scale = stride_scale0_slot + zero
+    stride_shift = stride_shift0_slot + zero
     if NUM_SLICES > 1:
         if block >= blocks0:
             block -= blocks0
@@ -76,6 +96,10 @@ def _expand_kernel(
             features = features1 + zero
             offset = offset1 + zero
             stride_slot = stride_b1_slot + zero
+            scale_ptr = scale1_ptr
+            shift_ptr = shift1_ptr
+            stride_scale = stride_scale1_slot + zero
+            stride_shift = stride_shift1_slot + zero
     if NUM_SLICES > 2:
         if slice_id == 1 and block >= blocks1:
             block -= blocks1
@@ -84,6 +108,10 @@ def _expand_kernel(
             features = features2 + zero
             offset = offset2 + zero
             stride_slot = stride_b2_slot + zero
+            scale_ptr = scale2_ptr
+            shift_ptr = shift2_ptr
+            stride_scale = stride_scale2_slot + zero
+            stride_shift = stride_shift2_slot + zero
     # Clamped so a rank table that overstates a slot never reads or writes past its padded buffers.
     rank = tl.minimum(tl.load(ranks_ptr + slice_id * stride_ranks_slice + slot), MAX_RANK)
     if rank == 0:
@@ -117,8 +145,19 @@ def _expand_kernel(
 
     out_ptrs = out_ptr + tokens[:, None] * stride_out_token + (offset + column_offsets)[None, :]
     out_mask = row_mask[:, None] & n_mask[None, :]
-    current = tl.load(out_ptrs, mask=out_mask, other=0.0)
-    tl.store(out_ptrs, (current.to(tl.float32) + accumulator).to(out_ptr.dtype.element_ty), mask=out_mask)
+    result = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32) + accumulator
+    if EPILOGUE:
+        # modes share the ranks' layout: [num_slices, num_slots]. 1 = shift (lora_bias), 2 = scale and shift (DoRA).
+        mode = tl.load(modes_ptr + slice_id * stride_ranks_slice + slot)
+        if mode != 0:
+            slot_columns = slot.to(tl.int64) * stride_shift + column_offsets
+            shift = tl.load(shift_ptr + slot_columns, mask=n_mask, other=0.0).to(tl.float32)
+            if mode == 2:
+                scale_columns = slot.to(tl.int64) * stride_scale + column_offsets
+                scale = tl.load(scale_ptr + scale_columns, mask=n_mask, other=1.0).to(tl.float32)
+                result = result * scale[None, :]
+            result = result + shift[None, :]
+    tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def launch_expand(
@@ -130,8 +169,13 @@ def launch_expand(
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
     out: torch.Tensor,  # [num_tokens, >= max(slice_offsets[i] + out_features_i)], accumulated in place
     slice_offsets: list[int],  # [num_slices] first column of slice i in out
+    modes: torch.Tensor | None = None,  # [num_slices, num_slots] int32 epilogue modes, None = plain LoRA everywhere
+    scale: list[torch.Tensor] | None = None,  # num_slices x [num_slots, out_features_i] float32
+    shift: list[torch.Tensor] | None = None,  # num_slices x [num_slots, out_features_i]
 ) -> None:
     _check_expand(y, lora_b, ranks, out, slice_offsets)
+    if modes is not None:
+        _check_epilogue(lora_b, ranks, modes, scale, shift)
     num_tokens = out.shape[0]
     num_groups = group_slots.shape[0]
     if num_tokens == 0 or num_groups == 0:
@@ -144,6 +188,12 @@ def launch_expand(
         blocks = [triton.cdiv(b.shape[1], config.block_n) for b in chunk]
         padding = MAX_SLICES_PER_LAUNCH - len(chunk)
         padded = chunk + [chunk[0]] * padding
+        if modes is not None:
+            scales = scale[first : first + MAX_SLICES_PER_LAUNCH]
+            shifts = shift[first : first + MAX_SLICES_PER_LAUNCH]
+            scales, shifts = scales + [scales[0]] * padding, shifts + [shifts[0]] * padding
+        else:  # never read: EPILOGUE is off
+            scales = shifts = padded
         offsets += [0] * padding
         blocks += [0] * padding
         grid = (max_tiles(num_tokens, num_groups, config.block_m), sum(blocks))
@@ -155,6 +205,9 @@ def launch_expand(
             group_starts,
             group_slots,
             ranks[first:],
+            modes[first:] if modes is not None else ranks,
+            *scales,
+            *shifts,
             num_groups,
             *(b.shape[1] for b in padded),
             *offsets,
@@ -164,6 +217,8 @@ def launch_expand(
             y.stride(0),
             out.stride(0),
             ranks.stride(0),
+            *(t.stride(0) for t in scales),
+            *(t.stride(0) for t in shifts),
             NUM_SLICES=len(chunk),
             MAX_RANK=max_rank,
             BLOCK_M=config.block_m,
@@ -172,6 +227,7 @@ def launch_expand(
             BLOCK_GROUPS=groups_block(num_groups),
             SORTED=token_order is not None,
             IEEE_FP32=chunk[0].dtype == torch.float32,
+            EPILOGUE=modes is not None,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
@@ -192,3 +248,14 @@ def _check_expand(y, lora_b, ranks, out, slice_offsets) -> None:
         raise ValueError("y needs contiguous [num_tokens, max_rank] slices and out a contiguous last dimension")
     if ranks.shape != (len(lora_b), num_slots) or ranks.stride(1) != 1:
         raise ValueError("ranks must be [num_slices, num_slots] with contiguous rows")
+
+
+def _check_epilogue(lora_b, ranks, modes, scale, shift) -> None:
+    if modes.shape != ranks.shape or modes.stride() != ranks.stride() or modes.dtype != torch.int32:
+        raise ValueError("epilogue modes must be int32 laid out as ranks ([num_slices, num_slots])")
+    if scale is None or shift is None or len(scale) != len(lora_b) or len(shift) != len(lora_b):
+        raise ValueError("an epilogue needs one scale and one shift per lora_b slice")
+    for b, scales, shifts in zip(lora_b, scale, shift, strict=True):
+        for table in (scales, shifts):
+            if table.shape != b.shape[:2] or table.stride(1) != 1:
+                raise ValueError("epilogue scale and shift must be [num_slots, out_features_i], contiguous rows")

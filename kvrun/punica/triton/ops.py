@@ -2,7 +2,8 @@
 
 Custom ops (opaque to torch.compile, capturable in CUDA graphs; both mutate only `out`):
     torch.ops.kvrun.lora_shrink(x, lora_a, token_order, group_starts, group_slots, ranks, scalings, out)
-    torch.ops.kvrun.lora_expand(y, lora_b, token_order, group_starts, group_slots, ranks, out, slice_offsets)
+    torch.ops.kvrun.lora_expand(y, lora_b, token_order, group_starts, group_slots, ranks, out, slice_offsets,
+                                modes, scale, shift)
 where (token_order, group_starts, group_slots) is a `SlotGroups` (see kvrun.punica.metadata).
 
 What a CUDA-graphed caller preallocates (allocate before capture, update in place, pass the same tensors):
@@ -14,7 +15,8 @@ What a CUDA-graphed caller preallocates (allocate before capture, update in plac
 and runs each batch-size bucket once before capturing it, so Triton compiles its kernels outside the capture.
 The ops themselves allocate nothing, sync nothing and size their grids from shapes alone. Layout they require:
 A and B rank-contiguous as [num_slots, max_rank, in] / [num_slots, out_i, max_rank] (all A slices alike), and
-the shrink output contiguous per slice.
+the shrink output contiguous per slice. An expand epilogue (`kvrun.punica.ref.ExpandEpilogue`) is passed as its
+three fields (modes, or None and two empty lists for none; scale; shift), its tables preallocated and updated in place like ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from kvrun.punica.metadata import SlotGroups, group_tokens
+from kvrun.punica.ref import ExpandEpilogue
 from kvrun.punica.triton.expand import launch_expand
 from kvrun.punica.triton.shrink import launch_shrink
 
@@ -57,12 +60,15 @@ def lora_expand(
     ranks: torch.Tensor,
     out: torch.Tensor,
     slice_offsets: list[int],
+    modes: torch.Tensor | None,
+    scale: list[torch.Tensor],
+    shift: list[torch.Tensor],
 ) -> None:
-    launch_expand(y, lora_b, token_order, group_starts, group_slots, ranks, out, slice_offsets)
+    launch_expand(y, lora_b, token_order, group_starts, group_slots, ranks, out, slice_offsets, modes, scale, shift)
 
 
 @lora_expand.register_fake
-def _(y, lora_b, token_order, group_starts, group_slots, ranks, out, slice_offsets) -> None:
+def _(y, lora_b, token_order, group_starts, group_slots, ranks, out, slice_offsets, modes, scale, shift) -> None:
     return None
 
 
@@ -87,11 +93,14 @@ def expand(
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
     out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
     slice_offsets: Sequence[int],
+    epilogue: ExpandEpilogue | None = None,
 ) -> None:
     """Semantics: `kvrun.punica.ref.sgmv_expand` over the groups (a group is a segment)."""
+    extras = (epilogue.modes, list(epilogue.scale), list(epilogue.shift)) if epilogue is not None else (None, [], [])
     torch.ops.kvrun.lora_expand(
-        y, list(lora_b), groups.token_order, groups.group_starts, groups.group_slots, ranks, out, list(slice_offsets)
-    )
+        y, list(lora_b), groups.token_order, groups.group_starts, groups.group_slots, ranks, out, list(slice_offsets),
+        *extras,
+    )  # fmt: skip
 
 
 def sgmv_shrink(x, lora_a, seg_indptr, seg_slots, ranks, scalings, out) -> None:
@@ -99,9 +108,9 @@ def sgmv_shrink(x, lora_a, seg_indptr, seg_slots, ranks, scalings, out) -> None:
     shrink(x, lora_a, SlotGroups.from_segments(seg_indptr, seg_slots), ranks, scalings, out)
 
 
-def sgmv_expand(y, lora_b, seg_indptr, seg_slots, ranks, out, slice_offsets) -> None:
+def sgmv_expand(y, lora_b, seg_indptr, seg_slots, ranks, out, slice_offsets, epilogue=None) -> None:
     """Semantics and shapes: `kvrun.punica.ref.sgmv_expand`."""
-    expand(y, lora_b, SlotGroups.from_segments(seg_indptr, seg_slots), ranks, out, slice_offsets)
+    expand(y, lora_b, SlotGroups.from_segments(seg_indptr, seg_slots), ranks, out, slice_offsets, epilogue)
 
 
 def bgmv_shrink(x, lora_a, token_slots, ranks, scalings, out, *, groups: SlotGroups | None = None) -> None:
@@ -112,8 +121,10 @@ def bgmv_shrink(x, lora_a, token_slots, ranks, scalings, out, *, groups: SlotGro
     shrink(x, lora_a, groups, ranks, scalings, out)
 
 
-def bgmv_expand(y, lora_b, token_slots, ranks, out, slice_offsets, *, groups: SlotGroups | None = None) -> None:
+def bgmv_expand(
+    y, lora_b, token_slots, ranks, out, slice_offsets, epilogue=None, *, groups: SlotGroups | None = None
+) -> None:
     """Semantics and shapes: `kvrun.punica.ref.bgmv_expand`; groups as in `bgmv_shrink`."""
     if groups is None:
         groups = group_tokens(token_slots, ranks.shape[1])
-    expand(y, lora_b, groups, ranks, out, slice_offsets)
+    expand(y, lora_b, groups, ranks, out, slice_offsets, epilogue)
