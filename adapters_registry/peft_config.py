@@ -26,7 +26,7 @@ ALL_LINEAR = "all-linear"
 # Fields the engine reads and applies.
 _SERVED_FIELDS = {
     "peft_type", "r", "target_modules", "exclude_modules", "lora_alpha", "use_rslora", "bias", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias", "use_dora",
 }  # fmt: skip
 # Fields that may hold any value: bookkeeping, training-only or initialization-only settings.
 _HARMLESS_FIELDS = {
@@ -41,7 +41,6 @@ _HARMLESS_FIELDS = {
 # What PEFT can save that kvrun does not serve, each refused by name with the reason given here: the registry at push
 # and the engine at load read this one table, so both refuse with the same words.
 UNSERVED_FIELDS = {
-    "use_dora": "DoRA (use_dora) adds a magnitude vector the engine does not apply yet",
     "modules_to_save": "fully fine-tuned modules (modules_to_save) cannot be hot-swapped per request",
     "layer_replication": "layer_replication changes the base model's layer layout",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
@@ -77,10 +76,16 @@ UNSERVED_PEFT_TYPES = {
 }  # fmt: skip
 
 
+# Per-module vectors [out_features] PEFT saves beside lora_A / lora_B, each when its config flag is set:
+# saved key suffix → (the flag, what the vector is).
+MODULE_VECTORS = {
+    "lora_B.bias": ("lora_bias", "a LoRA bias"),
+    "lora_magnitude_vector": ("use_dora", "a DoRA magnitude vector"),
+}
+
 # Tensors PEFT saves for the features above, for an adapter whose config does not admit to them (hand-edited, or
 # saved by an older PEFT): the pattern of the key, and what it is.
 _UNSERVED_TENSORS = (
-    (r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", "a DoRA magnitude vector (use_dora)"),
     (r"\.lora_embedding_[AB](\.[^.]+)?$", "a LoRA weight of an embedding layer"),
     (r"\.trainable_tokens_delta(\.[^.]+)?$", "a trainable-token embedding delta (trainable_token_indices)"),
     (r"\.alora_", "an activated-LoRA tensor"),
@@ -110,6 +115,19 @@ class LoraSettings:
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     lora_bias: bool = False  # every LoRA module's lora_B has a bias (PEFT saves `<module>.lora_B.bias`)
+    use_dora: bool = False  # DoRA: every LoRA module has a magnitude vector (`<module>.lora_magnitude_vector`)
+
+    @property
+    def module_vectors(self) -> tuple[str, ...]:
+        """The MODULE_VECTORS every LoRA module of this adapter has."""
+        return tuple(part for part, (flag, _) in MODULE_VECTORS.items() if getattr(self, flag))
+
+    def vector_problem(self, key: str, part: str) -> str | None:
+        """Why the saved vector `key` (a MODULE_VECTORS part) does not belong in this adapter, or None."""
+        flag, what = MODULE_VECTORS[part]
+        if getattr(self, flag):
+            return None
+        return f"tensor {key!r} is {what}, but adapter_config.json does not set {flag}=true; PEFT would not apply it"
 
     @property
     def max_rank(self) -> int:
@@ -211,14 +229,16 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
         if value > max_rank:
             raise RankError(f"{CONFIG_FILE}: rank_pattern[{key!r}]={value} exceeds {rank_limit} {max_rank}")
     alpha_pattern = _pattern(config, "alpha_pattern", _positive_number, "positive numbers")
-    use_rslora, lora_bias = _flag(config, "use_rslora"), _flag(config, "lora_bias")
+    use_rslora, lora_bias, use_dora = _flag(config, "use_rslora"), _flag(config, "lora_bias"), _flag(config, "use_dora")
+    if lora_bias and use_dora:
+        raise UnsupportedConfigError(f"{CONFIG_FILE}: lora_bias=true with use_dora=true is a combination PEFT refuses")
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
     return LoraSettings(
         rank, float(alpha), _names_or_pattern(config, "target_modules", required=True), use_rslora, base_model or None,
         _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config), rank_pattern,
-        tuple((key, float(value)) for key, value in alpha_pattern), lora_bias,
+        tuple((key, float(value)) for key, value in alpha_pattern), lora_bias, use_dora,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from adapters_registry.errors import (
     ValidationError,
     WeightMagnitudeError,
 )
-from adapters_registry.peft_config import CONFIG_FILE, LoraSettings, parse_config, unserved_tensor
+from adapters_registry.peft_config import CONFIG_FILE, MODULE_VECTORS, LoraSettings, parse_config, unserved_tensor
 from adapters_registry.safetensors_format import TensorInfo, check_finite, decode, find_at_least, parse_header
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 LORA_MAGNITUDE_POWER = 10
 LORA_MAGNITUDE_BOUND = float(2**LORA_MAGNITUDE_POWER)
 
-# PEFT's saved keys: the adapter name ("default") is stripped by save_pretrained. lora_B.bias only with lora_bias.
+# PEFT's saved keys: the adapter name ("default") is stripped by save_pretrained; the per-module vectors (lora_B.bias,
+# lora_magnitude_vector) only with their config flags.
 _KEY_RE = re.compile(
-    r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias)$"
+    r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)(?:\.weight)?$"
 )
 _PARTS = ("lora_A.weight", "lora_B.weight")
 
@@ -115,12 +117,13 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
     pairs = {module: (found["lora_A.weight"], found["lora_B.weight"]) for module, found in parts.items()}
     for module, (a, b) in sorted(pairs.items()):
         _check_pair_shapes(module, a, b, settings.rank_of(module))
-        bias = parts[module].get("lora_B.bias")
-        if bias is not None and list(bias.shape) != [b.shape[0]]:
-            raise TensorShapeError(
-                f"{WEIGHTS_FILE}: tensor {bias.key!r} has shape {list(bias.shape)}; lora_B's bias is [{b.shape[0]}] "
-                f"for {module} (lora_B is {list(b.shape)})"
-            )
+        for part in settings.module_vectors:
+            vector = parts[module][part]
+            if list(vector.shape) != [b.shape[0]]:
+                raise TensorShapeError(
+                    f"{WEIGHTS_FILE}: tensor {vector.key!r} has shape {list(vector.shape)}; {part} is [{b.shape[0]}] "
+                    f"for {module} (lora_B is {list(b.shape)})"
+                )
     for info in tensors.values():
         _check_values(data, info)
     shapes = {module: (a.shape, b.shape) for module, (a, b) in sorted(pairs.items())}
@@ -152,7 +155,7 @@ def _check_values(data: bytes, info: TensorInfo) -> None:
 
 
 def _module_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> dict[str, dict[str, TensorInfo]]:
-    """module -> {"lora_A.weight": ..., "lora_B.weight": ..., and "lora_B.bias" with lora_bias}."""
+    """module -> {"lora_A.weight": ..., "lora_B.weight": ..., and the settings' module vectors}."""
     modules: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         match = _KEY_RE.match(key)
@@ -164,17 +167,16 @@ def _module_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> d
                 f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which adapter_config.json does not "
                 f"target (target_modules {settings.target_list}); PEFT would not apply it"
             )
-        if match["part"] == "lora_B.bias" and not settings.lora_bias:
-            raise TensorNameError(
-                f"{WEIGHTS_FILE}: tensor {key!r} is a LoRA bias, but adapter_config.json does not set lora_bias=true; "
-                "PEFT would not apply it"
-            )
-        modules.setdefault(module, {})[match["part"]] = info
-    required = (*_PARTS, "lora_B.bias") if settings.lora_bias else _PARTS
+        part = match["part"]
+        problem = settings.vector_problem(key, part) if part in MODULE_VECTORS else None
+        if problem is not None:
+            raise TensorNameError(f"{WEIGHTS_FILE}: {problem}")
+        modules.setdefault(module, {})[part] = info
     for module, found in modules.items():
-        missing = [part for part in required if part not in found]
+        missing = [part for part in (*_PARTS, *settings.module_vectors) if part not in found]
         if missing:
-            because = " (adapter_config.json sets lora_bias=true)" if missing[0] == "lora_B.bias" else ""
+            flag = MODULE_VECTORS[missing[0]][0] if missing[0] in MODULE_VECTORS else None
+            because = f" (adapter_config.json sets {flag}=true)" if flag else ""
             raise TensorNameError(f"{WEIGHTS_FILE}: module {module!r} has no {missing[0]}{because}")
     return modules
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kvrun.punica import LoRAOps
-from kvrun.punica.ref import PLAIN, SHIFT, ExpandEpilogue
+from kvrun.punica.ref import PLAIN, SCALE_SHIFT, SHIFT, ExpandEpilogue
 from kvrun.runtime.forward_batch import LoRABatchInfo
 from kvrun.runtime.layers.linear import Projection
 
@@ -21,12 +21,14 @@ class SliceWeights:
     b: torch.Tensor  # [out_features_i, rank]
     scaling: float
     bias: torch.Tensor | None = None  # [out_features_i] lora_B's bias (PEFT's lora_bias), None without one
+    magnitude: torch.Tensor | None = None  # [out_features_i] DoRA's magnitude vector, None for a plain LoRA
 
 
 class LinearWithLoRA(nn.Module):
     """y = base(x) + scaling_{i,s} · (x A_{i,s}^T) B_{i,s}^T for each row's slot s, per output slice i (q/k/v,
-    gate/up, ...): every slice of every slot has its own rank and scaling. An adapter with lora_bias adds
-    scaling_{i,s} · bias_{i,s} on its rows (the expand's epilogue, `kvrun.punica.ref.ExpandEpilogue`)."""
+    gate/up, ...): every slice of every slot has its own rank and scaling. The expand's epilogue
+    (`kvrun.punica.ref.ExpandEpilogue`) finishes the rows of adapters that add more: lora_bias adds
+    scaling · bias; DoRA rescales each output feature (see `dora_scale`)."""
 
     def __init__(self, base: Projection, num_slots: int, max_rank: int, ops: LoRAOps) -> None:
         super().__init__()
@@ -82,6 +84,13 @@ class LinearWithLoRA(nn.Module):
                 # PEFT: lora_B(lora_A(x)) * scaling, lora_B's bias inside the product.
                 self.epilogue.shift[index][slot].copy_(entry.bias.float() * entry.scaling)
                 self.epilogue.modes[index, slot] = SHIFT
+            if entry.magnitude is not None:
+                rows = slice(self.slice_offsets[index], self.slice_offsets[index] + self.lora_b[index].shape[1])
+                bias = self.base.bias[rows] if self.base.bias is not None else None
+                scale, shift = dora_scale(self.base.weight[rows], bias, entry)
+                self.epilogue.scale[index][slot].copy_(scale)
+                self.epilogue.shift[index][slot].copy_(shift)
+                self.epilogue.modes[index, slot] = SCALE_SHIFT
 
     def forward(self, x: torch.Tensor, lora: LoRABatchInfo | None = None) -> torch.Tensor:
         out = self.base(x)
@@ -93,3 +102,24 @@ class LinearWithLoRA(nn.Module):
             shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets, self.epilogue
         )
         return out
+
+
+def dora_scale(
+    weight: torch.Tensor, bias: torch.Tensor | None, entry: SliceWeights, rows_per_chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DoRA as PEFT computes it, y = base(x) + (m/||W + s·BA|| - 1)·(base(x) - b) + m/||W + s·BA||·s·(x A^T B^T)
+    with the norm per output feature (row of W) and the base bias b left out of the rescaling, rearranged for the
+    expand epilogue: y = scale·(base(x) + s·x A^T B^T) + shift, with scale = m/||W + s·BA|| and
+    shift = (1 - scale)·b. The norm depends only on the frozen base weight and the adapter, so it is computed once
+    per slot load, in fp32, a chunk of rows at a time (W + s·BA of a whole MLP projection is hundreds of MB).
+
+    weight: [out, in] the base rows of this slice; bias: [out] or None. -> (scale [out] fp32, shift [out] fp32)."""
+    a = entry.a.to(device=weight.device, dtype=torch.float32)
+    b = entry.b.to(device=weight.device, dtype=torch.float32)
+    norms = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        norms[rows] = torch.linalg.vector_norm(weight[rows].float() + entry.scaling * (b[rows] @ a), dim=1)
+    scale = entry.magnitude.to(device=weight.device, dtype=torch.float32) / norms
+    shift = (1 - scale) * bias.float() if bias is not None else torch.zeros_like(scale)
+    return scale, shift

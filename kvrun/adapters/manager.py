@@ -148,7 +148,9 @@ class LoRAManager:
         per_wrapper: dict[int, dict[str, SliceWeights]] = {}
         for module, (a, b) in parsed.weights.items():
             wrapper, slice_name = self._targets[module]
-            weights = SliceWeights(a, b, parsed.scaling(module), parsed.biases.get(module))
+            weights = SliceWeights(
+                a, b, parsed.scaling(module), parsed.biases.get(module), parsed.magnitudes.get(module)
+            )
             per_wrapper.setdefault(id(wrapper), {})[slice_name] = weights
         for wrapper in self._wrappers:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))

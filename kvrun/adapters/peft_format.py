@@ -22,7 +22,7 @@ from safetensors.torch import load
 
 from adapters_registry import check_lora_magnitude
 from adapters_registry.errors import ValidationError
-from adapters_registry.peft_config import check_config, unserved_tensor
+from adapters_registry.peft_config import MODULE_VECTORS, check_config, unserved_tensor
 from kvrun.adapters.ref import AdapterRef
 from kvrun.runtime.models.manifest import lora_targets
 from kvrun.runtime.models.spec import ModelConfig
@@ -32,10 +32,12 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_WEIGHTS_BYTES = 4 * 1024**3
 # PEFT saves `base_model.model.<module>.lora_A.weight` (older versions kept the adapter name before `.weight`), and
-# `<module>.lora_B.bias` with lora_bias.
+# the per-module vectors `<module>.lora_B.bias` (lora_bias) and `<module>.lora_magnitude_vector` (DoRA).
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.(?P<side>lora_A|lora_B)(?:\.default)?\.(?P<kind>weight|bias)$"
+    r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.(?P<name>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?"
+    r"(?:\.(?P<kind>weight|bias))?$"
 )
+_PARTS = ("lora_A.weight", "lora_B.weight")
 
 
 class AdapterError(ValueError):
@@ -51,13 +53,16 @@ class ParsedAdapter:
     scalings: dict[str, float] = field(default_factory=dict)
     # module → lora_B's bias [out] (PEFT's lora_bias), model dtype; empty without lora_bias
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    # module → DoRA's magnitude vector [out], fp32; empty without use_dora
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def scaling(self, module: str) -> float:
         return self.scalings.get(module, self.ref.scaling)
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values()) + sum(b.nbytes for b in self.biases.values())
+        vectors = (*self.biases.values(), *self.magnitudes.values())
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values()) + sum(v.nbytes for v in vectors)
 
 
 def load_peft_adapter(
@@ -118,19 +123,23 @@ def parse_adapter(
     except (SafetensorError, ValueError) as error:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({error})") from None
     parts = _module_tensors(name, tensors, targets, settings)
-    weights = {module: (found["A"].to(dtype).contiguous(), found["B"].to(dtype).contiguous())
+    weights = {module: (found["lora_A.weight"].to(dtype).contiguous(), found["lora_B.weight"].to(dtype).contiguous())
                for module, found in parts.items()}  # fmt: skip
-    biases = {module: found["bias"].to(dtype).contiguous() for module, found in parts.items() if "bias" in found}
+    biases = {module: found["lora_B.bias"].to(dtype) for module, found in parts.items() if "lora_B.bias" in found}
+    # fp32: DoRA's per-feature scale is computed from it once per slot load, in fp32.
+    magnitudes = {module: found["lora_magnitude_vector"].float() for module, found in parts.items()
+                  if "lora_magnitude_vector" in found}  # fmt: skip
     leaves = tuple(sorted({module.rsplit(".", 1)[-1] for module in weights}))
     digest = hashlib.sha256(repr(dataclasses.replace(settings, base_model=None)).encode()).hexdigest()
     ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
                      settings.use_rslora, digest)  # fmt: skip
     scalings = {module: settings.scaling_of(module) for module in weights}
-    return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling}, biases)
+    return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling}, biases, magnitudes)
 
 
 def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, dict[str, torch.Tensor]]:
-    """module → {"A": lora_A [rank, in], "B": lora_B [out, rank], and "bias": lora_B's bias [out] with lora_bias}."""
+    """module → {"lora_A.weight": [rank, in], "lora_B.weight": [out, rank], and each of the settings' module vectors
+    (adapters_registry.peft_config.MODULE_VECTORS): [out]}."""
     def fail(message: str) -> AdapterError:
         return AdapterError(f"adapter {name!r}: {message}")
 
@@ -143,9 +152,9 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
                 raise fail(f"{WEIGHTS_FILE}: tensor {key!r} is {what}, which kvrun does not serve")
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA A/B weight)")
         module = match["module"]
-        side = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "bias"}.get(f"{match['side']}.{match['kind']}")
-        if side is None:
-            raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (lora_A has no bias)")
+        part = match["name"] if match["name"] == "lora_magnitude_vector" else f"{match['name']}.{match['kind']}"
+        if part not in (*_PARTS, *MODULE_VECTORS):
+            raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA weight PEFT saves)")
         if module not in targets.modules:
             raise fail(
                 f"tensor {key!r} is for module {module!r}, which is not a LoRA-targetable module of "
@@ -156,16 +165,15 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
                 f"{WEIGHTS_FILE}: tensor {key!r} is for module {module!r}, which adapter_config.json does not "
                 f"target (target_modules {settings.target_list}); PEFT would not apply it"
             )
-        if side == "bias" and not settings.lora_bias:
-            raise fail(
-                f"{WEIGHTS_FILE}: tensor {key!r} is a LoRA bias, but adapter_config.json does not set lora_bias=true; "
-                "PEFT would not apply it"
-            )
+        problem = settings.vector_problem(key, part) if part in MODULE_VECTORS else None
+        if problem is not None:
+            raise fail(f"{WEIGHTS_FILE}: {problem}")
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise fail(f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
         in_features, out_features = targets.modules[module]
         rank = settings.rank_of(module)
-        expected = {"A": (rank, in_features), "B": (out_features, rank), "bias": (out_features,)}[side]
+        shapes = {"lora_A.weight": (rank, in_features), "lora_B.weight": (out_features, rank)}
+        expected = shapes.get(part, (out_features,))
         if tuple(tensor.shape) != expected:
             raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")
         if not torch.isfinite(tensor).all():
@@ -174,14 +182,13 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
             check_lora_magnitude(key, float(tensor.abs().max()) if tensor.numel() else 0.0)
         except ValidationError as error:
             raise fail(str(error)) from None
-        sides.setdefault(module, {})[side] = tensor
+        sides.setdefault(module, {})[part] = tensor
     if not sides:
         raise fail(f"{WEIGHTS_FILE} holds no LoRA weights")
-    required = {"A": "lora_A weight", "B": "lora_B weight"}
-    if settings.lora_bias:
-        required["bias"] = "lora_B.bias (adapter_config.json sets lora_bias=true)"
     for module, found in sides.items():
-        missing = [what for side, what in required.items() if side not in found]
+        missing = [part for part in (*_PARTS, *settings.module_vectors) if part not in found]
         if missing:
-            raise fail(f"module {module!r} has no {missing[0]}")
+            flag = MODULE_VECTORS[missing[0]][0] if missing[0] in MODULE_VECTORS else None
+            because = f" (adapter_config.json sets {flag}=true)" if flag else ""
+            raise fail(f"module {module!r} has no {missing[0]}{because}")
     return sides

@@ -13,6 +13,7 @@ from adapters_registry import open_store
 from kvrun import LLM
 from kvrun.runtime.models.manifest import manifest
 from kvrun.runtime.models.registry import read_model_config
+from tests.adapters.peft_extras import with_trained_magnitudes
 from tests.models.families import FAMILIES, CachedReference, PeftSpec, make_peft_adapter, tiny_checkpoint
 from tests.models.test_families import assert_rows_match, generate, rows_for
 
@@ -107,5 +108,20 @@ def test_lora_bias_matches_peft(family, request, tmp_path):
     targets = [*model.family.attention, *model.family.mlp]
     name = model.add(PeftSpec("lora-bias", 4, targets, alpha=8.0,
                               extra={"lora_bias": True, "rank_pattern": {q: 6}, "alpha_pattern": {q: 3.0}}))  # fmt: skip
+    model.check_mixed_batch(name)
+    model.push(name, tmp_path / "registry")
+
+
+# -- DoRA ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_dora_matches_peft(family, request, tmp_path):
+    """DoRA on attention and MLP modules (both families' q/k/v carry a base bias, which DoRA leaves unscaled; Llama's
+    MLP too), one module at its own rank and alpha, beside plain LoRA and base rows."""
+    model: FeatureModel = request.getfixturevalue(family)
+    q = model.family.attention[0]
+    targets = [*model.family.attention, *model.family.mlp]
+    name = model.add(PeftSpec("dora", 4, targets, alpha=8.0,
+                              extra={"use_dora": True, "rank_pattern": {q: 6}, "alpha_pattern": {q: 3.0}}))  # fmt: skip
+    with_trained_magnitudes(model.base, model.adapters[name], seed=5)
     model.check_mixed_batch(name)
     model.push(name, tmp_path / "registry")

@@ -110,7 +110,10 @@ CASES = {
     "corrupt safetensors": (_garbage, "not a valid safetensors"),
     "rank over max": (lambda d: edit_config(d, r=32), "exceeds this server's max_lora_rank 8"),
     "rank mismatch": (lambda d: edit_config(d, r=2), "expected"),
-    "dora": (lambda d: edit_config(d, use_dora=True), "DoRA"),
+    "dora without magnitudes": (
+        lambda d: edit_config(d, use_dora=True), r"has no lora_magnitude_vector \(adapter_config.json sets use_dora"
+    ),
+    "dora with lora_bias": (lambda d: edit_config(d, use_dora=True, lora_bias=True), "a combination PEFT refuses"),
     "modules_to_save": (lambda d: edit_config(d, modules_to_save=["lm_head"]), "modules_to_save"),
     "bias": (lambda d: edit_config(d, bias="all"), "bias"),
     "unknown target": (lambda d: edit_config(d, target_modules=["q_proj", "embed_tokens"]), "embed_tokens"),
@@ -121,7 +124,7 @@ CASES = {
     "shape": (lambda d: edit_weights(d, _wrong_shape), "has shape"),
     "layer out of range": (lambda d: edit_weights(d, _layer_out_of_range), "not a LoRA-targetable module .*2 layers"),
     "embedding key": (lambda d: edit_weights(d, _embedding), "embed_tokens"),
-    "dora vector without use_dora": (lambda d: edit_weights(d, _dora_vector), "is a DoRA magnitude vector"),
+    "dora vector without use_dora": (lambda d: edit_weights(d, _dora_vector), "is a DoRA magnitude vector, but"),
     "bias without lora_bias": (lambda d: edit_weights(d, _lora_bias), "does not set lora_bias=true"),
     "lora_bias without biases": (lambda d: edit_config(d, lora_bias=True), r"has no lora_B.bias \(adapter_config"),
     "integer weights": (lambda d: edit_weights(d, _int_weights), "dtype"),

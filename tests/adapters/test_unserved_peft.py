@@ -36,7 +36,6 @@ CASES = {
     "oft": (lambda: _method("OFTConfig", r=4, oft_block_size=0), f"peft_type is 'OFT' ({UNSERVED_PEFT_TYPES['OFT']})"),
     "bias all": (lambda: _lora(bias="all"), UNSERVED_BIAS["all"]),
     "bias lora_only": (lambda: _lora(bias="lora_only"), UNSERVED_BIAS["lora_only"]),
-    "dora": (lambda: _lora(use_dora=True), UNSERVED_FIELDS["use_dora"]),
     "activated lora": (
         lambda: _lora(alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"),
         UNSERVED_FIELDS["alora_invocation_tokens"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,7 +101,11 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
     "missing weights": (remove_file("adapter_model.safetensors"), E.MissingFileError, "safetensors: missing"),
     "config not json": (write_file("adapter_config.json", b"{r: 4"), E.AdapterConfigError, "not valid JSON"),
     "not lora": (edit_config(peft_type="IA3"), E.UnsupportedConfigError, "peft_type is 'IA3'"),
-    "dora": (edit_config(use_dora=True), E.UnsupportedConfigError, "use_dora=True: DoRA"),
+    "dora without magnitudes": (
+        edit_config(use_dora=True),
+        E.TensorNameError,
+        "has no lora_magnitude_vector (adapter_config.json sets use_dora=true)",
+    ),
     "modules_to_save": (edit_config(modules_to_save=["lm_head"]), E.UnsupportedConfigError, "modules_to_save"),
     "rank_pattern mismatch": (
         edit_config(rank_pattern={"v_proj": 2, "q_proj": 8}),
@@ -168,10 +173,13 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
         "has no lora_B.bias (adapter_config.json sets lora_bias=true)",
     ),
     "lora_bias not a flag": (edit_config(lora_bias="yes"), E.AdapterConfigError, "lora_bias must be true or false"),
+    "dora with lora_bias": (
+        edit_config(use_dora=True, lora_bias=True), E.UnsupportedConfigError, "a combination PEFT refuses"
+    ),
     "dora vector without use_dora": (
         replace_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(16)),
         E.TensorNameError,
-        "is a DoRA magnitude vector (use_dora), which kvrun does not serve",
+        "is a DoRA magnitude vector, but adapter_config.json does not set use_dora=true",
     ),
     "nan f16": (
         edit_tensors(set_element(A_KEY, float("nan"), HALF)),
@@ -308,20 +316,25 @@ def test_configurable_max_rank(registry_url: str, make_adapter: AdapterFactory) 
         store.push(make_adapter(rank=4), "team-a/wide")
 
 
-def test_lora_bias_is_checked_against_lora_b(store: AdapterStore, make_adapter: AdapterFactory) -> None:
-    def add_biases(length: int) -> Callable[[dict[str, torch.Tensor]], None]:
+@pytest.mark.parametrize(("flag", "suffix"), [("use_dora", "lora_magnitude_vector"), ("lora_bias", "lora_B.bias")])
+def test_module_vectors_are_checked_against_lora_b(
+    store: AdapterStore, make_adapter: AdapterFactory, flag: str, suffix: str
+) -> None:
+    """DoRA's magnitudes and lora_bias's biases: one [out_features] vector per LoRA module, out_features of lora_B."""
+
+    def add_vectors(length: int) -> Callable[[dict[str, torch.Tensor]], None]:
         def change(tensors: dict[str, torch.Tensor]) -> None:
             for key in [key for key in tensors if key.endswith("lora_B.weight")]:
-                tensors[key.replace(".weight", ".bias")] = torch.ones(length, dtype=HALF)
+                tensors[key.replace("lora_B.weight", suffix)] = torch.ones(length, dtype=HALF)
 
         return change
 
-    directory = make_adapter(config={"lora_bias": True})
-    edit_tensors(add_biases(8))(directory)
-    with pytest.raises(errors.TensorShapeError, match=r"has shape \[8\]; lora_B's bias is \[16\]"):
-        store.push(directory, "team-a/bias")
-    edit_tensors(add_biases(16))(directory)
-    assert store.push(directory, "team-a/bias").version == 1
+    directory = make_adapter(config={flag: True})
+    edit_tensors(add_vectors(4))(directory)
+    with pytest.raises(errors.TensorShapeError, match=rf"has shape \[4\]; {re.escape(suffix)} is \[16\]"):
+        store.push(directory, "team-a/vectors")
+    edit_tensors(add_vectors(16))(directory)
+    assert store.push(directory, "team-a/vectors").version == 1
 
 
 def test_peft_extras_that_are_off_are_accepted(store: AdapterStore, make_adapter: AdapterFactory) -> None:

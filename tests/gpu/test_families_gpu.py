@@ -58,11 +58,17 @@ def gpu_family(request, tmp_path_factory):
 
 
 def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
+    base, adapters = gpu_family
+    check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True)
+
+
+def check_bf16_against_hf_peft(base, adapters: dict, **llm_options) -> None:
+    """kvrun in bf16 on the card, every adapter and base rows in one batch, against HF + PEFT teacher-forced in fp32
+    (and HF + PEFT's own bf16 error, which bounds kvrun's)."""
     from kvrun import LLM, SamplingParams
 
-    base, adapters = gpu_family
-    llm = LLM(str(base), dtype="bfloat16", max_loras=3, max_lora_rank=16, max_num_seqs=16, cuda_graphs=True,
-              gpu_memory_utilization=0.1)  # several test processes share the card
+    llm = LLM(str(base), dtype="bfloat16", max_loras=len(adapters), max_num_seqs=16, gpu_memory_utilization=0.1,
+              **llm_options)  # several test processes share the card
     for name, directory in adapters.items():
         llm.load_adapter(name, directory)
     generator = torch.Generator().manual_seed(0)

@@ -157,7 +157,8 @@ def make_case(
 
 
 def _random_epilogue(out_features, num_slots, randn, dtype, device) -> ExpandEpilogue:
-    slot_plus_slice = torch.arange(num_slots, device=device)[None, :] + torch.arange(len(out_features), device=device)[:, None]
+    slots, slices = torch.arange(num_slots, device=device), torch.arange(len(out_features), device=device)
+    slot_plus_slice = slots[None, :] + slices[:, None]
     modes = (slot_plus_slice % 3).to(torch.int32)  # 0 plain, 1 shift, 2 scale and shift
     scale, shift = [], []
     for i, n in enumerate(out_features):
