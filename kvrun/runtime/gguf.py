@@ -3,7 +3,8 @@
 transformers reads GGUF for most families: it names tensors through the `gguf` package and undoes llama.cpp's
 transforms (Llama's interleaved Q/K rows, Gemma's `norm + 1`). It maps only some metadata keys to the config and
 drops the rest without a word, so kvrun checks every key and tensor of the file first: a key that changes the math
-is applied to the config or refused by name, never ignored.
+is applied to the config or refused by name, never ignored. Families transformers cannot read (Gemma 1, Command-R,
+Baichuan) kvrun reads itself (gguf_native.py), through the same key checks and the same output.
 """
 
 from __future__ import annotations
@@ -51,42 +52,59 @@ class GGUFError(ValueError):
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    import torch
     from gguf import GGUFReader
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvrun.runtime.gguf_native import NATIVE, read_native
 
     reader = GGUFReader(str(gguf_path))
     arch = str(reader.fields["general.architecture"].contents())
-    if arch not in ARCHITECTURES:
+    if arch in NATIVE:
+        config, tensors = read_native(reader, arch, gguf_path.name)
+        model_type = NATIVE[arch].model_type
+    elif arch in ARCHITECTURES:
+        config, tensors = _read_with_transformers(reader, arch, gguf_path)
+        model_type = None
+    else:
         raise GGUFError(
             f"{gguf_path.name}: GGUF architecture {arch!r} is not supported; kvrun converts GGUF files of "
-            f"{', '.join(sorted(ARCHITECTURES))}. Give the model's HF directory (config.json + safetensors) instead"
+            f"{', '.join(sorted({*ARCHITECTURES, *NATIVE}))}. Give the model's HF directory (config.json + "
+            "safetensors) instead"
         )
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    config.name_or_path = str(_field(reader, "general.name") or gguf_path.stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    saved = config.to_dict()
+    saved.pop("quantization_config", None)  # the weights written here are dequantized
+    if model_type:
+        saved["model_type"] = model_type
+    (out_dir / "config.json").write_text(json.dumps(saved, indent=2))
+    _save_tokenizer(reader, gguf_path, out_dir, through_config=arch not in NATIVE)
+
+
+def _read_with_transformers(reader, arch: str, gguf_path: Path):
+    """transformers reads the tensors (and undoes llama.cpp's transforms); kvrun checks what it made of them."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
     source, name = str(gguf_path.parent), gguf_path.name
     config = AutoConfig.from_pretrained(source, gguf_file=name)
-    _apply_metadata(reader, arch, config, gguf_path.name)
+    apply_metadata(reader, arch, config, name, applied=set(GGUF_CONFIG_MAPPING.get(arch, {})))
     model, info = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=name, config=config, dtype=torch.float32, output_loading_info=True
     )
     if type(model).__name__ not in (ARCHITECTURES[arch], "MistralForCausalLM" if arch == "llama" else None):
-        raise GGUFError(f"{gguf_path.name}: read as {type(model).__name__}, expected {ARCHITECTURES[arch]}")
+        raise GGUFError(f"{name}: read as {type(model).__name__}, expected {ARCHITECTURES[arch]}")
     unplaced = sorted(info.get("unexpected_keys") or ())
     if unplaced:
-        raise GGUFError(f"{gguf_path.name}: tensors the {arch} config has no place for: {', '.join(unplaced[:5])}")
+        raise GGUFError(f"{name}: tensors the {arch} config has no place for: {', '.join(unplaced[:5])}")
     missing = sorted(set(info.get("missing_keys") or ()) - {"lm_head.weight"})
     if missing:
-        raise GGUFError(f"{gguf_path.name}: tensors missing from the file: {', '.join(missing[:5])}")
-    tensors = {key: value.contiguous() for key, value in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+        raise GGUFError(f"{name}: tensors missing from the file: {', '.join(missing[:5])}")
     model.config.architectures = [type(model).__name__]
-    model.config.name_or_path = str(_field(reader, "general.name") or gguf_path.stem)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    saved = model.config.to_dict()
-    saved.pop("quantization_config", None)  # the weights written here are dequantized
-    (out_dir / "config.json").write_text(json.dumps(saved, indent=2))
-    _save_tokenizer(reader, gguf_path, out_dir)
+    return model.config, {key: value.contiguous() for key, value in model.state_dict().items()}
 
 
 def _field(reader, key: str):
@@ -94,13 +112,17 @@ def _field(reader, key: str):
     return None if field is None else field.contents()
 
 
-def _apply_metadata(reader, arch: str, config, file_name: str) -> None:
-    """Every `<arch>.*` key is understood: mapped by transformers, applied here, checked inert, or refused."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
-    mapped = set(GGUF_CONFIG_MAPPING.get(arch, {}))
+def metadata(reader, arch: str) -> dict:
+    """The file's `<arch>.*` keys, without the prefix."""
     prefix = f"{arch}."
-    keys = {key[len(prefix) :]: _field(reader, key) for key in reader.fields if key.startswith(prefix)}
+    return {key[len(prefix) :]: _field(reader, key) for key in reader.fields if key.startswith(prefix)}
+
+
+def apply_metadata(reader, arch: str, config, file_name: str, applied: set[str]) -> None:
+    """Every `<arch>.*` key is understood: already applied to config (the `applied` keys), applied here, checked
+    inert, or refused."""
+    prefix = f"{arch}."
+    keys = metadata(reader, arch)
     for short, field in _APPLIED.items():
         if short in keys:
             setattr(config, field, keys[short])
@@ -116,7 +138,7 @@ def _apply_metadata(reader, arch: str, config, file_name: str) -> None:
             _check_rotary_dim(config, int(value), key, file_name)
         elif short.startswith("rope.scaling."):
             rope_scaling[short.removeprefix("rope.scaling.")] = value
-        elif short not in mapped and short not in _INERT and short not in _APPLIED and short != "rope.freq_base":
+        elif short not in applied and short not in _INERT and short not in _APPLIED and short != "rope.freq_base":
             raise GGUFError(f"{file_name}: GGUF key {key} = {value!r} is not understood by kvrun; refusing to guess")
     _apply_rope_scaling(config, rope_scaling, file_name)
     for name in ("bos", "eos", "padding"):
@@ -176,11 +198,15 @@ def _apply_rope_scaling(config, scaling: dict, file_name: str) -> None:
         parameters.update(update)
 
 
-def _save_tokenizer(reader, gguf_path: Path, out_dir: Path) -> None:
+def _save_tokenizer(reader, gguf_path: Path, out_dir: Path, through_config: bool) -> None:
+    """transformers builds the tokenizer from the file's `tokenizer.ggml.*` keys. AutoTokenizer reads the model
+    config first, which it cannot for the architectures kvrun reads itself: those get the plain fast tokenizer,
+    built the same way."""
     if "tokenizer.ggml.model" not in reader.fields:
         logger.warning("%s carries no tokenizer: prompts must be token ids", gguf_path.name)
         return
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    loader = AutoTokenizer if through_config else PreTrainedTokenizerFast
+    tokenizer = loader.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     tokenizer.save_pretrained(str(out_dir))
