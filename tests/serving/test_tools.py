@@ -4,6 +4,7 @@ becomes OpenAI tool calls, and the refusals (unknown function, `auto` without a 
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import openai
 import pytest
@@ -91,3 +92,55 @@ def test_http_auto_renders_tools_into_the_prompt(serve):
     assert reply.status_code == 200, reply.text
     prompt = server.serving.tokenizer.decode(tokens)
     assert prompt.startswith("TOOLS [") and '"name": "weather"' in prompt
+
+
+CITY = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer",
+        "minimum": 1, "maximum": 9}}, "required": ["city", "days"]}  # fmt: skip
+FINITE_TOOLS = [{"type": "function", "function": {"name": "forecast", "parameters": CITY}},
+                {"type": "function", "function": {"name": "clock", "parameters": {
+                    "type": "object", "properties": {"utc": {"type": "boolean"}}, "required": ["utc"]}}}]  # fmt: skip
+
+
+def test_http_named_and_required_tool_calls_follow_the_schemas(shared_server):
+    """A tiny random model: only the grammar makes its output a call, and every schema here has a finite language."""
+    client = openai.OpenAI(base_url=f"{shared_server.url}/v1", api_key="x", max_retries=0)
+    base = shared_server.serving.model_name
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = client.chat.completions.create(model=base, messages=messages, tools=FINITE_TOOLS, max_tokens=40,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "forecast"}})  # fmt: skip
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "forecast" and arguments["city"] in ("Paris", "Oslo") and 1 <= arguments["days"] <= 9
+    required = client.chat.completions.create(model=base, messages=messages, tools=FINITE_TOOLS, max_tokens=120,
+                                              temperature=0.8, seed=3, tool_choice="required", n=2)  # fmt: skip
+    for choice in required.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            arguments = json.loads(call.function.arguments)
+            assert call.function.name in ("forecast", "clock")
+            assert set(arguments) == ({"city", "days"} if call.function.name == "forecast" else {"utc"})
+    stream = client.chat.completions.create(model=base, messages=messages, tools=FINITE_TOOLS, max_tokens=40,
+                                            temperature=0, stream=True, tool_choice={
+                                                "type": "function", "function": {"name": "forecast"}})  # fmt: skip
+    calls = [call for chunk in stream if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [json.loads(call.function.arguments) for call in calls] == [json.loads(named.choices[0].message.tool_calls[0].function.arguments)]
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(shared_server, method):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        """A forecast request."""
+
+        city: Literal["Paris", "Oslo"]
+        days: int = Field(ge=1, le=9)
+
+    chat = ChatOpenAI(base_url=f"{shared_server.url}/v1", api_key="x", model=shared_server.serving.model_name,
+                      max_tokens=40, temperature=0, max_retries=0)  # fmt: skip
+    result = chat.with_structured_output(Forecast, method=method).invoke("Weather in Oslo for 3 days?")
+    assert isinstance(result, Forecast)
