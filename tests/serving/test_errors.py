@@ -155,3 +155,20 @@ def test_full_queue_and_slot_wait_timeout(serve, adapter_dirs):
                 assert int(full.headers["retry-after"]) >= 1
                 tgi = http.post("/generate", json={"inputs": PROMPT})
                 assert _tgi_error(tgi, 429)["error_type"] == "overloaded" and tgi.headers["retry-after"]
+
+
+def test_load_and_unload_bodies_are_read_as_vllm_sends_them(serve, adapter_dirs, caplog):
+    """null means "not given", unknown fields are ignored (one warning each), a wrong type is a 400 naming it."""
+    server = serve(None)
+    path = str(adapter_dirs["qkv-r8"])
+    with server.client() as http:
+        load = {"lora_name": "lenient", "lora_path": path, "load_inplace": None, "lora_int_id": None,
+                "base_model_name": "whatever", "kvrun_test_load_field": 1}  # fmt: skip
+        with caplog.at_level("WARNING", logger="kvrun.serving.decoding"):
+            assert http.post("/v1/load_lora_adapter", json=load).status_code == 200
+        assert "kvrun_test_load_field" in caplog.text
+        typed = _openai_error(http.post("/v1/load_lora_adapter", json={"lora_name": 7, "lora_path": path}), 400)
+        assert typed["param"] == "lora_name"
+        unload = {"lora_name": "lenient", "lora_int_id": None, "kvrun_test_unload_field": True}
+        assert http.post("/v1/unload_lora_adapter", json=unload).status_code == 200
+        _openai_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "lenient"}), 404)

@@ -8,12 +8,12 @@ import logging
 from adapters_registry import AdapterSummary
 from adapters_registry.records import VersionRecord
 from litestar import Controller, Request, get, post
-from litestar.params import JSONBody
 from litestar.response import Response
 
 from kvrun.serving.adapter_names import parse_engine_name
 from kvrun.serving.auth import require_admin_key, require_api_key
 from kvrun.serving.controllers.models import registry_adapters, why_not_servable
+from kvrun.serving.decoding import decode
 from kvrun.serving.responses import AdapterInfo, AdapterList
 from kvrun.serving.schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from kvrun.serving.snapshot import AdapterResidency
@@ -118,14 +118,18 @@ class AdaptersController(Controller):
         return AdapterList(entries, snapshot.max_loras, serving.config.max_cpu_loras)
 
     @post("/load_lora_adapter", guards=[require_admin_key], status_code=200, summary="Load a PEFT adapter from a path")
-    async def load(self, request: Request, data: JSONBody[LoadLoraAdapterRequest]) -> Response[str]:
+    async def load(self, request: Request) -> Response[str]:
+        # Decoded as the OpenAI bodies are: null means "not given", unknown fields (vLLM adds some between
+        # releases) are ignored with one warning each, and a wrong type is a 400 naming the field.
+        data = decode(await request.body(), LoadLoraAdapterRequest)
         serving: Serving = request.app.state.serving
         await serving.resolver.load_local(data.lora_name, data.lora_path, replace=data.load_inplace)
         logger.info("loaded adapter %s from %s", data.lora_name, data.lora_path)
         return Response(f"Success: LoRA adapter '{data.lora_name}' added successfully.", media_type="text/plain")
 
     @post("/unload_lora_adapter", guards=[require_admin_key], status_code=200, summary="Unload an adapter")
-    async def unload(self, request: Request, data: JSONBody[UnloadLoraAdapterRequest]) -> Response[str]:
+    async def unload(self, request: Request) -> Response[str]:
+        data = decode(await request.body(), UnloadLoraAdapterRequest)
         serving: Serving = request.app.state.serving
         await serving.resolver.unload(data.lora_name)
         logger.info("unloaded adapter %s", data.lora_name)
