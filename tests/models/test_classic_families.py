@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from adapters_registry.peft_config import check_config
 from kvrun.runtime.models.decoder import checkpoint_path
@@ -73,3 +74,26 @@ def test_what_the_classic_families_cannot_compute_is_refused_by_name(case):
     architecture, config, message = REFUSED[case]
     with pytest.raises(ModelConfigError, match=message):
         read_model_config({"architectures": [architecture], **config}, "x")
+
+
+def test_checkpoints_saved_from_the_base_model_load_without_its_prefix(tmp_path):
+    """openai-community/gpt2 and bigscience/bloom-560m name their tensors `h.0...`, `wte.weight` (saved from
+    GPT2Model / BloomModel) and may carry the old causal-mask buffers."""
+    from safetensors.torch import load_file, save_file
+
+    from kvrun import LLM
+    from tests.models.families import CachedReference
+    from tests.models.test_families import assert_rows_match, generate, rows_for
+
+    base = tiny_checkpoint(FAMILIES["gpt2"], tmp_path / "base", seed=8, n_inner=96)
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    tensors = load_file(base / "model.safetensors")
+    renamed = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()}
+    renamed["h.0.attn.bias"] = torch.ones(1, 1, 8, 8)
+    save_file(renamed, stripped / "model.safetensors")
+    (stripped / "config.json").write_text((base / "config.json").read_text())
+    assert not any(name.startswith("transformer.") for name in renamed)
+    llm = LLM(str(stripped), max_loras=0, num_blocks=96, block_size=4)
+    rows = rows_for([None, None], seed=3)
+    assert_rows_match(generate(llm, rows), rows, CachedReference(base, {}))

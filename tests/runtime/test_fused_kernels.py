@@ -1,5 +1,5 @@
 """The fused Triton kernels (kvrun.runtime.layers.fused) on CPU through Triton's interpreter, against the torch code
-they replace: RMSNorm, RotaryEmbedding, `F.silu(gate) * up` and attention.base.write_kv.
+they replace: RMSNorm, RotaryEmbedding (full and partial), `F.silu(gate) * up` and attention.base.write_kv.
 
 The checks run in a child process with TRITON_INTERPRET=1, which must be set before triton is first imported (and
 must not leak into this process); the child runs this file as a script. fp32 and fp16 only: the interpreter computes
@@ -72,14 +72,17 @@ def check_norms(fused, dtype: torch.dtype, hidden: int) -> None:
 def check_rotary(fused, dtype: torch.dtype) -> None:
     from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
 
-    spec = RopeSpec(10000.0, HEAD_DIM, HEAD_DIM, 64)
-    rotary = RotaryEmbedding(spec, max_positions=64).to(dtype)
-    positions = torch.tensor([0, 7, 63, 3, 3], dtype=torch.int64)
-    q, k, _ = strided_qkv(dtype)
-    q_out, k_out = fused.rotary(positions, q, k, rotary.cos, rotary.sin)
-    q_expected, k_expected = rotary(positions, q, k)
-    torch.testing.assert_close(q_out, q_expected, **TOLERANCE[dtype])
-    torch.testing.assert_close(k_out, k_expected, **TOLERANCE[dtype])
+    # Full width, and partial (NeoX rotary_pct, Phi partial_rotary_factor): 12 has a non-power-of-two half.
+    for rotary_dim in (HEAD_DIM, 12, 8):
+        spec = RopeSpec(10000.0, HEAD_DIM, rotary_dim, 64)
+        rotary = RotaryEmbedding(spec, max_positions=64).to(dtype)
+        positions = torch.tensor([0, 7, 63, 3, 3], dtype=torch.int64)
+        q, k, _ = strided_qkv(dtype)
+        q_out, k_out = fused.rotary(positions, q, k, rotary.cos, rotary.sin)
+        q_expected, k_expected = rotary(positions, q, k)
+        torch.testing.assert_close(q_out, q_expected, **TOLERANCE[dtype])
+        torch.testing.assert_close(k_out, k_expected, **TOLERANCE[dtype])
+        torch.testing.assert_close(k_out[..., rotary_dim:], k[..., rotary_dim:], rtol=0, atol=0)
 
 
 def check_silu_and_mul(fused, dtype: torch.dtype, intermediate: int) -> None:

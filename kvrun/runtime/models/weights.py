@@ -60,10 +60,19 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     rename = _renamer(model)
     params = {rename(name): param for name, param in model.named_parameters()}
     tied_head = rename("lm_head.weight") if getattr(model, "lm_head", "absent") is None else None
+
+    def owned(name: str) -> bool:
+        return name in params or name.rpartition(".")[0] in index
+
+    # A checkpoint saved from HF's base model (GPT-2's and BLOOM's own, OPT's) names its tensors without the prefix
+    # the causal-LM class adds: `h.0.attn.c_attn.weight` for `transformer.h.0.attn.c_attn.weight`.
+    prefixes = sorted({path.split(".", 1)[0] for path in [*params, *index] if path.count(".") >= 2})
     loaded: set[str] = set()
     for name, tensor in weights:
         if name.endswith(_IGNORED_SUFFIXES) or name == tied_head:
             continue
+        if not owned(name):
+            name = next((f"{prefix}.{name}" for prefix in prefixes if owned(f"{prefix}.{name}")), name)
         module_path, _, param_name = name.rpartition(".")
         try:
             if module_path in index:
