@@ -20,6 +20,12 @@ from tests.models.test_baichuan import _baichuan_checkpoint
 
 gguf = pytest.importorskip("gguf")
 
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Conversions of these throwaway files go to the test's directory, not the user's model cache."""
+    monkeypatch.setenv("KVRUN_CACHE", str(tmp_path / "kvrun-cache"))
+
 # family → (GGUF architecture, overrides that keep the tiny config within what GGUF files state)
 CASES = {
     "llama": ("llama", dict(attention_bias=False, mlp_bias=False, head_dim=16)),
