@@ -73,9 +73,14 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks; nothing to download)
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket on CUDA
     seed: int = 0
+    tensor_parallel_size: int = 1  # devices (one process each) the model is split over
     cache: CacheConfig = field(default_factory=CacheConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {self.tensor_parallel_size!r}")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

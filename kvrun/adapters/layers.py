@@ -28,7 +28,14 @@ class LinearWithLoRA(nn.Module):
     """y = base(x) + scaling_{i,s} · (x A_{i,s}^T) B_{i,s}^T for each row's slot s, per output slice i (q/k/v,
     gate/up, ...): every slice of every slot has its own rank and scaling. The expand's epilogue
     (`kvrun.punica.ref.ExpandEpilogue`) finishes the rows of adapters that add more: lora_bias adds
-    scaling · bias; DoRA rescales each output feature (see `dora_scale`)."""
+    scaling · bias; DoRA rescales each output feature (see `dora_scale`).
+
+    Under tensor parallelism the adapter is split with the base weight and adds no communication: a
+    column-parallel base keeps A whole and its rows of B (each rank computes the whole shrink, expands into its own
+    output columns); a row-parallel base keeps its columns of A and B whole (each rank's shrink is a partial sum,
+    expanded into its partial output, so the base layer's one all-reduce sums the delta with the output; a lora_bias
+    is added by rank 0 alone). DoRA's per-feature norm spans the whole row, which a row-parallel rank does not hold:
+    DoRA adapters are refused under tensor parallelism."""
 
     def __init__(self, base: Projection, num_slots: int, max_rank: int, ops: LoRAOps) -> None:
         super().__init__()
@@ -75,14 +82,18 @@ class LinearWithLoRA(nn.Module):
                 self.ranks[index, slot] = 0
                 self.scalings[index, slot] = 0.0
                 continue
+            if entry.magnitude is not None and self.base.tp is not None:
+                raise ValueError("DoRA adapters are not supported with tensor parallelism yet")
             rank = entry.a.shape[0]
-            self.lora_a[index][slot, :rank].copy_(entry.a, non_blocking=True)
-            self.lora_b[index][slot, :, :rank].copy_(entry.b, non_blocking=True)
+            self.lora_a[index][slot, :rank].copy_(self.base.shard_input(entry.a), non_blocking=True)
+            self.lora_b[index][slot, :, :rank].copy_(self.base.shard_output(name, entry.b), non_blocking=True)
             self.ranks[index, slot] = rank
             self.scalings[index, slot] = entry.scaling
-            if entry.bias is not None:
+            # A row-parallel rank's output is a partial sum: one rank adds the bias.
+            if entry.bias is not None and not (self.base.reduces and self.base.tp.rank != 0):
                 # PEFT: lora_B(lora_A(x)) * scaling, lora_B's bias inside the product.
-                self.epilogue.shift[index][slot].copy_(entry.bias.float() * entry.scaling)
+                bias = self.base.shard_output(name, entry.bias)
+                self.epilogue.shift[index][slot].copy_(bias.float() * entry.scaling)
                 self.epilogue.modes[index, slot] = SHIFT
             if entry.magnitude is not None:
                 rows = slice(self.slice_offsets[index], self.slice_offsets[index] + self.lora_b[index].shape[1])
@@ -93,15 +104,15 @@ class LinearWithLoRA(nn.Module):
                 self.epilogue.modes[index, slot] = SCALE_SHIFT
 
     def forward(self, x: torch.Tensor, lora: LoRABatchInfo | None = None) -> torch.Tensor:
-        out = self.base(x)
+        out = self.base.partial(x)
         if lora is None:
-            return out
+            return self.base.reduce(out)
         shrunk = torch.empty(len(self.slice_names), x.shape[0], self.max_rank, dtype=self.shrink_dtype, device=x.device)
         self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
         self.ops.sgmv_expand(
             shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets, self.epilogue
         )
-        return out
+        return self.base.reduce(out)
 
 
 def dora_scale(

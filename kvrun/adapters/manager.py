@@ -42,7 +42,9 @@ def check_adapter_name(name: str) -> str:
 
 
 class LoRAManager:
-    def __init__(self, model: nn.Module, model_config: ModelConfig, config: LoRAConfig) -> None:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, config: LoRAConfig, replicas=None) -> None:
+        """replicas: the tensor-parallel workers (kvrun.runtime.distributed.executor.Workers), which hold the same
+        wrappers over their shards and receive every slot write before the step that reads it."""
         self.model_config = model_config
         self.config = config
         weight = next(model.parameters())
@@ -54,6 +56,9 @@ class LoRAManager:
         self._sources: dict[AdapterRef, Callable[[], ParsedAdapter]] = {}
         self._holds: dict[AdapterRef, int] = {}  # live requests per version, running or waiting
         self._wrappers = self._wrap_projections(model)
+        self.replicas = replicas
+        if replicas is not None:
+            replicas.call(install_worker_lora, model_config, config)
 
     def _wrap_projections(self, model: nn.Module) -> list[LinearWithLoRA]:
         """Put a LoRA wrapper around every Projection of the model (found by type), and index each checkpoint
@@ -145,13 +150,20 @@ class LoRAManager:
         self.slots.release(ref)
 
     def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
+        weights = {
+            module: SliceWeights(a, b, parsed.scaling(module), parsed.biases.get(module), parsed.magnitudes.get(module))
+            for module, (a, b) in parsed.weights.items()
+        }
+        self.write_slot(slot, weights)
+        if self.replicas is not None:  # every rank takes its shard of the same full weights, before the next step
+            self.replicas.call(write_worker_slot, slot, {module: _on_host(entry) for module, entry in weights.items()})
+
+    def write_slot(self, slot: int, weights: dict[str, SliceWeights]) -> None:
+        """Place one adapter's full weights per checkpoint module in slot (each wrapper keeps its shard)."""
         per_wrapper: dict[int, dict[str, SliceWeights]] = {}
-        for module, (a, b) in parsed.weights.items():
+        for module, entry in weights.items():
             wrapper, slice_name = self._targets[module]
-            weights = SliceWeights(
-                a, b, parsed.scaling(module), parsed.biases.get(module), parsed.magnitudes.get(module)
-            )
-            per_wrapper.setdefault(id(wrapper), {})[slice_name] = weights
+            per_wrapper.setdefault(id(wrapper), {})[slice_name] = entry
         for wrapper in self._wrappers:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
 
@@ -165,3 +177,19 @@ class LoRAManager:
         self.slots.discard(ref)
         self.host.drop(ref)
         self._sources.pop(ref, None)
+
+
+# -- tensor-parallel workers (called in each worker process with its ModelRunner) -------------------------------------
+def install_worker_lora(runner, model_config: ModelConfig, config: LoRAConfig) -> None:
+    runner.lora = LoRAManager(runner.model, model_config, config)
+
+
+def write_worker_slot(runner, slot: int, weights: dict[str, SliceWeights]) -> None:
+    runner.lora.write_slot(slot, weights)
+
+
+def _on_host(entry: SliceWeights) -> SliceWeights:
+    def host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.cpu()
+
+    return SliceWeights(host(entry.a), host(entry.b), entry.scaling, host(entry.bias), host(entry.magnitude))

@@ -18,9 +18,9 @@ from kvrun.engine.sampling_params import SamplingParams
 from kvrun.engine.scheduler import Scheduler
 from kvrun.engine.stop import check_stop, visible_text
 from kvrun.engine.tokenizer import load_tokenizer
+from kvrun.runtime.distributed import create_runner
 from kvrun.runtime.loader import BUNDLED_NAME, resolve_model
 from kvrun.runtime.memory_profile import device_start, size_engine
-from kvrun.runtime.model_runner import ModelRunner
 from kvrun.runtime.sampler import SampledToken, SamplingFailure, SamplingRow, sample
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class LLMEngine:
         model_dir = resolve_model(config.model, needs_weights=config.load_format != "dummy")
         self.model_name = BUNDLED_NAME if config.model is None else Path(config.model).name.removesuffix(".gguf")
         start = device_start(config.torch_device())
-        self.runner = ModelRunner(model_dir, config, self.model_name)
+        self.runner = create_runner(model_dir, config, self.model_name)
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.tokenizer = load_tokenizer(Path(config.tokenizer) if config.tokenizer else model_dir)
@@ -46,9 +46,9 @@ class LLMEngine:
         self._grammars = None  # GrammarCompiler, made for the first request with structured output
 
     def _init_pools(self, config: EngineConfig) -> None:
-        self.adapters = (
-            LoRAManager(self.runner.model, self.model_config, config.lora) if config.lora.max_loras > 0 else None
-        )
+        self.adapters = None
+        if config.lora.max_loras > 0:
+            self.adapters = LoRAManager(self.runner.model, self.model_config, config.lora, self.runner.workers)
         self.runner.init_kv_cache(config.cache.num_blocks)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             reserved = torch.cuda.memory_reserved(self.runner.device)
@@ -59,6 +59,10 @@ class LLMEngine:
         cache = config.cache
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+
+    def shutdown(self) -> None:
+        """Stop what runs beside this process (tensor-parallel workers); the engine takes no more steps."""
+        self.runner.shutdown()
 
     # -- adapters ------------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | Path) -> AdapterRef:

@@ -42,6 +42,7 @@ class LLM:
         enable_chunked_prefill: bool = _default(SchedulerConfig, "enable_chunked_prefill"),
         load_format: str = _default(EngineConfig, "load_format"),
         cuda_graphs: bool = _default(EngineConfig, "cuda_graphs"),
+        tensor_parallel_size: int = _default(EngineConfig, "tensor_parallel_size"),
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -49,6 +50,7 @@ class LLM:
             device=device,
             load_format=load_format,
             cuda_graphs=cuda_graphs,
+            tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(
                 block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching, gpu_memory_utilization
             ),
@@ -56,6 +58,10 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         )
         self.engine = LLMEngine(config)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they also stop when this object is collected)."""
+        self.engine.shutdown()
 
     @property
     def tokenizer(self):

@@ -59,7 +59,7 @@ def size_engine(runner, config: EngineConfig, start: DeviceStart | None) -> tupl
     """The config with every automatic value chosen, and the GPU memory plan behind it (None: nothing planned)."""
     config = resolve_scheduler_defaults(config, start is not None)
     cache, lora = config.cache, config.lora
-    block_bytes = bytes_per_block(runner.model_config, cache.block_size, runner.dtype)
+    block_bytes = bytes_per_block(runner.model_config, cache.block_size, runner.dtype, runner.num_kv_heads)
     plan = None
     if cache.num_blocks is not None:
         num_blocks, max_loras = cache.num_blocks, lora.max_loras

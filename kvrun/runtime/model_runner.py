@@ -9,6 +9,7 @@ import torch
 
 from kvrun.config import EngineConfig
 from kvrun.runtime.attention import select_backend
+from kvrun.runtime.distributed.group import TensorParallel, local_heads
 from kvrun.runtime.forward_batch import ForwardBatch, LoRABatchInfo, ScheduledBatch
 from kvrun.runtime.kv_cache import allocate_kv_cache
 from kvrun.runtime.loader import iter_weights, read_config
@@ -21,7 +22,13 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, config: EngineConfig, model_name: str) -> None:
+    """The model on one device. tp: this process's rank of a tensor-parallel group (it then holds that rank's shard
+    of every weight and of the KV cache; kvrun.runtime.distributed drives the ranks in step)."""
+
+    workers = None  # the other ranks' processes, when this is rank 0 of a tensor-parallel group
+
+    def __init__(self, model_dir: Path, config: EngineConfig, model_name: str, tp: TensorParallel | None = None) -> None:
+        self.tp = tp
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.model_config = read_model_config(read_config(model_dir), model_name)
@@ -36,15 +43,16 @@ class ModelRunner:
 
     def _init_model(self, model_dir: Path, load_format: str) -> None:
         cfg = self.model_config
+        num_heads, self.num_kv_heads = local_heads(cfg, self.tp)
         self.attention = select_backend(
-            self.device, self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_variants
+            self.device, self.dtype, num_heads, self.num_kv_heads, cfg.head_dim, cfg.attention_variants
         )
         # Build directly in the target dtype and device: an 8B model never exists in fp32 on the way.
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                model = CausalLM(cfg, self.attention, self.max_model_len, fused=self.device.type == "cuda")
+                model = CausalLM(cfg, self.attention, self.max_model_len, self.device.type == "cuda", self.tp)
         finally:
             torch.set_default_dtype(default_dtype)
         if load_format == "dummy":
@@ -56,14 +64,19 @@ class ModelRunner:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the paged KV pool (again: the memory plan profiles steps on a small temporary one first)."""
-        self.release_kv_cache()
+        self.kv_cache = None  # the old pool goes before the new one is allocated
         self.num_blocks = num_blocks
         # One page past the pool is scratch: padded rows of a captured decode step write there.
-        self.kv_cache = allocate_kv_cache(self.model_config, num_blocks + 1, self.block_size, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(
+            self.model_config, num_blocks + 1, self.block_size, self.dtype, self.device, self.num_kv_heads
+        )
         logger.info("KV cache: %d blocks of %d tokens", self.num_blocks, self.block_size)
 
     def release_kv_cache(self) -> None:
         self.num_blocks, self.kv_cache = 0, None
+
+    def shutdown(self) -> None:
+        """Release what outlives the object on its own (worker processes under tensor parallelism; nothing here)."""
 
     def capture_decode_graphs(self, max_batch_size: int, with_lora: bool) -> None:
         """Capture decode steps on CUDA (call after LoRA wrappers are installed: the graphs bake in the modules)."""

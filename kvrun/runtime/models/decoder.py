@@ -8,6 +8,8 @@ weights and adapters find their place without per-family tables (kvrun.runtime.m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -15,27 +17,38 @@ from torch.nn import functional as F
 from kvrun.runtime.attention.base import AttentionBackend
 from kvrun.runtime.forward_batch import ForwardBatch
 from kvrun.runtime.layers.activation import activation
-from kvrun.runtime.layers.linear import Projection
+from kvrun.runtime.layers.linear import Projection, Split, shard
 from kvrun.runtime.layers.norm import make_norm
 from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
+from kvrun.runtime.layers.vocab import VocabParallelEmbedding
 from kvrun.runtime.models.spec import AttentionSpec, MLPSpec, ModelConfig
+
+if TYPE_CHECKING:
+    from kvrun.runtime.distributed.group import TensorParallel
 
 
 class Attention(nn.Module):
     def __init__(
         self, config: ModelConfig, spec: AttentionSpec, rotary: RotaryEmbedding | None, backend: AttentionBackend,
-        fused: bool,
+        fused: bool, tp: TensorParallel | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.head_dim = head_dim = config.head_dim
+        # Tensor parallelism splits by whole heads (K/V heads replicated when fewer than the ranks).
+        q_heads, kv_heads = Split(config.num_heads, head_dim), Split(config.num_kv_heads, head_dim)
         if len(spec.qkv_slices) == 3:
-            slices = dict(zip(spec.qkv_slices, (q_size, kv_size, kv_size)))
-        else:  # the checkpoint stores q, k and v as one module, laid out as spec.qkv_layout says
-            slices = {spec.qkv_slices[0]: q_size + 2 * kv_size}
+            slices = dict(zip(spec.qkv_slices, ((q_heads,), (kv_heads,), (kv_heads,))))
+        elif spec.qkv_layout == "grouped":  # one module, per K/V head: its queries, its key, its value
+            group = (config.num_heads // config.num_kv_heads + 2) * head_dim
+            slices = {spec.qkv_slices[0]: (Split(config.num_kv_heads, group),)}
+        else:  # one module: q, k and v in that order
+            slices = {spec.qkv_slices[0]: (q_heads, kv_heads, kv_heads)}
         transposed = config.decoder.transposed_weights
-        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias, transposed=transposed)
-        self.o_proj = Projection(q_size, {spec.o_slice: config.hidden_size}, spec.o_bias, transposed=transposed)
+        self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias, transposed=transposed, tp=tp)
+        self.o_proj = Projection(q_heads.width, {spec.o_slice: config.hidden_size}, spec.o_bias, transposed=transposed,
+                                 tp=tp, row_split=(q_heads,))  # fmt: skip
+        q_size, kv_size = (_local_width(split, tp) for split in (q_heads, kv_heads))
+        self.num_heads, self.num_kv_heads = q_size // head_dim, kv_size // head_dim
         self.split = (q_size, kv_size, kv_size)
         self.grouped = spec.qkv_layout == "grouped"
         self.clip_qkv = spec.clip_qkv
@@ -44,6 +57,9 @@ class Attention(nn.Module):
             per_head = spec.qk_norm_per_head
             self.q_norm = make_norm((self.num_heads, self.head_dim) if per_head else self.head_dim, spec.qk_norm, fused)
             self.k_norm = make_norm((self.num_kv_heads, self.head_dim) if per_head else self.head_dim, spec.qk_norm, fused)
+            if per_head:  # one weight row per head: each rank loads its heads' rows
+                for norm, heads in ((self.q_norm, config.num_heads), (self.k_norm, config.num_kv_heads)):
+                    norm.weight.load_shard = lambda full, heads=heads: shard(full, (Split(heads),), tp)
         self.rotary = rotary
         self.variant = spec.variant
         self.backend = backend
@@ -78,6 +94,10 @@ class Attention(nn.Module):
         )
 
 
+def _local_width(split: Split, tp: TensorParallel | None) -> int:
+    return split.width if tp is None or tp.size == 1 else split.local(tp.rank, tp.size)[1]
+
+
 def _head_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if norm.weight.dim() == 2:  # one weight per head: normalise [tokens, heads, head_dim] as it is
         return norm(x)
@@ -85,15 +105,18 @@ def _head_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, spec: MLPSpec, fused: bool, transposed: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, spec: MLPSpec, fused: bool, transposed: bool = False, tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
         size = spec.intermediate_size
         if spec.gated and len(spec.in_slices) == 2:
             slices = dict.fromkeys(spec.in_slices, size)
         else:  # one checkpoint module: plain MLP input, or gate and up already fused (Phi-3)
-            slices = {spec.in_slices[0]: 2 * size if spec.gated else size}
-        self.gate_up_proj = Projection(hidden_size, slices, spec.bias, transposed=transposed)
-        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias, transposed=transposed)
+            slices = {spec.in_slices[0]: (Split(size), Split(size)) if spec.gated else size}
+        self.gate_up_proj = Projection(hidden_size, slices, spec.bias, transposed=transposed, tp=tp)
+        self.down_proj = Projection(size, {spec.out_slice: hidden_size}, spec.bias, transposed=transposed, tp=tp,
+                                    row_split=(Split(size),))  # fmt: skip
         self.gated = spec.gated
         if spec.gated and spec.activation in ("silu", "swish") and fused:
             from kvrun.runtime.layers.fused import silu_and_mul
@@ -114,15 +137,16 @@ def _gated(act, gate_up: torch.Tensor) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, index: int, rotary: RotaryEmbedding | None, backend: AttentionBackend, fused: bool
-    ) -> None:
+        self, config: ModelConfig, index: int, rotary: RotaryEmbedding | None, backend: AttentionBackend, fused: bool,
+        tp: TensorParallel | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         spec = config.decoder
         hidden = config.hidden_size
         self.block = spec.block
         self.input_layernorm = make_norm(hidden, spec.norm, fused)
-        self.self_attn = Attention(config, spec.layers[index], rotary, backend, fused)
-        self.mlp = MLP(hidden, spec.mlp, fused, spec.transposed_weights)
+        self.self_attn = Attention(config, spec.layers[index], rotary, backend, fused, tp)
+        self.mlp = MLP(hidden, spec.mlp, fused, spec.transposed_weights, tp)
         if self.block != "parallel":
             self.post_attention_layernorm = make_norm(hidden, spec.norm, fused)
         if self.block == "sandwich":
@@ -156,11 +180,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool,
+        tp: TensorParallel | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         spec = config.decoder
         hidden = config.hidden_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, spec.embedding_projection or hidden)
+        # Under tensor parallelism the vocabulary is split; projections and position tables here stay whole.
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, spec.embedding_projection or hidden, tp)
         self.project_in = self.project_out = None
         if spec.embedding_projection is not None:  # LoRA-targetable: PEFT's "all-linear" adapts them
             self.project_in = Projection(spec.embedding_projection, {"project_in": hidden}, False)
@@ -176,7 +204,7 @@ class DecoderModel(nn.Module):
             rotary = None
             if layer.rope is not None:
                 rotary = rotaries.setdefault(layer.rope, RotaryEmbedding(layer.rope, max_positions, fused))
-            layers.append(DecoderLayer(config, index, rotary, backend, fused))
+            layers.append(DecoderLayer(config, index, rotary, backend, fused, tp))
         self.layers = nn.ModuleList(layers)
         self.norm = make_norm(hidden, spec.norm, fused) if spec.final_norm else None
         self.embedding_scale = spec.embedding_scale
@@ -208,16 +236,20 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Any decoder-only family: embeddings → layers → final norm → (scaled, capped) logits."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool = False) -> None:
-        """fused=True (CUDA): norms, rotary and the SwiGLU activation run as single Triton kernels."""
+    def __init__(
+        self, config: ModelConfig, backend: AttentionBackend, max_positions: int, fused: bool = False,
+        tp: TensorParallel | None = None,
+    ) -> None:  # fmt: skip
+        """fused=True (CUDA): norms, rotary and the SwiGLU activation run as single Triton kernels.
+        tp: this process's rank of a tensor-parallel group (None: the whole model on one device)."""
         super().__init__()
         self.config = config
         spec = config.decoder
-        self.model = DecoderModel(config, backend, max_positions, fused)
+        self.model = DecoderModel(config, backend, max_positions, fused, tp)
         self.lm_head = None
         if not config.tie_word_embeddings:
             width = spec.embedding_projection or config.hidden_size
-            self.lm_head = nn.Linear(width, config.vocab_size, bias=spec.lm_head_bias)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, width, tp, bias=spec.lm_head_bias)
         elif spec.lm_head_bias:
             raise ValueError(f"{config.architecture}: an lm_head bias with tied embeddings is not supported")
         self._checkpoint_names = dict(spec.checkpoint_names)
@@ -240,7 +272,7 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         spec = self.config.decoder
-        logits = F.linear(hidden, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(hidden)
+        logits = (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
         if spec.logit_scale is not None:
             logits = logits * spec.logit_scale
         if spec.final_logit_soft_cap is not None:

@@ -79,6 +79,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
                 projection, slice_name = index[module_path]
                 model.get_submodule(projection).load_checkpoint_tensor(param_name, slice_name, tensor)
             elif name in params:
+                shard = getattr(params[name], "load_shard", None)  # a parameter split over tensor-parallel ranks
+                if shard is not None:
+                    tensor = shard(tensor)
                 if params[name].shape != tensor.shape:
                     raise ValueError(f"has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}")
                 params[name].copy_(tensor)

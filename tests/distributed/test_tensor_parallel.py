@@ -1,0 +1,82 @@
+"""Tensor parallelism on CPU (gloo): two ranks give the greedy tokens one device gives, for a mixed batch of
+adapters of different ranks and target subsets plus base rows; a worker that dies takes the engine down with an
+error that names it, never a hang."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from kvrun import LLM, SamplingParams
+from kvrun.runtime.distributed.executor import WorkerDiedError
+from tests.models.families import FAMILIES, make_peft_adapter, standard_adapters, tiny_checkpoint
+
+MAX_TOKENS = 5
+# Qwen2 with a single K/V head: both ranks hold a copy of it (replicated K/V heads); Phi-3 packs q/k/v and gate/up
+# as single checkpoint modules, split per part.
+CASES = {"llama": {}, "qwen2": {"num_key_value_heads": 1}, "phi3": {}}
+
+
+def rows(adapters: list[str | None], seed: int) -> list[tuple[list[int], str | None]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(3, 250, (3 + (index * 5) % 17,), generator=generator).tolist(), adapter)
+        for index, adapter in enumerate([*adapters, None, *adapters, None])
+    ]
+
+
+def generate(llm: LLM, batch) -> list[list[int]]:
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([prompt for prompt, _ in batch], params, adapters=[adapter for _, adapter in batch])
+    return [output.token_ids for output in outputs]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def checkpoint(request, tmp_path_factory):
+    family = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(f"tp-{family.name}")
+    base = tiny_checkpoint(family, root / "base", seed=5, **CASES[request.param])
+    adapters = {
+        spec.name: make_peft_adapter(base, spec, root / spec.name, seed=index + 1)
+        for index, spec in enumerate(standard_adapters(family))
+    }
+    return base, adapters
+
+
+def start(base, adapters, tensor_parallel_size: int) -> LLM:
+    llm = LLM(str(base), tensor_parallel_size=tensor_parallel_size, max_loras=2, max_lora_rank=16, num_blocks=64,
+              block_size=4, max_num_seqs=6)  # fmt: skip
+    for name, directory in adapters.items():
+        llm.load_adapter(name, directory)
+    return llm
+
+
+def test_two_ranks_match_one_device_on_mixed_adapter_batch(checkpoint):
+    base, adapters = checkpoint
+    # Two slots for three adapters and six rows a step: adapters are evicted and reloaded into slots mid-run.
+    batch = rows(list(adapters), seed=3)
+    single = start(base, adapters, 1)
+    expected = generate(single, batch)
+    parallel = start(base, adapters, 2)
+    try:
+        assert parallel.engine.runner.tp.size == 2
+        assert generate(parallel, batch) == expected
+    finally:
+        parallel.shutdown()
+
+
+def test_dead_worker_stops_the_engine_with_a_clear_error(tmp_path):
+    llm = start(tiny_checkpoint(FAMILIES["llama"], tmp_path / "base"), {}, 2)
+    try:
+        worker = llm.engine.runner.workers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=10)
+        with pytest.raises(WorkerDiedError, match=r"rank 1 \(pid \d+\) exited with code -9"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+        with pytest.raises(WorkerDiedError):  # and stays down
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+    finally:
+        llm.shutdown()
