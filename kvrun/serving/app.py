@@ -111,6 +111,7 @@ async def _lifespan(app: Litestar) -> AsyncIterator[None]:
         if serving.watcher is not None:
             await serving.watcher.stop()
         await serving.client.stop()
+        serving.client.engine.shutdown()  # tensor-parallel workers stop with the server
         serving.resolver.close()
         if serving.registry is not None:
             serving.registry.close()

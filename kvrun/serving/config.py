@@ -38,6 +38,7 @@ class ServerConfig:
     device: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (GPU benchmarks without downloads)
     cuda_graphs: bool = True
+    tensor_parallel_size: int = 1  # GPUs (one process each) the model is split over
     resolve_ttl_s: float = 30.0  # backstop for cached ref → version resolutions if a change event is missed
     default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent
     cors_origins: tuple[str, ...] = field(default=())
@@ -50,6 +51,8 @@ class ServerConfig:
             raise ValueError("--max-queue must be >= 0")
         if self.queue_timeout_s <= 0:
             raise ValueError("--queue-timeout must be > 0")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.log_interval_s < 0:
             raise ValueError("--log-interval must be >= 0")
         names = [name for name, _ in self.lora_modules]
@@ -64,6 +67,7 @@ class ServerConfig:
             device=self.device,
             load_format=self.load_format,
             cuda_graphs=self.cuda_graphs,
+            tensor_parallel_size=self.tensor_parallel_size,
             cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching,
                               self.gpu_memory_utilization),
             lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras),

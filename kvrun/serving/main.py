@@ -104,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--load-format", default=defaults.load_format, choices=["auto", "dummy"],
         help="dummy: random weights of the model config's shapes (benchmarks)")
     add("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    add("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+        help="split the model over this many GPUs (cuda:0 .. N-1), one process each; adapters are split with it")
     add("--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--log-interval", type=float, default=defaults.log_interval_s,
@@ -176,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             device=args.device,
             load_format=args.load_format,
             cuda_graphs=not args.no_cuda_graphs,
+            tensor_parallel_size=args.tensor_parallel_size,
             cors_origins=tuple(args.cors_origin),
             log_interval_s=args.log_interval,
         )
@@ -236,6 +239,20 @@ class _StartupFailure(logging.Filter):
         return self.error is None
 
 
+def _stop_when_a_worker_dies(engine, server, failure: _StartupFailure) -> None:
+    """A tensor-parallel worker that dies leaves the engine unable to step: stop serving and exit with its story,
+    so a supervisor restarts the server rather than a replica answering 503 forever."""
+    workers = engine.runner.workers
+    if workers is None:
+        return
+
+    def died() -> None:
+        failure.error = StartupError(f"stopped serving: {workers.failure}")
+        server.should_exit = True
+
+    workers.on_death.append(died)
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         return _serve(args)
@@ -278,6 +295,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     )
+    _stop_when_a_worker_dies(loaded.engine, server, failure)
     try:
         server.run()
     except SystemExit:  # uvicorn exits this way when the lifespan fails; kvrun reports that in one line

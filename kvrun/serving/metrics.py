@@ -149,6 +149,8 @@ class ServingMetrics:
         lines += _gauge("kvrun_requests_waiting", "Requests queued in the engine.", [({}, snapshot.num_waiting)])
         lines += _gauge("kvrun_requests_in_flight", "Requests admitted by the server and not yet done.",
                         [({}, in_flight)])  # fmt: skip
+        lines += _gauge("kvrun_tensor_parallel_size", "Devices the model is split over; KV blocks and adapter slots "
+                        "below span all of them.", [({}, snapshot.tensor_parallel_size)])  # fmt: skip
         lines += _gauge("kvrun_kv_blocks_total", "KV cache blocks.", [({}, snapshot.num_blocks)])
         lines += _gauge("kvrun_kv_blocks_free", "Free KV cache blocks.", [({}, snapshot.num_free_blocks)])
         lines += _gauge("kvrun_kv_cache_usage_ratio", "Fraction of KV blocks in use.", [({}, snapshot.kv_usage)])

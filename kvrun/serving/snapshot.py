@@ -32,6 +32,7 @@ class EngineSnapshot:
     num_free_blocks: int
     block_size: int
     max_loras: int
+    tensor_parallel_size: int  # devices every adapter slot spans (one residency, the same slot on every rank)
     running_adapters: tuple[str, ...]  # adapter labels (as clients named them) of running requests
     waiting_adapters: tuple[str, ...]
     adapters: tuple[AdapterResidency, ...]
@@ -81,6 +82,7 @@ def take_snapshot(engine: LLMEngine, labels: dict[str, str | None]) -> EngineSna
         num_free_blocks=engine.blocks.num_free,
         block_size=engine.blocks.block_size,
         max_loras=engine.config.lora.max_loras if manager is not None else 0,
+        tensor_parallel_size=engine.config.tensor_parallel_size,
         running_adapters=adapter_labels(scheduler.running),
         waiting_adapters=adapter_labels(scheduler.waiting),
         adapters=tuple(sorted(residency, key=lambda item: item.name)),

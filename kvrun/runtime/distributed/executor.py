@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -62,7 +63,7 @@ class Workers:
             self.processes.append(process)
             self.pipes.append(ours)
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.pipes)
-        self.on_death = None  # called once, from the watcher thread, when a worker dies
+        self.on_death: list[Callable[[], None]] = []  # called once, from the watcher thread, when a worker dies
         threading.Thread(target=self._watch, name="kvrun-tp-watcher", daemon=True).start()
 
     # -- sending --------------------------------------------------------------------------------------------------
@@ -146,8 +147,11 @@ class Workers:
         rank = sentinels[ready[0]]
         self._drain(rank, self.pipes[rank - 1])
         self._died(rank, self.processes[rank - 1])
-        if self.on_death is not None:
-            self.on_death()
+        for callback in self.on_death:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - the next callback must still run
+                logger.exception("tensor-parallel failure callback failed")
 
     def stop(self) -> None:
         self._stopping = True
@@ -203,14 +207,16 @@ class TensorParallelRunner(ModelRunner):
         self._store = store  # the workers' rendezvous: kept while the group lives
         if backend_for(self.device) == "nccl":
             # A collective waiting for a dead NCCL peer never returns by itself: abort the group so it does.
-            self.workers.on_death = tp.group.abort
+            self.workers.on_death.append(tp.group.abort)
         logger.info("tensor parallelism: %d ranks over %s", size, backend_for(self.device))
 
-    def _everywhere(self, function, *args) -> None:
-        """function(runner, *args) on every rank at once (collectives inside), rank 0 here."""
+    def call_everywhere(self, function, *args):
+        """function(runner, *args) on every rank at once (collectives inside: each rank makes the same calls);
+        returns rank 0's result. function must be importable by name (a module-level function or a method)."""
         self.workers.send(("call", function, args))
-        self._guarded(function, self, *args)
+        result = self._guarded(function, self, *args)
         self.workers.expect("ok", CALL_TIMEOUT_S)
+        return result
 
     def _guarded(self, function, *args):
         try:
@@ -222,7 +228,7 @@ class TensorParallelRunner(ModelRunner):
             raise
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self._everywhere(ModelRunner.init_kv_cache, num_blocks)
+        self.call_everywhere(ModelRunner.init_kv_cache, num_blocks)
 
     def release_kv_cache(self) -> None:
         if getattr(self, "workers", None) is not None and self.workers.failure is None:
@@ -230,7 +236,7 @@ class TensorParallelRunner(ModelRunner):
         super().release_kv_cache()
 
     def capture_decode_graphs(self, max_batch_size: int, with_lora: bool) -> None:
-        self._everywhere(ModelRunner.capture_decode_graphs, max_batch_size, with_lora)
+        self.call_everywhere(ModelRunner.capture_decode_graphs, max_batch_size, with_lora)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         # Workers need the step's layout only; sampling state (generators) stays with rank 0.
