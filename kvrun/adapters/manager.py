@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from kvrun.adapters.host_cache import HostCache
