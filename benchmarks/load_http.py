@@ -1,13 +1,24 @@
-"""Drive kvrun's HTTP API at concurrency C over M adapters; print throughput, TTFT and inter-token latency.
+"""`kvrun serve` over HTTP at several concurrencies against the offline engine on the same prompts, in one run.
 
-    # start a server on the bundled model, push 4 random adapters to a throwaway registry, run 32 requests:
-    python benchmarks/load_http.py --serve --concurrency 8 --adapters 4 --requests 32 --max-tokens 64
-    # against a running server (e.g. on the GPU host); adapters go to its registry, or by path when none is given:
+For each concurrency C, C clients stream `/v1/completions` in a closed loop (a client sends its next request when
+its previous one ends) until `--rounds` × C requests are done; then, with the server stopped, the offline engine
+(`kvrun.LLM` in this process, the same settings) runs the same prompts, adapters and lengths with C requests in
+flight. A second row per C mixes in long prompts (every `--long-every`-th request has `--long-prompt-tokens`
+tokens), to show what they do to the other streams' inter-token latency. EOS is ignored, so every request makes
+exactly --max-tokens tokens; a warm-up (excluded) loads each adapter first. Adapters are random PEFT LoRA
+checkpoints shaped for the model (all seven projections), so the numbers measure serving, not quality.
+
+    # CPU, bundled SmolLM2 (small numbers):
+    .venv/bin/python benchmarks/load_http.py --serve --concurrency 4,8 --adapters 4 --max-tokens 16 \
+        --prompt-tokens 32 --long-prompt-tokens 512
+    # GPU, Llama-3-8B shapes with random bf16 weights, default engine settings:
+    python benchmarks/load_http.py --serve --llama3-8b --concurrency 32,64,128 --adapters 8 --rank 16 \
+        --max-tokens 128 --prompt-tokens 128 --long-prompt-tokens 4000
+    # one load against a running server (no offline run):
     python benchmarks/load_http.py --url http://127.0.0.1:8000 --registry redis://127.0.0.1:6379/0 -c 64 -m 16
 
-Adapters are random PEFT LoRA checkpoints shaped for the served model (read from its config.json), so the numbers
-measure serving, not quality. Requests stream `/v1/completions` with `ignore_eos`, so every request produces exactly
---max-tokens tokens; one warm-up request per adapter (excluded) loads each adapter first.
+Columns: output tok/s (HTTP, and offline with the ratio HTTP/offline), TTFT p50/p99 and ITL p50/p99 in ms (HTTP;
+ITL over the short requests only), and the offline engine's median step time, the floor ITL cannot beat.
 """
 
 from __future__ import annotations
@@ -16,12 +27,14 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +44,9 @@ import torch
 from safetensors.torch import save_file
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a refrigerator works.",
-           "List three facts about the moon.", "Describe your ideal breakfast."]  # fmt: skip
+WORDS = ("river stone lamp harbor winter garden letter engine violet thunder market candle orbit meadow silver "
+         "bridge forest pencil window copper falcon island mirror rocket saddle tunnel velvet anchor basket").split()
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclass
@@ -41,6 +55,7 @@ class Sample:
     gaps: list[float] = field(default_factory=list)  # seconds between consecutive tokens
     tokens: int = 0
     latency: float = 0.0
+    long: bool = False  # a long prompt (its own gaps are not counted in ITL)
 
 
 def make_adapter(model_dir: Path, out_dir: Path, rank: int, seed: int) -> Path:
@@ -69,29 +84,61 @@ def make_adapter(model_dir: Path, out_dir: Path, rank: int, seed: int) -> Path:
     return out_dir
 
 
-async def publish_adapters(http: httpx.AsyncClient, args, model_dir: Path, work: Path) -> list[str]:
-    names = []
-    for index in range(args.adapters):
-        directory = make_adapter(model_dir, work / f"adapter-{index}", args.rank, seed=index)
-        if args.registry:
-            from adapters_registry import open_store
-
-            with open_store(args.registry) as store:
-                record = store.push(directory, f"bench/adapter-{index}", tags=["bench"])
-            names.append(record.ref)
-        else:
-            name = f"bench-adapter-{index}"
-            response = await http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(directory),
-                                                                     "load_inplace": True})  # fmt: skip
-            response.raise_for_status()
-            names.append(name)
-    return names
+@dataclass(frozen=True)
+class Job:
+    prompt: str
+    model_index: int  # 0 = base model, i = adapter i - 1
+    long: bool = False
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> Sample:
+@dataclass
+class Result:
+    samples: list[Sample]
+    duration: float
+    step_ms: float | None = None  # offline: the median engine step
+
+    def tokens_per_s(self) -> float:
+        return sum(sample.tokens for sample in self.samples) / self.duration
+
+    def ttft_ms(self, q: float) -> float:
+        return percentile([sample.ttft * 1000 for sample in self.samples], q)
+
+    def itl_ms(self, q: float) -> float:
+        return percentile([gap * 1000 for sample in self.samples if not sample.long for gap in sample.gaps], q)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def make_prompts(tokenizer, count: int, tokens: int, seed: int) -> list[str]:
+    """Distinct prompts of about `tokens` tokens (distinct from their first words, so no prefix is shared)."""
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(count):
+        words = [f"Request {seed}-{index}:"] + [rng.choice(WORDS) for _ in range(tokens)]
+        ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[: max(1, tokens - 1)]
+        prompts.append(tokenizer.decode(ids))
+    return prompts
+
+
+def make_jobs(tokenizer, args, concurrency: int, with_long: bool, seed: int) -> list[Job]:
+    count = args.rounds * concurrency
+    short = make_prompts(tokenizer, count, args.prompt_tokens, seed)
+    long = make_prompts(tokenizer, count, args.long_prompt_tokens, seed + 1) if with_long else []
+    jobs = []
+    for index in range(count):
+        is_long = with_long and index % args.long_every == args.long_every - 1
+        jobs.append(Job(long[index] if is_long else short[index], index % (args.adapters + 1), is_long))
+    return jobs
+
+
+# -- HTTP ------------------------------------------------------------------------------------------------------------
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, long: bool = False) -> Sample:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "return_token_ids": True}  # fmt: skip
-    sample, started = Sample(), time.perf_counter()
+    sample, started = Sample(long=long), time.perf_counter()
     last = None
     async with http.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -112,49 +159,67 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
     return sample
 
 
-async def run_load(http: httpx.AsyncClient, models: list[str], args) -> tuple[list[Sample], float]:
+async def http_load(http: httpx.AsyncClient, models: list[str], jobs: list[Job], concurrency: int,
+                    max_tokens: int) -> Result:  # fmt: skip
     queue: asyncio.Queue = asyncio.Queue()
-    for index in range(args.requests):
-        queue.put_nowait((models[index % len(models)], PROMPTS[index % len(PROMPTS)]))
+    for job in jobs:
+        queue.put_nowait(job)
     samples: list[Sample] = []
 
-    async def worker() -> None:
+    async def client() -> None:
         while not queue.empty():
-            model, prompt = queue.get_nowait()
-            samples.append(await one_request(http, model, prompt, args.max_tokens))
+            job = queue.get_nowait()
+            samples.append(await one_request(http, models[job.model_index], job.prompt, max_tokens, job.long))
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    return samples, time.perf_counter() - started
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return Result(samples, time.perf_counter() - started)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if ordered else float("nan")
+async def publish_adapters(http: httpx.AsyncClient, args, directories: list[Path]) -> list[str]:
+    names = []
+    for index, directory in enumerate(directories):
+        if args.registry:
+            from adapters_registry import open_store
+
+            with open_store(args.registry) as store:
+                record = store.push(directory, f"bench/adapter-{index}", tags=["bench"])
+            names.append(record.ref)
+        else:
+            name = f"bench-adapter-{index}"
+            response = await http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(directory),
+                                                                     "load_inplace": True})  # fmt: skip
+            response.raise_for_status()
+            names.append(name)
+    return names
 
 
-def table(args, samples: list[Sample], duration: float) -> str:
-    tokens = sum(sample.tokens for sample in samples)
-    ttft = [sample.ttft * 1000 for sample in samples]
-    itl = [gap * 1000 for sample in samples for gap in sample.gaps]
-    header = ("| C | M | requests | tokens/req | duration s | req/s | output tok/s | TTFT p50 ms | TTFT p99 ms "
-              "| ITL p50 ms | ITL p99 ms |")  # fmt: skip
-    row = (f"| {args.concurrency} | {args.adapters} | {len(samples)} | {args.max_tokens} | {duration:.1f} "
-           f"| {len(samples) / duration:.2f} | {tokens / duration:.1f} | {percentile(ttft, 50):.0f} "
-           f"| {percentile(ttft, 99):.0f} | {percentile(itl, 50):.1f} | {percentile(itl, 99):.1f} |")  # fmt: skip
-    return "\n".join([header, "|" + "---|" * 11, row])
+async def http_runs(args, url: str, directories: list[Path], plans: list[tuple[int, bool, list[Job]]]) -> list[Result]:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=max(concurrency for concurrency, _, _ in plans) + 8)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=3600, limits=limits) as http:
+        base = (await http.get("/v1/models")).json()["data"][0]["id"]
+        models = [base, *await publish_adapters(http, args, directories)]
+        await asyncio.gather(*(one_request(http, model, "Warm up.", 2) for model in models))
+        results = []
+        for concurrency, with_long, jobs in plans:
+            results.append(await http_load(http, models, jobs, concurrency, args.max_tokens))
+            print(f"HTTP C={concurrency}{' + long prompts' if with_long else ''}: "
+                  f"{results[-1].tokens_per_s():.1f} tok/s", flush=True)  # fmt: skip
+    return results
 
 
-def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, model: str | None, work: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args.registry = args.registry or f"file://{work / 'registry'}"
     command = [str(Path(sys.executable).parent / "kvrun"), "serve", "--port", str(port), "--registry", args.registry,
-               "--max-loras", str(max(1, args.adapters)), "--max-lora-rank", str(max(args.rank, 8)),
-               "--max-num-seqs", str(max(args.concurrency, 1)), "--log-level", "warning"]  # fmt: skip
-    if args.model:
-        command += ["--model", args.model]
+               "--log-level", "warning", "--log-interval", "0", *engine_flags(args)]  # fmt: skip
+    if model:
+        command += ["--model", model]
+    command += args.server_args.split()
+    print("server:", " ".join(command[1:]), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(process, url)
@@ -185,58 +250,196 @@ def wait_until_up(process: subprocess.Popen, url: str, path: str = "/health", ti
     raise TimeoutError("kvrun serve did not start")
 
 
-async def model_dir_of(http: httpx.AsyncClient, args) -> tuple[str, Path]:
-    """The served base model's id and a local directory with its config.json (to shape adapters)."""
-    base = (await http.get("/v1/models")).json()["data"][0]
-    if args.model_dir:
-        return base["id"], Path(args.model_dir)
-    root = Path(base.get("root") or "")
-    if (root / "config.json").is_file():
-        return base["id"], root
+# -- offline ---------------------------------------------------------------------------------------------------------
+def offline_runs(args, model: str | None, directories: list[Path], plans) -> list[Result]:
+    from kvrun import LLM
+
+    llm = LLM(model, **engine_settings(args))
+    names = [None]
+    for index, directory in enumerate(directories):
+        llm.load_adapter(f"bench-adapter-{index}", directory)
+        names.append(f"bench-adapter-{index}")
+    llm.generate(["Warm up."] * len(names), _params(2), adapters=names)
+    results = []
+    for concurrency, with_long, jobs in plans:
+        results.append(_in_a_thread(offline_load, llm, names, jobs, concurrency, args.max_tokens))
+        print(f"offline C={concurrency}{' + long prompts' if with_long else ''}: "
+              f"{results[-1].tokens_per_s():.1f} tok/s", flush=True)  # fmt: skip
+    del llm
+    return results
+
+
+def offline_load(llm, names: list[str | None], jobs: list[Job], concurrency: int, max_tokens: int) -> Result:
+    """The engine with `concurrency` requests in flight, a new one added as each finishes (as the HTTP clients do)."""
+    engine = llm.engine
+    pending = list(reversed(jobs))
+    live: dict[str, tuple[Sample, float, float | None]] = {}  # request id → (sample, added, last token)
+    samples, steps = [], []
+    params = _params(max_tokens)
+    started = time.perf_counter()
+    while pending or live:
+        while pending and len(live) < concurrency:
+            job = pending.pop()
+            request = engine.add_request(job.prompt, params, names[job.model_index])
+            live[request.request_id] = (Sample(long=job.long), time.perf_counter(), None)
+        step_started = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        steps.append(now - step_started)
+        for output in outputs:
+            sample, added, last = live[output.request_id]
+            count = len(output.new_token_ids)
+            if count:
+                if last is None:
+                    sample.ttft = now - added
+                else:
+                    sample.gaps += [(now - last) / count] * count
+                sample.tokens += count
+                live[output.request_id] = (sample, added, now)
+            if output.finished:
+                sample.latency = now - added
+                samples.append(sample)
+                del live[output.request_id]
+    return Result(samples, time.perf_counter() - started, 1000 * percentile(steps, 50))
+
+
+def _in_a_thread(function, *args):
+    """Run function(*args) in a thread of its own, as the server's engine runs: on CPU, torch's OpenMP team of the
+    main thread spins at every op's barrier, and on a busy machine its steps took many times as long."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(function(*args)), name="offline-engine")
+    worker.start()
+    worker.join()
+    return result[0]
+
+
+def _params(max_tokens: int):
+    from kvrun import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+# -- settings shared by the server and the offline engine -------------------------------------------------------------
+SIZING = ("max_loras", "max_lora_rank", "max_num_seqs")  # passed to both only when given: defaults otherwise
+
+
+def engine_settings(args) -> dict:
+    settings = {name: getattr(args, name) for name in SIZING if getattr(args, name) is not None}
+    if args.kv_cache_mib:
+        settings["kv_cache_memory_bytes"] = args.kv_cache_mib << 20
+    return {**settings, "load_format": args.load_format}
+
+
+def engine_flags(args) -> list[str]:
+    flags = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in SIZING if getattr(args, name) is not None]
+    if args.kv_cache_mib:
+        flags.append(f"--kv-cache-mib={args.kv_cache_mib}")
+    return [*flags, f"--load-format={args.load_format}"]
+
+
+def llama3_8b_dir(work: Path) -> Path:
+    """Llama-3-8B's config.json (no weights: served with --load-format dummy) and the bundled tokenizer."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_e2e import LLAMA3_8B
     from kvrun.runtime.loader import resolve_model
 
-    return base["id"], resolve_model(args.model if args.model and Path(args.model).exists() else None)
+    model_dir = work / "llama3-8b-shapes"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
+    bundled = resolve_model(None)
+    for name in TOKENIZER_FILES:
+        if (bundled / name).is_file():
+            shutil.copy(bundled / name, model_dir / name)
+    return model_dir
 
 
-async def main_async(args) -> None:
+def table(plans, http: list[Result], offline: list[Result] | None) -> str:
+    lines = ["| C | long prompts | HTTP tok/s | offline tok/s | HTTP/offline | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
+             "| ITL p99 ms | offline step p50 ms | offline TTFT p99 ms | offline ITL p99 ms |",
+             "|" + "---|" * 12]  # fmt: skip
+    for index, (concurrency, with_long, _) in enumerate(plans):
+        ours, theirs = http[index], offline[index] if offline else None
+        cells = [str(concurrency), "yes" if with_long else "no", f"{ours.tokens_per_s():.1f}"]
+        if theirs is not None:
+            cells += [f"{theirs.tokens_per_s():.1f}", f"{ours.tokens_per_s() / theirs.tokens_per_s():.0%}"]
+        else:
+            cells += ["-", "-"]
+        cells += [f"{ours.ttft_ms(50):.0f}", f"{ours.ttft_ms(99):.0f}", f"{ours.itl_ms(50):.1f}", f"{ours.itl_ms(99):.1f}"]
+        if theirs is not None:
+            cells += [f"{theirs.step_ms:.1f}", f"{theirs.ttft_ms(99):.0f}", f"{theirs.itl_ms(99):.1f}"]
+        else:
+            cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="kvrun-load-"))
-    process = None
     try:
-        if args.url is None:
-            process, args.url = start_server(args, work)
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        limits = httpx.Limits(max_connections=args.concurrency + 8)
-        async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=600, limits=limits) as http:
-            base, model_dir = await model_dir_of(http, args)
-            models = await publish_adapters(http, args, model_dir, work) if args.adapters else [base]
-            await asyncio.gather(*(one_request(http, model, PROMPTS[0], 2) for model in models))  # warm-up
-            samples, duration = await run_load(http, models, args)
-        print(f"kvrun HTTP load: {base} at {args.url}, {len(models)} model(s), rank {args.rank}")
-        print(table(args, samples, duration))
+        model = str(llama3_8b_dir(work)) if args.llama3_8b else args.model
+        from kvrun.engine.tokenizer import load_tokenizer
+        from kvrun.runtime.loader import resolve_model
+
+        model_dir = Path(args.model_dir) if args.model_dir else resolve_model(model, needs_weights=False)
+        tokenizer = load_tokenizer(model_dir)
+        directories = [make_adapter(model_dir, work / f"adapter-{index}", args.rank, seed=index)
+                       for index in range(args.adapters)]  # fmt: skip
+        plans = []
+        for concurrency in args.concurrency:
+            plans.append((concurrency, False, make_jobs(tokenizer, args, concurrency, False, seed=concurrency)))
+            if args.long_prompt_tokens:
+                plans.append((concurrency, True, make_jobs(tokenizer, args, concurrency, True, seed=concurrency + 7)))
+        process = None
+        try:
+            if args.url is None:
+                process, args.url = start_server(args, model, work)
+            http = asyncio.run(http_runs(args, args.url, directories, plans))
+        finally:
+            if process is not None:
+                stop_server(process)
+        offline = offline_runs(args, model, directories, plans) if args.serve and not args.no_offline else None
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        print(f"\nkvrun HTTP vs offline: {model or 'bundled SmolLM2'} on {device}, {args.adapters} adapter(s) of rank "
+              f"{args.rank} + base, prompt {args.prompt_tokens} tokens, {args.max_tokens} new tokens, "
+              f"{args.rounds} rounds of C requests; long prompts: {args.long_prompt_tokens} tokens, one request in "
+              f"{args.long_every}; server flags: {' '.join(engine_flags(args) + args.server_args.split())}")
+        print(table(plans, http, offline))
     finally:
-        if process is not None:
-            stop_server(process)
         shutil.rmtree(work, ignore_errors=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--url", help="a running kvrun server")
-    target.add_argument("--serve", action="store_true", help="start `kvrun serve` for the run")
+    target.add_argument("--url", help="a running kvrun server (no offline run)")
+    target.add_argument("--serve", action="store_true", help="start `kvrun serve`, then run the offline engine")
     parser.add_argument("--model", default=None, help="with --serve: the model (default: the bundled SmolLM2)")
-    parser.add_argument("--model-dir", default=None, help="the served model's HF directory (to shape adapters)")
+    parser.add_argument("--llama3-8b", action="store_true", help="Llama-3-8B shapes, random weights (GPU)")
+    parser.add_argument("--model-dir", default=None, help="the served model's HF directory (shapes adapters, tokenizes)")
     parser.add_argument("--registry", default=None, help="push adapters here (default with --serve: a temp dir)")
     parser.add_argument("--api-key", default=os.environ.get("KVRUN_API_KEY"))
-    parser.add_argument("-c", "--concurrency", type=int, default=8)
-    parser.add_argument("-m", "--adapters", type=int, default=4, help="0 = base model only")
-    parser.add_argument("-n", "--requests", type=int, default=None, help="default: 4 x concurrency")
+    parser.add_argument("-c", "--concurrency", default="32,64,128", help="comma-separated concurrencies")
+    parser.add_argument("-m", "--adapters", type=int, default=4, help="requests cycle over base + these adapters")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per concurrency C: rounds x C")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--long-prompt-tokens", type=int, default=0, help="0: no run with long prompts")
+    parser.add_argument("--long-every", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="server and offline (default: the engine's)")
+    parser.add_argument("--max-loras", type=int, default=None, help="server and offline (default: the engine's)")
+    parser.add_argument("--max-lora-rank", type=int, default=None, help="server and offline (default: the engine's)")
+    parser.add_argument("--kv-cache-mib", type=int, default=None, help="server and offline (default: the engine's)")
+    parser.add_argument("--load-format", default=None, choices=["auto", "dummy"],
+                        help="default: dummy with --llama3-8b, else auto")  # fmt: skip
+    parser.add_argument("--server-args", default="", help="more `kvrun serve` flags, e.g. '--no-engine-process'")
+    parser.add_argument("--no-offline", action="store_true", help="with --serve: skip the offline run")
     args = parser.parse_args(argv)
-    args.requests = args.requests or 4 * args.concurrency
+    args.concurrency = [int(value) for value in args.concurrency.split(",")]
+    args.load_format = args.load_format or ("dummy" if args.llama3_8b else "auto")
     return args
 
 
 if __name__ == "__main__":
-    asyncio.run(main_async(parse_args()))
+    main()

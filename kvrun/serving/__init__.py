@@ -1,7 +1,7 @@
 """The HTTP edge: a Litestar app (OpenAI, TGI/LoRAX and vLLM-style endpoints) in front of one in-process engine.
 
     HTTP request (msgspec schema) → AdapterResolver (model/adapter_id → engine adapter name, registry fetch)
-      → EngineClient (async bridge; the engine steps in its own thread) → RequestOutput stream → JSON / SSE
+      → EngineClient (async bridge; the engine steps in its own process, or thread) → RequestOutput stream → JSON / SSE
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ shadow one, and /v1/unload_lora_adapter cannot remove registry versions.
 Resolutions are remembered: fresh for `ttl_s` (a change event naming the adapter, or a resync, ends that early),
 and afterwards as the last known answer. When the registry does not answer, a ref whose last known version the
 engine holds keeps serving it (marked stale); anything else gets 503 with Retry-After. A version the engine lacks is
-fetched and parsed on the registry pool, once however many requests want it, and published on the engine thread
+fetched and parsed on the registry pool, once however many requests want it, and published to the engine
 with the request that needed it, so requests for other adapters never wait on the registry.
 """
 
@@ -31,7 +31,14 @@ from adapters_registry import NotFoundError, UsageError, parse_ref
 from adapters_registry.records import Event, VersionRecord
 
 from kvrun.adapters.manager import check_adapter_name
-from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ParsedAdapter, parse_adapter
+from kvrun.adapters.peft_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterError,
+    ParsedAdapter,
+    load_peft_adapter,
+    parse_adapter,
+)
 from kvrun.runtime.models.spec import ModelConfig
 from kvrun.serving import errors
 from kvrun.serving.adapter_names import engine_name, parse_engine_name
@@ -186,7 +193,8 @@ class AdapterResolver:
             raise errors.unknown_model(record.ref, str(error)) from None
         except RegistryUnavailable as error:
             raise registry_unavailable(f"fetching {record.ref}: {error}") from None
-        return AdapterPublication(parsed, lambda: self._reparse(record))
+        directory = str(self.spill.root / record.sha256)
+        return AdapterPublication(parsed, lambda: self._reparse(record), directory=directory)
 
     def _fetch_and_parse(self, record: VersionRecord) -> ParsedAdapter:
         started = time.perf_counter()
@@ -200,7 +208,8 @@ class AdapterResolver:
 
     def _reparse(self, record: VersionRecord) -> ParsedAdapter:
         """On the engine thread, when the host cache dropped a version the engine still names: from the local
-        copy, so no registry I/O (and no registry outage) reaches the engine thread; the registry is the fallback."""
+        copy, so no registry I/O (and no registry outage) reaches the engine thread; the registry is the fallback.
+        (An engine core process re-parses the same local copy, `AdapterPublication.directory`, and has no fallback.)"""
         files = self.spill.get(record.sha256, (CONFIG_FILE, WEIGHTS_FILE))
         if files is None:
             logger.warning("the local copy of %s is gone; fetching it from the registry again", record.ref)
@@ -239,20 +248,21 @@ class AdapterResolver:
             raise errors.invalid(f"{name!r} is the base model's name", "lora_name")
         if name in self.local and not replace:
             raise errors.invalid(f"The lora adapter '{name}' has already been loaded.", "lora_name")
-        manager = self.client.engine.adapters
-        if manager is None:
+        if self.client.info.adapter_dtype is None:
             raise errors.invalid("LoRA is disabled on this server (--max-loras 0)")
         if not Path(path).expanduser().is_dir():
             raise errors.invalid(f"lora_path {path!r} is not a directory on the server", "lora_path")
         try:
-            # parse_path reads only the manager's immutable config, so it is safe off the engine thread.
-            parsed = await asyncio.to_thread(manager.parse_path, name, path)
+            parsed = await asyncio.to_thread(self._parse_path, name, path)
         except AdapterError as error:
             raise errors.incompatible_adapter(str(error)) from None
-        source = lambda: manager.parse_path(name, path, parsed.ref.version)  # noqa: E731
-        await self.client.publish(name, AdapterPublication(parsed, source, evictable=False))
+        source = lambda: self._parse_path(name, path, parsed.ref.version)  # noqa: E731
+        await self.client.publish(name, AdapterPublication(parsed, source, evictable=False, directory=path))
         self.local[name] = path
         self._local_sha[name] = parsed.ref.sha256
+
+    def _parse_path(self, name: str, path: str, version: int = 0) -> ParsedAdapter:
+        return load_peft_adapter(path, name, self.model_config, self.max_rank, self.dtype, version)
 
     async def unload(self, name: str) -> None:
         if name not in self.local:

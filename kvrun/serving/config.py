@@ -43,6 +43,7 @@ class ServerConfig:
     default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent
     cors_origins: tuple[str, ...] = field(default=())
     log_interval_s: float = 10.0  # a status line this often while requests run; 0 = none
+    engine_process: bool = True  # step the engine in its own process (False: in a thread of the server's)
 
     def __post_init__(self) -> None:
         if self.max_cpu_loras < (self.max_loras or 0):

@@ -1,16 +1,20 @@
-"""The async bridge: the engine steps in one dedicated thread; the event loop talks to it through a command queue.
+"""The async bridge between the event loop and the engine, which steps in a thread or in its own process.
 
-The engine is not thread-safe, so every touch of it (adding, aborting, publishing an adapter, taking a snapshot)
-is a command run on the engine thread between steps. Outputs go back to one asyncio queue per request through
-`call_soon_threadsafe`, one hop per step for all requests. Slow work (registry fetches, parsing adapters) happens
-elsewhere before a command is sent, so the engine thread never waits on I/O.
+`EngineClient` is what the server sees: submit a request and iterate its stream, abort, publish or remove an
+adapter, take a snapshot. Two implementations share it:
 
-Failure is per request: a row the engine finishes with finish_reason "error" reaches its own stream like any
-other final output, and the requests beside it go on. Only an engine that can no longer step (a step raised) fails
-every stream; the thread then stops, /health reports it, and an orchestrator restarts the process.
+- `ThreadEngineClient` (this file): the engine steps in one dedicated thread of the server's process; every touch of
+  it is a command run on that thread between steps, and outputs reach each request's asyncio queue through
+  `call_soon_threadsafe`, one hop per step for all requests.
+- `ProcessEngineClient` (process_client.py): the engine steps in its own process (kvrun.engine.core_process), so
+  the GIL of the HTTP side (tokenizing, SSE, JSON) never stalls a step, and the reverse.
 
-The queue timeout bounds time spent waiting to be scheduled (e.g. for an adapter slot every running request
-pins), never the work itself: it is checked on the engine thread, which knows which requests have started.
+Slow work (registry fetches, parsing adapters) happens elsewhere before a command is sent, so the engine never
+waits on I/O. Failure is per request: a row the engine finishes with finish_reason "error" reaches its own stream
+like any other final output, and the requests beside it go on. Only an engine that can no longer step (a step
+raised, its process died) fails every stream; it then stops, /health reports it, and an orchestrator restarts the
+server. The queue timeout bounds time spent waiting to be scheduled (e.g. for an adapter slot every running request
+pins), never the work itself: the engine side checks it, since it knows which requests have started.
 """
 
 from __future__ import annotations
@@ -20,24 +24,21 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from kvrun.adapters.peft_format import ParsedAdapter
+from kvrun.engine.core import AdapterPublication, EngineCore, EngineInfo, EngineRequest
 from kvrun.engine.engine import LLMEngine
 from kvrun.engine.request import RequestOutput
-from kvrun.engine.sampling_params import SamplingParams
-from kvrun.serving.snapshot import EngineSnapshot, take_snapshot
+from kvrun.serving.snapshot import EngineSnapshot, for_clients
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["AdapterPublication", "EngineClient", "EngineRequest", "RequestStream", "ThreadEngineClient"]
+
 Result = TypeVar("Result")
 IDLE_WAIT_S = 0.25  # how long the idle engine thread sleeps on the command queue before checking for shutdown
-EXPIRY_CHECK_S = 0.1  # how often the engine thread looks for requests that waited too long to be scheduled
 
 
 class QueueFullError(Exception):
@@ -56,80 +57,33 @@ class EngineStoppedError(Exception):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class AdapterPublication:
-    """An adapter version parsed off the engine thread, to be published under its name before a request uses it."""
-
-    parsed: ParsedAdapter
-    source: Callable[[], ParsedAdapter]  # re-parses it if the host cache dropped it; runs on the engine thread
-    evictable: bool = True  # registry versions may be unloaded when unused; path-loaded adapters stay
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    adapter: str | None = None  # engine-side adapter name, None = base model
-    label: str | None = None  # the adapter name as the client wrote it (metrics, routing info)
-    publication: AdapterPublication | None = None  # publish first when the engine lacks `adapter`
+def queue_timeout_error(queue_timeout_s: float) -> QueueTimeoutError:
+    return QueueTimeoutError(f"waited {queue_timeout_s:g}s without being scheduled; the server is busy")
 
 
 class EngineClient:
-    def __init__(self, engine: LLMEngine, *, max_active: int, queue_timeout_s: float, max_adapters: int) -> None:
-        self.engine = engine
+    """The event loop's side, common to both ways of running the engine. Subclasses provide the transport:
+    start/stop/alive, `_send_add` (admit a request, its outputs to `stream`), `abort_soon`, and `_request`
+    (snapshot, publish, remove)."""
+
+    def __init__(self, info: EngineInfo, *, max_active: int, queue_timeout_s: float, max_adapters: int) -> None:
+        self.info = info
         self.max_active = max_active
         self.queue_timeout_s = queue_timeout_s
         self.max_adapters = max_adapters
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
         self._active = 0  # requests between admission and their last output; event-loop side only
-        # engine-thread state
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._labels: dict[str, str | None] = {}
-        self._deadlines: dict[str, float] = {}  # requests not yet scheduled → when they stop waiting (monotonic)
-        self._next_expiry_check = 0.0
-        self._evictable: OrderedDict[str, None] = OrderedDict()  # registry versions, least recently used first
-        # Replaced (never mutated) by the engine thread, so the event loop may read it without a lock.
+        # Replaced (never mutated) when the engine's adapters change, so the event loop may read it without a lock.
         self.adapter_names: frozenset[str] = frozenset()
         self.last_error: str | None = None
-
-    # -- lifecycle -------------------------------------------------------------------------------------------------
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="kvrun-engine", daemon=True)
-        self._thread.start()
 
     def _stopped_reason(self) -> str:
         if self.last_error is not None:
             return f"the engine stopped after an error ({self.last_error}); the server must be restarted"
         return "the engine is not running"
 
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
-
     @property
     def num_active(self) -> int:
         return self._active
-
-    # -- calls from the event loop ----------------------------------------------------------------------------------
-    async def call(self, function: Callable[[LLMEngine], Result]) -> Result:
-        """Run function(engine) on the engine thread between steps and return its result."""
-        if not self.alive:
-            raise EngineStoppedError(self._stopped_reason())
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((function, future))
-        if not self.alive:  # the thread stopped meanwhile: nobody will run it
-            self._drain_commands()
-        return await asyncio.wrap_future(future)
 
     def check_fits(self, count: int) -> None:
         """Refuse a call of `count` requests that could never all be in flight at once (503 would repeat forever)."""
@@ -139,19 +93,6 @@ class EngineClient:
                 f"requests in flight (--max-num-seqs + --max-queue); ask for fewer (n, or prompts per call)"
             )
 
-    def abort_soon(self, request_id: str) -> None:
-        """Abort without waiting (safe from `finally` blocks of cancelled tasks)."""
-        self._commands.put((partial(self._abort, request_id), None))
-
-    async def snapshot(self) -> EngineSnapshot:
-        return await self.call(lambda engine: take_snapshot(engine, self._labels))
-
-    async def publish(self, name: str, publication: AdapterPublication) -> None:
-        await self.call(lambda engine: self._publish(engine, name, publication))
-
-    async def remove_adapter(self, name: str) -> bool:
-        return await self.call(lambda engine: self._remove(engine, name))
-
     async def submit(self, request: EngineRequest) -> RequestStream:
         """Queue a request; errors of admission (bad input, unknown adapter, full queue) raise here, before any
         response byte is sent. Iterate the stream for outputs; close it to abort."""
@@ -160,7 +101,7 @@ class EngineClient:
         stream = RequestStream(self, request.request_id)
         self._active += 1
         try:
-            await self.call(partial(self._add, request, stream.outputs))
+            await self._send_add(request, stream.outputs)
         except BaseException:
             stream.close()
             raise
@@ -172,19 +113,111 @@ class EngineClient:
             # Client gone, timed out or cancelled: free its KV blocks and slot pin now.
             self.abort_soon(request_id)
 
+    async def snapshot(self) -> EngineSnapshot:
+        return for_clients(await self._request("snapshot"))
+
+    async def publish(self, name: str, publication: AdapterPublication) -> None:
+        await self._request("publish", name, publication)
+
+    async def remove_adapter(self, name: str) -> bool:
+        return await self._request("remove", name)
+
+    # -- the transport ---------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def abort_soon(self, request_id: str) -> None:
+        """Abort without waiting (safe from `finally` blocks of cancelled tasks)."""
+        raise NotImplementedError
+
+    async def _send_add(self, request: EngineRequest, stream: asyncio.Queue) -> None:
+        raise NotImplementedError
+
+    async def _request(self, what: str, *args):
+        raise NotImplementedError
+
+
+class ThreadEngineClient(EngineClient):
+    """The engine in a dedicated thread of this process (the engine object stays reachable, e.g. for tests)."""
+
+    def __init__(self, engine: LLMEngine, *, max_active: int, queue_timeout_s: float, max_adapters: int) -> None:
+        super().__init__(EngineInfo.of(engine), max_active=max_active, queue_timeout_s=queue_timeout_s,
+                         max_adapters=max_adapters)  # fmt: skip
+        self.engine = engine
+        self.core = EngineCore(engine, queue_timeout_s=queue_timeout_s, max_adapters=max_adapters)
+        self.adapter_names = self.core.adapter_names
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}  # engine-thread state: live requests → their queues
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvrun-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self.engine.shutdown()  # tensor-parallel workers stop with the server
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    # -- calls from the event loop ----------------------------------------------------------------------------------
+    async def call(self, function: Callable[[EngineCore], Result]) -> Result:
+        """Run function(core) on the engine thread between steps and return its result."""
+        if not self.alive:
+            raise EngineStoppedError(self._stopped_reason())
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((function, future))
+        if not self.alive:  # the thread stopped meanwhile: nobody will run it
+            self._drain_commands()
+        return await asyncio.wrap_future(future)
+
+    def abort_soon(self, request_id: str) -> None:
+        self._commands.put((partial(self._abort, request_id), None))
+
+    async def _send_add(self, request: EngineRequest, stream: asyncio.Queue) -> None:
+        await self.call(partial(self._add, request, stream))
+
+    async def _request(self, what: str, *args):
+        if what == "snapshot":
+            return await self.call(lambda core: core.snapshot())
+        if what == "publish":
+            return await self.call(lambda core: self._changed(core.publish(*args), core))
+        return await self.call(lambda core: self._changed(core.remove(*args), core))
+
+    def _changed(self, result: Result, core: EngineCore) -> Result:
+        self.adapter_names = core.adapter_names
+        return result
+
     # -- the engine thread -----------------------------------------------------------------------------------------
     def _run(self) -> None:
-        engine = self.engine
-        if engine.adapters is not None:
-            self.adapter_names = frozenset(engine.adapters.names())
+        core = self.core
         reason: BaseException = EngineStoppedError("the server is shutting down")
         while not self._stopping.is_set():
-            self._run_commands(block=not engine.has_unfinished())
-            self._expire_waiting(engine)
-            if not engine.has_unfinished():
+            self._run_commands(block=not core.has_unfinished())
+            expired = core.expire_waiting()
+            if expired:
+                error = queue_timeout_error(self.queue_timeout_s)
+                streams = [self._streams.pop(request_id, None) for request_id in expired]
+                self._post([(stream, error) for stream in streams if stream is not None])
+            if not core.has_unfinished():
                 continue
             try:
-                outputs = engine.step()
+                outputs = core.step()
             except Exception as error:  # noqa: BLE001 - reported below; a row's own failure never raises here
                 # The engine finishes a row it cannot sample with an error; a step that raises means the engine
                 # itself is broken (device lost, state inconsistent): stop, so /health fails and it is restarted.
@@ -206,12 +239,12 @@ class EngineClient:
             function, future = command
             if future is None:
                 try:
-                    function(self.engine)
+                    function(self.core)
                 except Exception:  # noqa: BLE001 - fire-and-forget (an abort); the thread must go on
                     logger.exception("engine command failed")
             elif future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(function(self.engine))
+                    future.set_result(function(self.core))
                 except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
                     future.set_exception(error)
             try:
@@ -233,104 +266,36 @@ class EngineClient:
         """Each output to its own stream; a row finished with an error ends its request alone."""
         batch = []
         for output in outputs:
-            self._deadlines.pop(output.request_id, None)
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             batch.append((stream, output))
             if output.finished:
                 del self._streams[output.request_id]
-                self._labels.pop(output.request_id, None)
-        if batch:
-            self._loop.call_soon_threadsafe(_put_all, batch)
+        self._post(batch)
 
-    def _expire_waiting(self, engine: LLMEngine) -> None:
-        """Abort requests that waited longer than the queue timeout without being scheduled."""
-        now = time.monotonic()
-        if not self._deadlines or now < self._next_expiry_check:
-            return
-        self._next_expiry_check = now + EXPIRY_CHECK_S
-        started = {request.request_id for request in engine.scheduler.running}
-        for request_id, deadline in list(self._deadlines.items()):
-            if request_id in started:
-                del self._deadlines[request_id]  # scheduled: from here on it is work, not waiting
-            elif deadline <= now:
-                del self._deadlines[request_id]
-                stream = self._streams.pop(request_id, None)
-                self._labels.pop(request_id, None)
-                engine.abort_request(request_id)
-                if stream is not None:
-                    error = QueueTimeoutError(
-                        f"waited {self.queue_timeout_s:g}s without being scheduled; the server is busy"
-                    )
-                    self._loop.call_soon_threadsafe(_put_all, [(stream, error)])
-
-    def _fail_all(self, error: BaseException) -> None:
-        for request_id in list(self._streams):
-            try:
-                self.engine.abort_request(request_id)
-            except Exception:  # noqa: BLE001 - the engine may be what broke; the streams must still end
-                logger.exception("abort of %s failed", request_id)
-        batch = [(stream, error) for stream in self._streams.values()]
-        self._streams.clear()
-        self._labels.clear()
-        self._deadlines.clear()
+    def _post(self, batch: list[tuple[asyncio.Queue, object]]) -> None:
         if batch and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, batch)
 
-    def _add(self, request: EngineRequest, stream: asyncio.Queue, engine: LLMEngine) -> None:
-        if request.adapter is not None:
-            if request.publication is not None and request.adapter not in self.adapter_names:
-                self._publish(engine, request.adapter, request.publication)
-            if request.adapter in self._evictable:
-                self._evictable.move_to_end(request.adapter)
-        engine.add_request(request.prompt_token_ids, request.params, request.adapter, request.request_id)
+    def _fail_all(self, error: BaseException) -> None:
+        self.core.abort_all()
+        batch = [(stream, error) for stream in self._streams.values()]
+        self._streams.clear()
+        self._post(batch)
+
+    def _add(self, request: EngineRequest, stream: asyncio.Queue, core: EngineCore) -> None:
+        try:
+            core.add(request)
+        finally:
+            self.adapter_names = core.adapter_names  # a publication may have happened before a refusal
         self._streams[request.request_id] = stream
-        self._labels[request.request_id] = request.label
-        self._deadlines[request.request_id] = time.monotonic() + self.queue_timeout_s
 
-    def _abort(self, request_id: str, engine: LLMEngine) -> None:
-        output = engine.abort_request(request_id)
-        if output is not None and request_id in self._streams:
-            self._deliver([output])  # a consumer still waiting (e.g. a queue timeout) sees finish_reason "abort"
-        self._streams.pop(request_id, None)
-        self._labels.pop(request_id, None)
-        self._deadlines.pop(request_id, None)
-
-    def _publish(self, engine: LLMEngine, name: str, publication: AdapterPublication) -> None:
-        if engine.adapters is None:
-            raise ValueError("LoRA is disabled on this server (--max-loras 0)")
-        engine.adapters.add(publication.parsed, publication.source)
-        if publication.evictable:
-            self._evictable[name] = None
-            self._evictable.move_to_end(name)
-        else:
-            self._evictable.pop(name, None)
-        self._trim(engine, keep=name)
-        self.adapter_names = frozenset(engine.adapters.names())
-
-    def _remove(self, engine: LLMEngine, name: str) -> bool:
-        if engine.adapters is None or name not in engine.adapters.names():
-            return False
-        engine.adapters.remove(name)  # requests already holding it finish on it; new ones cannot start
-        self._evictable.pop(name, None)
-        self.adapter_names = frozenset(engine.adapters.names())
-        return True
-
-    def _trim(self, engine: LLMEngine, keep: str) -> None:
-        """Keep at most max_adapters names: unload the least recently used registry versions nobody uses."""
-        manager = engine.adapters
-        excess = len(manager.names()) - self.max_adapters
-        for name in list(self._evictable):
-            if excess <= 0:
-                break
-            ref = manager.names().get(name)
-            if name == keep or ref is None or manager.holds(ref) or manager.slots.pins(ref):
-                continue
-            manager.remove(name)
-            del self._evictable[name]
-            excess -= 1
-            logger.info("unloaded %s (least recently used; over --max-cpu-loras)", name)
+    def _abort(self, request_id: str, core: EngineCore) -> None:
+        output = core.abort(request_id)
+        stream = self._streams.pop(request_id, None)
+        if output is not None and stream is not None:
+            self._post([(stream, output)])  # a consumer still waiting (e.g. a queue timeout) sees "abort"
 
 
 class RequestStream:

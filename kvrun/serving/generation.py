@@ -85,11 +85,10 @@ class GenerationService:
         self.client = client
         self.resolver = resolver
         self.metrics = metrics
-        self.tokenizer = tokenizer  # the serving side's own instance: the engine thread uses the engine's
-        engine = client.engine
-        self.max_model_len = engine.max_model_len
-        self.kv_capacity = engine.blocks.num_blocks * engine.blocks.block_size
-        self.vocab_size = engine.model_config.vocab_size
+        self.tokenizer = tokenizer  # the serving side's own instance: the engine uses its own
+        self.max_model_len = client.info.max_model_len
+        self.kv_capacity = client.info.kv_capacity
+        self.vocab_size = client.info.model_config.vocab_size
 
     @property
     def context_limit(self) -> int:

@@ -106,6 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
     add("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
         help="split the model over this many GPUs (cuda:0 .. N-1), one process each; adapters are split with it")
+    add("--engine-process", action=argparse.BooleanOptionalAction, default=defaults.engine_process,
+        help="step the engine in its own process, so HTTP work (tokenizing, streaming) never stalls a step")
     add("--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add("--log-interval", type=float, default=defaults.log_interval_s,
@@ -181,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             tensor_parallel_size=args.tensor_parallel_size,
             cors_origins=tuple(args.cors_origin),
             log_interval_s=args.log_interval,
+            engine_process=args.engine_process,
         )
     except ValueError as error:
         raise StartupError(str(error), EXIT_USAGE) from None
@@ -279,7 +282,7 @@ def _serve(args: argparse.Namespace) -> int:
         loaded = load_model(config)
     except (ValueError, LookupError, OSError) as error:
         raise StartupError(f"cannot load model {config.model or '(bundled)'}: {error}") from None
-    logger.info("loaded %s in %.1f s", loaded.engine.model_name, time.perf_counter() - started)
+    logger.info("loaded %s in %.1f s", loaded.info.model_name, time.perf_counter() - started)
     failure = _StartupFailure()
 
     def on_ready(serving) -> None:
@@ -295,7 +298,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     )
-    _stop_when_a_worker_dies(loaded.engine, server, failure)
+    if loaded.engine is not None:  # an engine core process reports a dead worker as a failed step (503)
+        _stop_when_a_worker_dies(loaded.engine, server, failure)
     try:
         server.run()
     except SystemExit:  # uvicorn exits this way when the lifespan fails; kvrun reports that in one line

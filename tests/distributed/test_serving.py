@@ -65,7 +65,7 @@ def test_hot_loaded_adapter_on_two_ranks_reported_once(model, tmp_path):
 
 def test_dead_worker_stops_the_server_with_the_reason(model):
     base, _ = model
-    server = start_server(server_config(base, None, tensor_parallel_size=2))
+    server = start_server(server_config(base, None, tensor_parallel_size=2, engine_process=False))  # its workers
     failure = _StartupFailure()
     _stop_when_a_worker_dies(server.serving.client.engine, server.server, failure)
     try:

@@ -32,7 +32,7 @@ async def _stream(http: httpx.AsyncClient, model: str, prompt: str) -> tuple[lis
 
 
 def test_a_row_finished_with_an_error_ends_alone(serve, reference):
-    server = serve(None)
+    server = serve(None, engine_process=False)  # the engine in this process, so the test can poison a step
     engine = server.serving.client.engine
     step = engine.step
     poison = engine.tokenize(POISON)
@@ -67,7 +67,7 @@ def test_a_row_finished_with_an_error_ends_alone(serve, reference):
 
 
 def test_an_engine_that_cannot_step_stops_and_says_so(serve):
-    server = serve(None)
+    server = serve(None, engine_process=False)  # the engine in this process, so the test can break a step
     engine = server.serving.client.engine
     step = engine.step
     calls = {"count": 0}
@@ -87,9 +87,15 @@ def test_an_engine_that_cannot_step_stops_and_says_so(serve):
 
     for tokens, lines in asyncio.run(run()):
         assert len(tokens) < MAX_TOKENS and '"error"' in lines[-2] and lines[-1] == "data: [DONE]", lines
+    assert_engine_stopped(server, "illegal memory access")
+
+
+def assert_engine_stopped(server, reason: str) -> None:
+    """/health and /ready answer 503 (health with the reason), and a new request gets 503 saying to restart."""
     with server.client() as http:
         health = http.get("/health")
-        assert health.status_code == 503 and "illegal memory access" in health.json()["error"]
+        assert health.status_code == 503 and reason in health.json()["error"]
         assert http.get("/ready").status_code == 503
-        refused = http.post("/v1/completions", json={"model": base, "prompt": PROMPT, "max_tokens": 2})
+        body = {"model": server.serving.model_name, "prompt": PROMPT, "max_tokens": 2}
+        refused = http.post("/v1/completions", json=body)
         assert refused.status_code == 503 and "restart" in refused.json()["error"]["message"]

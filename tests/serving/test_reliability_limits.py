@@ -34,7 +34,7 @@ def test_a_call_larger_than_the_in_flight_limit_is_400_naming_it(serve):
 
 def test_queue_timeout_counts_waiting_not_work(serve):
     """Each prefill step takes longer than the queue timeout: requests that are scheduled at once still finish."""
-    server = serve(None, queue_timeout_s=0.5, max_num_seqs=4)
+    server = serve(None, queue_timeout_s=0.5, max_num_seqs=4, engine_process=False)  # to slow the engine's steps
     engine = server.serving.client.engine
     execute = engine.runner.execute
 

@@ -25,7 +25,7 @@ REASON = "sampling produced NaN probabilities"
 
 @pytest.fixture
 def poisoned_server(serve):
-    server = serve(None)
+    server = serve(None, engine_process=False)  # the engine in this process, so the test can poison a step
     engine = server.serving.client.engine
     poison_ids = server.serving.tokenizer.encode(POISON, add_special_tokens=True)
     step = engine.step

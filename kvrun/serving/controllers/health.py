@@ -19,7 +19,7 @@ class HealthController(Controller):
     path = "/"
     tags = ["Operations"]
 
-    @get("/health", summary="Liveness: the engine thread runs")
+    @get("/health", summary="Liveness: the engine runs")
     async def health(self, request: Request) -> Response[dict]:
         client = request.app.state.serving.client
         if not client.alive:
@@ -58,14 +58,13 @@ class HealthController(Controller):
     async def info(self, request: Request) -> TgiInfo:
         serving: Serving = request.app.state.serving
         config = serving.config
-        engine = serving.client.engine
+        info = serving.client.info
         context = serving.service.context_limit
-        weight = next(engine.runner.model.parameters())
         return TgiInfo(
             model_id=serving.model_name,
             model_sha=None,
-            model_dtype=str(weight.dtype).removeprefix("torch."),
-            model_device_type=weight.device.type,
+            model_dtype=str(info.weight_dtype).removeprefix("torch."),
+            model_device_type=info.device_type,
             model_pipeline_tag="text-generation",
             max_concurrent_requests=serving.client.max_active,
             max_best_of=1,
