@@ -30,8 +30,10 @@ GPU_MAX_NUM_SEQS = 256
 # A mixed step of ~512 tokens costs little more than a decode step on a large model (its GEMMs are still near the
 # memory-bound regime), so running streams keep their pace while prompts are chunked in.
 GPU_MAX_NUM_BATCHED_TOKENS = 512
-# cuBLAS's workspace for the one stream graphs are captured on (PyTorch's default on Hopper: 8 x 4 MiB).
+# cuBLAS's workspace for the one stream graphs are captured on (PyTorch's default on Hopper: 8 x 4 MiB), and the
+# graph pool's first segment (PyTorch's allocator serves 1-10 MB blocks from 20 MiB segments).
 CAPTURE_STREAM_WORKSPACE = 32 * MIB
+GRAPH_POOL_SEGMENT = 20 * MIB
 LORA_SHARE = 0.25
 MAX_AUTO_LORAS = 64
 # The sampler's working copies of a row's logits at their worst (top-k/top-p rows): fp32 logits, log-probabilities,
@@ -79,6 +81,7 @@ class PlanInputs:
     logits_element_bytes: int
     graph_batch_sizes: tuple[int, ...]  # () when decode steps are not captured
     graphs_with_lora: bool  # each batch size holds a LoRA and a LoRA-free graph
+    graph_buffer_bytes: int = 0  # what the attention backend allocates per captured batch size (its plan buffers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,8 @@ def graph_pool_bytes(inputs: PlanInputs, decode_activations: int) -> int:
         return 0
     graphs_per_size = 2 if inputs.graphs_with_lora else 1
     kept_logits = sum(inputs.graph_batch_sizes) * inputs.vocab_size * inputs.logits_element_bytes * graphs_per_size
-    return decode_activations + kept_logits + CAPTURE_STREAM_WORKSPACE
+    buffers = len(inputs.graph_batch_sizes) * inputs.graph_buffer_bytes
+    return decode_activations + kept_logits + buffers + CAPTURE_STREAM_WORKSPACE + GRAPH_POOL_SEGMENT
 
 
 def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:

@@ -111,6 +111,7 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
         logits_element_bytes=element,
         graph_batch_sizes=graph_sizes,
         graphs_with_lora=lora.max_loras != 0,
+        graph_buffer_bytes=runner.attention.graph_buffer_bytes,
     )
     return memory_plan.plan_gpu_memory(measured, inputs)
 

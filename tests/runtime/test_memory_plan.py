@@ -31,8 +31,9 @@ def test_kv_cache_gets_what_the_budget_leaves():
     plan = plan_gpu_memory(h100(), inputs())
     budget = int(0.9 * 80 * GIB)
     sampler = 256 * VOCAB * memory_plan.SAMPLER_BYTES_PER_LOGIT  # working copies of every row's logits
-    # largest decode step + logits kept by 2 graphs per size + the capture stream's cuBLAS workspace
-    graphs = 256 * MIB + (1 + 2 + 4 + 8) * VOCAB * 2 * 2 + 32 * MIB
+    # largest decode step + logits kept by 2 graphs per size + the capture stream's cuBLAS workspace + the pool's
+    # first segment
+    graphs = 256 * MIB + (1 + 2 + 4 + 8) * VOCAB * 2 * 2 + 32 * MIB + 20 * MIB
     left = budget - 15 * GIB - 2 * GIB - sampler - graphs - GIB // 2
     assert (plan.budget, plan.sampler, plan.graphs) == (budget, sampler, graphs)
     # A quarter of what is left buys slots (~13.4 GiB / 320 MiB = 42), within max_num_seqs and the cap of 64.
@@ -93,8 +94,11 @@ def test_refuses_a_budget_larger_than_the_free_memory():
 def test_graphs_off_and_on():
     assert memory_plan.graph_pool_bytes(inputs(graph_batch_sizes=()), 256 * MIB) == 0
     base_only = memory_plan.graph_pool_bytes(inputs(graphs_with_lora=False), 0)
-    workspace = memory_plan.CAPTURE_STREAM_WORKSPACE
+    workspace = memory_plan.CAPTURE_STREAM_WORKSPACE + memory_plan.GRAPH_POOL_SEGMENT
     assert memory_plan.graph_pool_bytes(inputs(), 0) - workspace == 2 * (base_only - workspace) == 2 * 15 * VOCAB * 2
+    # The attention backend's buffers for each captured size (FlashInfer: a plan workspace per decode wrapper).
+    with_buffers = memory_plan.graph_pool_bytes(inputs(graph_buffer_bytes=8 * MIB), 0)
+    assert with_buffers - memory_plan.graph_pool_bytes(inputs(), 0) == 4 * 8 * MIB  # 4 captured sizes: 1, 2, 4, 8
 
 
 def test_cpu_start_up_uses_the_fixed_defaults(tiny_gqa):

@@ -71,6 +71,8 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 class AttentionBackend(Protocol):
     """One backend per model, knowing every variant its layers use (planned together once per step)."""
 
+    graph_buffer_bytes: int  # device memory prepare_graph allocates per captured batch size (the memory plan counts it)
+
     def plan(self, metadata: AttentionMetadata, graph_batch_size: int | None = None) -> None:
         """Prepare for one step; called once before the first layer. graph_batch_size: plan into the buffers of the
         CUDA graph captured for that many rows (see prepare_graph)."""

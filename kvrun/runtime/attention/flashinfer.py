@@ -14,6 +14,7 @@ from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant
 from kvrun.runtime.layers.fused import write_kv
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
+INT_WORKSPACE_BYTES = 8 * 1024 * 1024  # every FlashInfer wrapper allocates this much for its plan, graph ones too
 
 
 class FlashInferBackend:
@@ -32,6 +33,7 @@ class FlashInferBackend:
         self.device, self.dtype = device, dtype
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.variants = tuple(dict.fromkeys(variants))
+        self.graph_buffer_bytes = len(self.variants) * INT_WORKSPACE_BYTES  # one decode wrapper per variant and size
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = {v: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for v in self.variants}
         self.decode = {v: self._decode_wrapper() for v in self.variants}

@@ -9,6 +9,8 @@ from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, al
 
 
 class TorchReferenceBackend:
+    graph_buffer_bytes = 0  # no CUDA graphs
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
