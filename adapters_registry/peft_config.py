@@ -61,6 +61,13 @@ UNSERVED_BIAS = {
     "lora_only": "bias='lora_only' retrains the biases of the adapted base layers, which the engine cannot swap per "
     "request; only bias='none' is served",
 }
+# target_modules leaves naming layers PEFT adapts with its embedding or output-layer LoRA, which kvrun does not serve
+# yet (PEFT also saves the whole base layer beside them).
+UNSERVED_TARGETS = {
+    **dict.fromkeys(("embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "embed_positions"),
+                    "LoRA on an embedding layer is not served yet"),
+    **dict.fromkeys(("lm_head", "embed_out"), "LoRA on the output layer is not served yet"),
+}  # fmt: skip
 # peft_type → the method's name: every PEFT method but LoRA changes the model in ways the LoRA kernels do not compute.
 UNSERVED_PEFT_TYPES = {
     "LOHA": "LoHa (low-rank Hadamard product)", "LOKR": "LoKr (low-rank Kronecker product)",
@@ -87,6 +94,7 @@ MODULE_VECTORS = {
 # saved by an older PEFT): the pattern of the key, and what it is.
 _UNSERVED_TENSORS = (
     (r"\.lora_embedding_[AB](\.[^.]+)?$", "a LoRA weight of an embedding layer"),
+    (r"\.base_layer\.weight$", "a full copy of a base layer (PEFT saves one beside an embedding or output LoRA)"),
     (r"\.trainable_tokens_delta(\.[^.]+)?$", "a trainable-token embedding delta (trainable_token_indices)"),
     (r"\.alora_", "an activated-LoRA tensor"),
     (r"\.(hada|lokr)_", "a LoHa/LoKr weight"),
@@ -235,8 +243,13 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
+    targets = _names_or_pattern(config, "target_modules", required=True)
+    for target in targets if isinstance(targets, tuple) else ():
+        reason = UNSERVED_TARGETS.get(target.rsplit(".", 1)[-1])
+        if reason is not None:
+            raise UnsupportedConfigError(f"{CONFIG_FILE}: target_modules names {target!r}: {reason}")
     return LoraSettings(
-        rank, float(alpha), _names_or_pattern(config, "target_modules", required=True), use_rslora, base_model or None,
+        rank, float(alpha), targets, use_rslora, base_model or None,
         _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config), rank_pattern,
         tuple((key, float(value)) for key, value in alpha_pattern), lora_bias, use_dora,
     )  # fmt: skip

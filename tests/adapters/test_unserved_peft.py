@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters_registry import errors, open_store
-from adapters_registry.peft_config import UNSERVED_BIAS, UNSERVED_FIELDS, UNSERVED_PEFT_TYPES
+from adapters_registry.peft_config import UNSERVED_BIAS, UNSERVED_FIELDS, UNSERVED_PEFT_TYPES, UNSERVED_TARGETS
 from kvrun import LLM
 from kvrun.adapters import AdapterError
 from tests.models.families import FAMILIES, tiny_checkpoint
@@ -16,10 +16,10 @@ from tests.models.families import FAMILIES, tiny_checkpoint
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 
-def _lora(**options):
+def _lora(targets=("q_proj", "v_proj"), **options):
     from peft import LoraConfig
 
-    return LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **options)
+    return LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False, **options)
 
 
 def _method(name: str, **options):
@@ -41,6 +41,13 @@ CASES = {
         UNSERVED_FIELDS["alora_invocation_tokens"],
     ),
     "modules_to_save": (lambda: _lora(modules_to_save=["lm_head"]), UNSERVED_FIELDS["modules_to_save"]),
+    "embedding lora": (
+        lambda: _lora(["q_proj", "embed_tokens"]),
+        f"target_modules names 'embed_tokens': {UNSERVED_TARGETS['embed_tokens']}",
+    ),
+    "lm_head lora": (
+        lambda: _lora(["q_proj", "lm_head"]), f"target_modules names 'lm_head': {UNSERVED_TARGETS['lm_head']}"
+    ),
     "trainable tokens": (lambda: _lora(trainable_token_indices=[3, 4]), UNSERVED_FIELDS["trainable_token_indices"]),
 }
 
