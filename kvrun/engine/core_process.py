@@ -111,6 +111,7 @@ class Delta(msgspec.Struct, array_like=True, omit_defaults=True):
     token_ids: list[int] | None = None  # the whole output, once finished
     text: str | None = None  # the whole visible text, once finished
     logprobs: list[dict[int, float]] | None = None  # all of them, once finished
+    queue_time: float | None = None  # with a request's first tokens only
 
 
 class Outputs(msgspec.Struct, tag="outputs", array_like=True):
@@ -190,11 +191,14 @@ def delta_of(output: RequestOutput) -> Delta:
     new_logprobs = None
     if output.logprobs is not None and output.new_token_ids:
         new_logprobs = output.logprobs[-len(output.new_token_ids) :]
+    first = bool(output.new_token_ids) and len(output.token_ids) == len(output.new_token_ids)
+    queue_time = output.queue_time if first else None
     if not output.finished:
-        return Delta(output.request_id, output.new_token_ids, output.new_text, new_logprobs=new_logprobs)
+        return Delta(output.request_id, output.new_token_ids, output.new_text, new_logprobs=new_logprobs,
+                     queue_time=queue_time)  # fmt: skip
     return Delta(
         output.request_id, output.new_token_ids, output.new_text, True, output.finish_reason, output.stop_reason,
-        output.error, new_logprobs, output.token_ids, output.text, output.logprobs,
+        output.error, new_logprobs, output.token_ids, output.text, output.logprobs, queue_time,
     )  # fmt: skip
 
 

@@ -263,6 +263,7 @@ class LLMEngine:
             adapter=None if request.adapter is None else request.adapter.name,
             logprobs=list(request.logprobs) if request.params.logprobs is not None else None,
             error=request.error,
+            queue_time=request.queue_time,
         )
 
 

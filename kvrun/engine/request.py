@@ -46,6 +46,7 @@ class Request:
     text: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    queue_time: float | None = None  # seconds from arrival to its first scheduled step (later preemptions aside)
     num_preemptions: int = 0
     error: str | None = None  # why it ended, when finish_reason is "error"
     sampling: SamplingRow | None = None  # the sampler's view of this request, set by the engine (shares the lists)
@@ -80,3 +81,4 @@ class RequestOutput:
     adapter: str | None = None
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None  # why the request ended when finish_reason is "error"; it alone ends, never its batch
+    queue_time: float | None = None  # seconds it waited before its first scheduled step (None: not yet scheduled)

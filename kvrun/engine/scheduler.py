@@ -23,6 +23,7 @@ blocks it offered are forgotten.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -127,6 +128,8 @@ class Scheduler:
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if request.queue_time is None:
+                request.queue_time = time.monotonic() - request.arrival_time
             self.stats.prefix_cache_queries += request.num_tokens
             self.stats.prefix_cache_hits += request.num_computed_tokens
             if not request.num_preemptions:

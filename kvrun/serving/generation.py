@@ -55,6 +55,8 @@ class TrackedStream:
                     self.metrics.tokens_streamed += len(output.new_token_ids)
                     if previous is None:
                         self.metrics.first_token(now - self.arrival)
+                        if output.queue_time is not None:
+                            self.metrics.queued(output.queue_time)
                     else:
                         self.metrics.inter_token((now - previous) / len(output.new_token_ids))
                     previous = now

@@ -107,6 +107,8 @@ class ServingMetrics:
                                    ITL_BUCKETS, model)  # fmt: skip
         self.vllm_e2e = Histogram("vllm:e2e_request_latency_seconds", "Arrival to last token (vLLM name).",
                                   LATENCY_BUCKETS, model)  # fmt: skip
+        self.vllm_queue = Histogram("vllm:request_queue_time_seconds", "Time waiting before the first scheduled "
+                                    "step (vLLM name).", LATENCY_BUCKETS, model)  # fmt: skip
         self.vllm_success = Counter("vllm:request_success_total", "Finished requests (vLLM name).",
                                     ("model_name", "finished_reason"))  # fmt: skip
         self.vllm_prompt_tokens = Counter("vllm:prompt_tokens_total", "Prompt tokens (vLLM name).", model)
@@ -115,6 +117,9 @@ class ServingMetrics:
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
         self.vllm_ttft.observe(seconds, self.model_name)
+
+    def queued(self, seconds: float) -> None:
+        self.vllm_queue.observe(seconds, self.model_name)
 
     def inter_token(self, seconds: float) -> None:
         self.itl.observe(seconds)
@@ -141,8 +146,8 @@ class ServingMetrics:
         lines: list[str] = []
         for metric in (self.requests, self.rejected, self.prompt_tokens, self.generation_tokens, self.adapter_requests,
                        self.adapter_tokens, self.adapter_fetches, self.ttft, self.itl, self.latency, self.vllm_ttft,
-                       self.vllm_itl, self.vllm_tpot, self.vllm_e2e, self.vllm_success, self.vllm_prompt_tokens,
-                       self.vllm_generation_tokens):  # fmt: skip
+                       self.vllm_itl, self.vllm_tpot, self.vllm_e2e, self.vllm_queue, self.vllm_success,
+                       self.vllm_prompt_tokens, self.vllm_generation_tokens):  # fmt: skip
             lines += metric.render()
         model = {"model_name": self.model_name}
         lines += _gauge("kvrun_requests_running", "Requests in the running batch.", [({}, snapshot.num_running)])

@@ -72,6 +72,7 @@ class _Stream:
             text=self.text, new_token_ids=delta.new_token_ids, new_text=delta.new_text, finished=delta.finished,
             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, adapter=self.adapter,
             logprobs=None if self.logprobs is None else list(self.logprobs), error=delta.error,
+            queue_time=delta.queue_time,
         )  # fmt: skip
 
 

@@ -34,12 +34,16 @@ def test_vllm_names_and_canonical_lora_info(serve, file_registry, adapter_dirs):
     families = _scrape(server)
     # vLLM's histograms and counters, labelled with the served model's name
     for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-                 "vllm:e2e_request_latency_seconds", "vllm:time_per_output_token_seconds"):  # fmt: skip
+                 "vllm:e2e_request_latency_seconds", "vllm:time_per_output_token_seconds",
+                 "vllm:request_queue_time_seconds"):  # fmt: skip
         assert families[name].type == "histogram"
         count = next(s for s in _samples(families, name) if s.name.endswith("_count"))
         assert count.labels == {"model_name": base} and count.value >= 4
     e2e = next(s for s in _samples(families, "vllm:e2e_request_latency_seconds") if s.name.endswith("_count"))
     assert e2e.value == 5
+    queued = {s.name.rsplit("_", 1)[-1]: s.value for s in _samples(families, "vllm:request_queue_time_seconds")
+              if not s.name.endswith("_bucket")}  # fmt: skip
+    assert queued["count"] == 5 and 0 <= queued["sum"] < 5 * 60  # once per request, from arrival to its first step
     generated = _samples(families, "vllm:generation_tokens")
     assert generated[0].value == 4 * 3 + 4 and generated[0].labels == {"model_name": base}
     success = {s.labels["finished_reason"]: s.value for s in _samples(families, "vllm:request_success")}
