@@ -17,6 +17,7 @@ import datetime
 import logging
 import multiprocessing
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -128,7 +129,10 @@ class Workers:
             pass
 
     def _died(self, rank: int, process) -> None:
-        process.join(timeout=1.0)
+        # Its sentinel fired, so it is gone; the exit code may still be on its way (another thread can be reaping it).
+        deadline = time.monotonic() + 2.0
+        while process.exitcode is None and time.monotonic() < deadline:
+            process.join(timeout=0.05)
         self._record(
             f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code {process.exitcode}; "
             "the engine cannot run without all of its ranks"
