@@ -62,9 +62,10 @@ def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
     check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True)
 
 
-def check_bf16_against_hf_peft(base, adapters: dict, **llm_options) -> None:
+def check_bf16_against_hf_peft(base, adapters: dict, reference: tuple | None = None, **llm_options) -> None:
     """kvrun in bf16 on the card, every adapter and base rows in one batch, against HF + PEFT teacher-forced in fp32
-    (and HF + PEFT's own bf16 error, which bounds kvrun's)."""
+    (and HF + PEFT's own bf16 error, which bounds kvrun's). reference: (base, adapters) HF + PEFT runs instead, for a
+    family transformers has no class for."""
     from kvrun import LLM, SamplingParams
 
     llm = LLM(str(base), dtype="bfloat16", max_loras=len(adapters), max_num_seqs=16, gpu_memory_utilization=0.1,
@@ -78,8 +79,9 @@ def check_bf16_against_hf_peft(base, adapters: dict, **llm_options) -> None:
     outputs = llm.generate([p for p, _ in batch], params, adapters=[a for _, a in batch])
     del llm
     references = {}
+    reference_base, reference_adapters = reference or (base, adapters)
     for dtype in (torch.float32, torch.bfloat16):
-        peft = hf_peft(base, adapters, dtype)
+        peft = hf_peft(reference_base, reference_adapters, dtype)
         references[dtype] = [teacher_forced(peft, p, a, o.token_ids) for o, (p, a) in zip(outputs, batch)]
         del peft
     exact = near = total = 0
@@ -113,3 +115,27 @@ def hf_peft(base, adapters, dtype):
     for name in names[1:]:
         peft.load_adapter(adapters[name], adapter_name=name)
     return peft.eval()
+
+
+def test_baichuan2_bf16_cuda_path_matches_its_reference(tmp_path):
+    """Baichuan 2 (W_pack, NormHead) against its reference built from HF Llama, as tests/models/test_baichuan.py does."""
+    from tests.models.families import PeftSpec
+    from tests.models.test_baichuan import _baichuan_adapter, _baichuan_checkpoint, _tie_qkv_lora_a
+
+    shape = {**GPU_SHAPE, "num_key_value_heads": GPU_SHAPE["num_attention_heads"]}  # Baichuan 2 7B has no GQA
+    reference_dir = tiny_checkpoint(FAMILIES["llama"], tmp_path / "llama", seed=1, std=0.02, attention_bias=False,
+                                    mlp_bias=False, **shape)  # fmt: skip
+    _baichuan_checkpoint(reference_dir, tmp_path / "baichuan")
+    specs = [
+        PeftSpec("attn-r4", 4, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        PeftSpec("all-linear-r8", 8, "all-linear", alpha=4.0),
+        PeftSpec("mlp-r16-rs", 16, ["gate_proj", "up_proj", "down_proj"], extra={"use_rslora": True}),
+    ]
+    references, adapters = {}, {}
+    for index, spec in enumerate(specs):
+        references[spec.name] = make_peft_adapter(reference_dir, spec, tmp_path / f"ref-{spec.name}", seed=index)
+        _tie_qkv_lora_a(references[spec.name])
+        adapters[spec.name] = tmp_path / spec.name
+        _baichuan_adapter(references[spec.name], adapters[spec.name])
+    check_bf16_against_hf_peft(tmp_path / "baichuan", adapters, reference=(reference_dir, references),
+                               max_lora_rank=16, cuda_graphs=True)  # fmt: skip
