@@ -119,23 +119,9 @@ def hf_peft(base, adapters, dtype):
 
 def test_baichuan2_bf16_cuda_path_matches_its_reference(tmp_path):
     """Baichuan 2 (W_pack, NormHead) against its reference built from HF Llama, as tests/models/test_baichuan.py does."""
-    from tests.models.families import PeftSpec
-    from tests.models.test_baichuan import _baichuan_adapter, _baichuan_checkpoint, _tie_qkv_lora_a
+    from tests.models.test_baichuan import baichuan_with_reference
 
     shape = {**GPU_SHAPE, "num_key_value_heads": GPU_SHAPE["num_attention_heads"]}  # Baichuan 2 7B has no GQA
-    reference_dir = tiny_checkpoint(FAMILIES["llama"], tmp_path / "llama", seed=1, std=0.02, attention_bias=False,
-                                    mlp_bias=False, **shape)  # fmt: skip
-    _baichuan_checkpoint(reference_dir, tmp_path / "baichuan")
-    specs = [
-        PeftSpec("attn-r4", 4, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-        PeftSpec("all-linear-r8", 8, "all-linear", alpha=4.0),
-        PeftSpec("mlp-r16-rs", 16, ["gate_proj", "up_proj", "down_proj"], extra={"use_rslora": True}),
-    ]
-    references, adapters = {}, {}
-    for index, spec in enumerate(specs):
-        references[spec.name] = make_peft_adapter(reference_dir, spec, tmp_path / f"ref-{spec.name}", seed=index)
-        _tie_qkv_lora_a(references[spec.name])
-        adapters[spec.name] = tmp_path / spec.name
-        _baichuan_adapter(references[spec.name], adapters[spec.name])
-    check_bf16_against_hf_peft(tmp_path / "baichuan", adapters, reference=(reference_dir, references),
-                               max_lora_rank=16, cuda_graphs=True)  # fmt: skip
+    base, adapters, reference_dir, references = baichuan_with_reference(tmp_path, seed=1, std=0.02, **shape)
+    check_bf16_against_hf_peft(base, adapters, reference=(reference_dir, references), max_lora_rank=16,
+                               cuda_graphs=True)  # fmt: skip

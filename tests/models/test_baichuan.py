@@ -71,10 +71,12 @@ def _baichuan_adapter(llama_adapter, out_dir) -> None:
     (out_dir / "adapter_config.json").write_text(json.dumps(config))
 
 
-def test_baichuan2_matches_its_reference_with_w_pack_adapters(tmp_path):
-    reference_dir = tiny_checkpoint(FAMILIES["llama"], tmp_path / "llama", seed=6, num_key_value_heads=4,
-                                    attention_bias=False, mlp_bias=False)
-    _baichuan_checkpoint(reference_dir, tmp_path / "baichuan")
+def baichuan_with_reference(root, **llama_config):
+    """A Baichuan 2 checkpoint with three W_pack adapters, and the Llama reference (normalised head, q/k/v adapters
+    sharing lora_A) they were made from: (baichuan_dir, adapters, reference_dir, reference_adapters)."""
+    reference_dir = tiny_checkpoint(FAMILIES["llama"], root / "llama", attention_bias=False, mlp_bias=False,
+                                    **llama_config)  # fmt: skip
+    _baichuan_checkpoint(reference_dir, root / "baichuan")
     specs = [
         PeftSpec("attn-r4", 4, ["q_proj", "k_proj", "v_proj", "o_proj"]),
         PeftSpec("all-linear-r8", 8, "all-linear", alpha=4.0),
@@ -82,12 +84,17 @@ def test_baichuan2_matches_its_reference_with_w_pack_adapters(tmp_path):
     ]
     references, adapters = {}, {}
     for index, spec in enumerate(specs):
-        references[spec.name] = make_peft_adapter(reference_dir, spec, tmp_path / f"ref-{spec.name}", seed=index)
+        references[spec.name] = make_peft_adapter(reference_dir, spec, root / f"ref-{spec.name}", seed=index)
         _tie_qkv_lora_a(references[spec.name])
-        adapters[spec.name] = tmp_path / spec.name
+        adapters[spec.name] = root / spec.name
         _baichuan_adapter(references[spec.name], adapters[spec.name])
+    return root / "baichuan", adapters, reference_dir, references
 
-    llm = LLM(str(tmp_path / "baichuan"), max_loras=3, max_lora_rank=16, num_blocks=96, block_size=4)
+
+def test_baichuan2_matches_its_reference_with_w_pack_adapters(tmp_path):
+    baichuan_dir, adapters, reference_dir, references = baichuan_with_reference(tmp_path, seed=6,
+                                                                                num_key_value_heads=4)  # fmt: skip
+    llm = LLM(str(baichuan_dir), max_loras=3, max_lora_rank=16, num_blocks=96, block_size=4)
     assert llm.engine.model_config.decoder.normalized_lm_head
     for name, directory in adapters.items():
         llm.load_adapter(name, directory)
