@@ -83,6 +83,7 @@ UNSERVED_PEFT_TYPES = {
 }  # fmt: skip
 
 
+LORA_PARTS = ("lora_A.weight", "lora_B.weight")  # what every LoRA module saves
 # Per-module vectors [out_features] PEFT saves beside lora_A / lora_B, each when its config flag is set:
 # saved key suffix → (the flag, what the vector is).
 MODULE_VECTORS = {
@@ -136,6 +137,15 @@ class LoraSettings:
         if getattr(self, flag):
             return None
         return f"tensor {key!r} is {what}, but adapter_config.json does not set {flag}=true; PEFT would not apply it"
+
+    def module_problem(self, module: str, parts) -> str | None:
+        """What LoRA module `module`, saved with tensors `parts`, lacks for this adapter's settings, or None."""
+        missing = [part for part in (*LORA_PARTS, *self.module_vectors) if part not in parts]
+        if not missing:
+            return None
+        flag = MODULE_VECTORS[missing[0]][0] if missing[0] in MODULE_VECTORS else None
+        because = f" (adapter_config.json sets {flag}=true)" if flag else ""
+        return f"module {module!r} has no {missing[0]}{because}"
 
     @property
     def max_rank(self) -> int:

@@ -45,7 +45,6 @@ _KEY_RE = re.compile(
     r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\."
     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)(?:\.weight)?$"
 )
-_PARTS = ("lora_A.weight", "lora_B.weight")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,11 +172,9 @@ def _module_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> d
             raise TensorNameError(f"{WEIGHTS_FILE}: {problem}")
         modules.setdefault(module, {})[part] = info
     for module, found in modules.items():
-        missing = [part for part in (*_PARTS, *settings.module_vectors) if part not in found]
-        if missing:
-            flag = MODULE_VECTORS[missing[0]][0] if missing[0] in MODULE_VECTORS else None
-            because = f" (adapter_config.json sets {flag}=true)" if flag else ""
-            raise TensorNameError(f"{WEIGHTS_FILE}: module {module!r} has no {missing[0]}{because}")
+        problem = settings.module_problem(module, found)
+        if problem is not None:
+            raise TensorNameError(f"{WEIGHTS_FILE}: {problem}")
     return modules
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load
 
 from adapters_registry import check_lora_magnitude
 from adapters_registry.errors import ValidationError
-from adapters_registry.peft_config import MODULE_VECTORS, check_config, unserved_tensor
+from adapters_registry.peft_config import LORA_PARTS, MODULE_VECTORS, check_config, unserved_tensor
 from kvrun.adapters.ref import AdapterRef
 from kvrun.runtime.models.manifest import lora_targets
 from kvrun.runtime.models.spec import ModelConfig
@@ -37,7 +37,6 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.(?P<name>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?"
     r"(?:\.(?P<kind>weight|bias))?$"
 )
-_PARTS = ("lora_A.weight", "lora_B.weight")
 
 
 class AdapterError(ValueError):
@@ -153,7 +152,7 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA A/B weight)")
         module = match["module"]
         part = match["name"] if match["name"] == "lora_magnitude_vector" else f"{match['name']}.{match['kind']}"
-        if part not in (*_PARTS, *MODULE_VECTORS):
+        if part not in (*LORA_PARTS, *MODULE_VECTORS):
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA weight PEFT saves)")
         if module not in targets.modules:
             raise fail(
@@ -186,9 +185,7 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
     if not sides:
         raise fail(f"{WEIGHTS_FILE} holds no LoRA weights")
     for module, found in sides.items():
-        missing = [part for part in (*_PARTS, *settings.module_vectors) if part not in found]
-        if missing:
-            flag = MODULE_VECTORS[missing[0]][0] if missing[0] in MODULE_VECTORS else None
-            because = f" (adapter_config.json sets {flag}=true)" if flag else ""
-            raise fail(f"module {module!r} has no {missing[0]}{because}")
+        problem = settings.module_problem(module, found)
+        if problem is not None:
+            raise fail(problem)
     return sides
