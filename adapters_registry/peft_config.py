@@ -26,7 +26,7 @@ ALL_LINEAR = "all-linear"
 # Fields the engine reads and applies.
 _SERVED_FIELDS = {
     "peft_type", "r", "target_modules", "exclude_modules", "lora_alpha", "use_rslora", "bias", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias", "use_dora",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias", "use_dora", "alora_invocation_tokens",
 }  # fmt: skip
 # Fields that may hold any value: bookkeeping, training-only or initialization-only settings.
 _HARMLESS_FIELDS = {
@@ -45,8 +45,6 @@ UNSERVED_FIELDS = {
     "layer_replication": "layer_replication changes the base model's layer layout",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the adapter only from the invocation "
-    "tokens on, which the engine does not do; serving it as a plain LoRA would give different outputs",
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "megatron_config": "Megatron-parallel LoRA layers (megatron_config) are not supported",
     "velora_config": "the VeLoRA variant (velora_config) is not supported",
@@ -125,6 +123,8 @@ class LoraSettings:
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     lora_bias: bool = False  # every LoRA module's lora_B has a bias (PEFT saves `<module>.lora_B.bias`)
     use_dora: bool = False  # DoRA: every LoRA module has a magnitude vector (`<module>.lora_magnitude_vector`)
+    # Activated LoRA: the adapter applies from the last occurrence of these tokens in the prompt on (docs/adapters.md)
+    invocation_tokens: tuple[int, ...] | None = None
 
     @property
     def module_vectors(self) -> tuple[str, ...]:
@@ -250,18 +250,26 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
     use_rslora, lora_bias, use_dora = _flag(config, "use_rslora"), _flag(config, "lora_bias"), _flag(config, "use_dora")
     if lora_bias and use_dora:
         raise UnsupportedConfigError(f"{CONFIG_FILE}: lora_bias=true with use_dora=true is a combination PEFT refuses")
+    invocation_tokens = _invocation_tokens(config)
+    if invocation_tokens is not None and use_dora:
+        raise UnsupportedConfigError(
+            f"{CONFIG_FILE}: alora_invocation_tokens with use_dora=true is a combination PEFT refuses"
+        )
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
     targets = _names_or_pattern(config, "target_modules", required=True)
     for target in targets if isinstance(targets, tuple) else ():
         reason = UNSERVED_TARGETS.get(target.rsplit(".", 1)[-1])
+        if reason is not None and invocation_tokens is not None:
+            # PEFT has no aLoRA variant for embeddings; on the output layer it would need the activation point too
+            reason = "activated LoRA (alora_invocation_tokens) on an embedding or output layer is not served"
         if reason is not None:
             raise UnsupportedConfigError(f"{CONFIG_FILE}: target_modules names {target!r}: {reason}")
     return LoraSettings(
         rank, float(alpha), targets, use_rslora, base_model or None,
         _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config), rank_pattern,
-        tuple((key, float(value)) for key, value in alpha_pattern), lora_bias, use_dora,
+        tuple((key, float(value)) for key, value in alpha_pattern), lora_bias, use_dora, invocation_tokens,
     )  # fmt: skip
 
 
@@ -270,6 +278,18 @@ def _flag(config: dict, field: str) -> bool:
     if type(value) is not bool:
         raise AdapterConfigError(f"{CONFIG_FILE}: {field} must be true or false, got {value!r}")
     return value
+
+
+def _invocation_tokens(config: dict) -> tuple[int, ...] | None:
+    """Activated LoRA's invocation sequence: a non-empty list of token ids, or None (a plain LoRA)."""
+    value = config.get("alora_invocation_tokens")
+    if value is None or value == []:  # PEFT reads an empty list as "not activated": a plain LoRA
+        return None
+    if not isinstance(value, list) or not value or not all(type(token) is int and token >= 0 for token in value):
+        raise AdapterConfigError(
+            f"{CONFIG_FILE}: alora_invocation_tokens must be a non-empty list of token ids, got {value!r}"
+        )
+    return tuple(value)
 
 
 def _positive_number(value: object) -> bool:

@@ -131,7 +131,7 @@ def parse_adapter(
     leaves = tuple(sorted({module.rsplit(".", 1)[-1] for module in weights}))
     digest = hashlib.sha256(repr(dataclasses.replace(settings, base_model=None)).encode()).hexdigest()
     ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
-                     settings.use_rslora, digest)  # fmt: skip
+                     settings.use_rslora, digest, settings.invocation_tokens)  # fmt: skip
     scalings = {module: settings.scaling_of(module) for module in weights}
     return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling}, biases, magnitudes)
 

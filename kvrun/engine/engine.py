@@ -119,6 +119,8 @@ class LLMEngine:
         if self.tokenizer is not None:
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         request = Request(request_id, token_ids, params, ref, detokenizer, generator)
+        if ref is not None:
+            request.adapter_start = ref.start_position(token_ids)
         request.grammar = grammar
         request.sampling = SamplingRow(
             params, generator, request.prompt_token_ids, request.output_token_ids, self._held_token_ids(params)

@@ -40,6 +40,8 @@ class Request:
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks hashed so far
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache when it was first admitted
     adapter_slot: int = BASE_SLOT
+    # first position the adapter applies to (AdapterRef.start_position: 0, or later for an activated LoRA)
+    adapter_start: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or token id that ended it

@@ -163,12 +163,22 @@ class Scheduler:
         request.num_computed_tokens = 0
 
     def _block_keys(self, request: Request, num_blocks: int) -> list[bytes]:
-        """The prefix-cache keys of request's first num_blocks full blocks, hashed once per request."""
+        """The prefix-cache keys of request's first num_blocks full blocks, hashed once per request.
+
+        A block whose tokens all precede the request's adapter start (an activated LoRA before its invocation) holds
+        base-model K/V, so it is keyed as a base request's block and shared with base requests. The block holding the
+        adapter start chains from a root naming the adapter and the start position: the K/V after it depend on both,
+        and the start depends on the whole prompt (the last invocation in it), not on the tokens hashed so far."""
         keys, size = request.block_keys, self.blocks.block_size
-        parent = keys[-1] if keys else root_key(_adapter_identity(request))
+        adapter_block = request.adapter_start // size if request.adapter is not None else num_blocks
         for index in range(len(keys), num_blocks):
-            parent = block_key(parent, _token_slice(request, index * size, (index + 1) * size))
-            keys.append(parent)
+            if index < adapter_block:
+                parent = keys[-1] if keys else root_key(b"")
+            elif index > adapter_block:
+                parent = keys[-1]
+            else:
+                parent = _adapter_root(request, keys[-1] if keys else b"")
+            keys.append(block_key(parent, _token_slice(request, index * size, (index + 1) * size)))
         return keys
 
     def _chunk(self, request: Request, step: _Step) -> int:
@@ -241,6 +251,7 @@ class Scheduler:
                     start_position=start,
                     block_table=request.block_table,
                     adapter_slot=request.adapter_slot,
+                    adapter_start=request.adapter_start,
                     temperature=params.temperature,
                     top_p=params.top_p,
                     top_k=params.top_k,
@@ -253,12 +264,14 @@ class Scheduler:
         return ScheduledBatch(is_prefill=is_prefill, requests=scheduled)
 
 
-def _adapter_identity(request: Request) -> bytes:
-    """What, besides the tokens, the K/V depend on: the adapter's weights (by content) and settings; b"" = base."""
-    ref = request.adapter
-    if ref is None:
-        return b""
-    return ref.identity.encode()
+def _adapter_root(request: Request, base_prefix_key: bytes) -> bytes:
+    """The parent key of a request's first block that its adapter applies to: what its K/V depend on besides the
+    tokens — the adapter's weights (by content) and settings, and, for an activated LoRA starting past position 0,
+    that position and the base-model prefix before it (base_prefix_key, the key of the last block before)."""
+    identity = request.adapter.identity.encode()
+    if request.adapter_start:
+        identity += b"\0start=%d\0" % request.adapter_start + base_prefix_key
+    return root_key(identity)
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

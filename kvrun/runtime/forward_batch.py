@@ -26,6 +26,8 @@ class ScheduledRequest:
     generator: torch.Generator | None
     num_logprobs: int | None  # top-N logprobs to return with the sampled token; None = none
     samples: bool = True  # False: a prompt chunk short of the prompt's end, which only fills the KV cache
+    # first position adapter_slot applies to; the positions before it run the base model (an activated LoRA)
+    adapter_start: int = 0
 
 
 @dataclass(slots=True)

@@ -43,7 +43,8 @@ class StepLayout:
         return any(slot != BASE_SLOT for slot in self.seg_slots)
 
     def _add_row(
-        self, token_ids: list[int], start: int, pages: list[int], slot: int, block_size: int, samples: bool = True
+        self, token_ids: list[int], start: int, pages: list[int], slot: int, block_size: int, samples: bool = True,
+        adapter_start: int = 0,
     ) -> None:
         count = len(token_ids)
         self.samples.append(samples)
@@ -59,6 +60,14 @@ class StepLayout:
         self.last_page_lens.append(seq_len - (len(pages) - 1) * block_size)
         self.seq_lens.append(seq_len)
         self.query_lens.append(count)
+        # An activated LoRA's row runs the base model before its adapter start: a base segment, then the adapter's.
+        num_base = min(count, max(0, adapter_start - start)) if slot != BASE_SLOT else 0
+        self._add_segment(BASE_SLOT, num_base)
+        self._add_segment(slot, count - num_base)
+
+    def _add_segment(self, slot: int, count: int) -> None:
+        if not count:
+            return
         if self.seg_slots and self.seg_slots[-1] == slot:
             self.seg_indptr[-1] += count
         else:
@@ -75,7 +84,8 @@ def layout_step(
         seq_len = request.start_position + len(request.token_ids)
         pages = request.block_table[: -(-seq_len // block_size)]
         layout._add_row(
-            request.token_ids, request.start_position, pages, request.adapter_slot, block_size, request.samples
+            request.token_ids, request.start_position, pages, request.adapter_slot, block_size, request.samples,
+            request.adapter_start,
         )
     for _ in range(pad_rows_to - len(requests)):
         layout._add_row([0], 0, [scratch_page], BASE_SLOT, block_size)

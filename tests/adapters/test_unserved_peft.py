@@ -36,10 +36,6 @@ CASES = {
     "oft": (lambda: _method("OFTConfig", r=4, oft_block_size=0), f"peft_type is 'OFT' ({UNSERVED_PEFT_TYPES['OFT']})"),
     "bias all": (lambda: _lora(bias="all"), UNSERVED_BIAS["all"]),
     "bias lora_only": (lambda: _lora(bias="lora_only"), UNSERVED_BIAS["lora_only"]),
-    "activated lora": (
-        lambda: _lora(alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"),
-        UNSERVED_FIELDS["alora_invocation_tokens"],
-    ),
     "modules_to_save": (lambda: _lora(modules_to_save=["lm_head"]), UNSERVED_FIELDS["modules_to_save"]),
     "embedding lora": (
         lambda: _lora(["q_proj", "embed_tokens"]),

@@ -107,6 +107,21 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
         "has no lora_magnitude_vector (adapter_config.json sets use_dora=true)",
     ),
     "modules_to_save": (edit_config(modules_to_save=["lm_head"]), E.UnsupportedConfigError, "modules_to_save"),
+    "alora with dora": (
+        edit_config(use_dora=True, alora_invocation_tokens=[5, 6]),
+        E.UnsupportedConfigError,
+        "alora_invocation_tokens with use_dora=true is a combination PEFT refuses",
+    ),
+    "alora on lm_head": (
+        edit_config(target_modules=["q_proj", "lm_head"], alora_invocation_tokens=[5, 6]),
+        E.UnsupportedConfigError,
+        "target_modules names 'lm_head': activated LoRA (alora_invocation_tokens) on an embedding or output layer",
+    ),
+    "alora tokens not ids": (
+        edit_config(alora_invocation_tokens=[5, "six"]),
+        E.AdapterConfigError,
+        "alora_invocation_tokens must be a non-empty list of token ids, got [5, 'six']",
+    ),
     "rank_pattern mismatch": (
         edit_config(rank_pattern={"v_proj": 2, "q_proj": 8}),
         E.RankError,

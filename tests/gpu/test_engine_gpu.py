@@ -73,8 +73,19 @@ def teacher_forced(peft, prompt, adapter, tokens):
             logits = peft(ids).logits[0]
     else:
         peft.set_adapter(adapter)
-        logits = peft(ids).logits[0]
+        logits = peft(ids, **alora_offsets(peft, prompt, adapter, len(tokens))).logits[0]
     return torch.log_softmax(logits[len(prompt) - 1 : -1].float(), dim=-1)
+
+
+def alora_offsets(peft, prompt, adapter, num_generated) -> dict:
+    """An activated LoRA's offsets as PEFT's generate() finds them (in the prompt alone, the generated tokens all
+    activated), for one teacher-forced pass over prompt + generated tokens; {} for another adapter."""
+    if not getattr(peft.peft_config[adapter], "alora_invocation_tokens", None):
+        return {}
+    from peft.tuners.lora.variants import calculate_alora_offsets
+
+    offset = calculate_alora_offsets(peft.peft_config, adapter, torch.tensor([prompt]))[0]
+    return {"alora_offsets": [None if offset is None else offset + num_generated]}
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False])

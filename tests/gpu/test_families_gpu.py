@@ -62,19 +62,22 @@ def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
     check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True)
 
 
-def check_bf16_against_hf_peft(base, adapters: dict, reference: tuple | None = None, **llm_options) -> None:
+def check_bf16_against_hf_peft(
+    base, adapters: dict, reference: tuple | None = None, batch: list | None = None, **llm_options
+) -> None:
     """kvrun in bf16 on the card, every adapter and base rows in one batch, against HF + PEFT teacher-forced in fp32
     (and HF + PEFT's own bf16 error, which bounds kvrun's). reference: (base, adapters) HF + PEFT runs instead, for a
-    family transformers has no class for."""
+    family transformers has no class for. batch: (prompt, adapter) rows instead of random prompts."""
     from kvrun import LLM, SamplingParams
 
     llm = LLM(str(base), dtype="bfloat16", max_loras=len(adapters), max_num_seqs=16, gpu_memory_utilization=0.1,
               **llm_options)  # several test processes share the card
     for name, directory in adapters.items():
         llm.load_adapter(name, directory)
-    generator = torch.Generator().manual_seed(0)
-    names = [*adapters, None, *adapters, None]
-    batch = [(torch.randint(3, 1000, (9 + 13 * i,), generator=generator).tolist(), a) for i, a in enumerate(names)]
+    if batch is None:
+        generator = torch.Generator().manual_seed(0)
+        names = [*adapters, None, *adapters, None]
+        batch = [(torch.randint(3, 1000, (9 + 13 * i,), generator=generator).tolist(), a) for i, a in enumerate(names)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
     outputs = llm.generate([p for p, _ in batch], params, adapters=[a for _, a in batch])
     del llm

@@ -44,3 +44,28 @@ def feature_model(request, tmp_path_factory):
 def test_peft_features_bf16_match_hf_peft(feature_model, cuda_graphs):
     base, adapters = feature_model
     check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=cuda_graphs)
+
+
+INVOKE = [1001, 1002, 1003]  # the prompts' other tokens are drawn from [3, 1000)
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_activated_lora_bf16_matches_hf_peft(feature_model, request, tmp_path, cuda_graphs):
+    """An activated LoRA (with lora_bias) beside plain LoRA and base rows: each prompt row splits into a base
+    segment and an adapter segment of the Triton kernels at its last invocation (in a 16-token chunk or a later one;
+    absent: base everywhere); decode rows, graphed or not, are all activated."""
+    base, adapters = feature_model
+    family = FAMILIES[request.node.callspec.params["feature_model"]]
+    spec = PeftSpec("alora", 8, [*family.attention, *family.mlp],
+                    extra={"alora_invocation_tokens": INVOKE, "task_type": "CAUSAL_LM", "lora_bias": True})  # fmt: skip
+    served = {"plain": adapters["plain"], "alora": make_peft_adapter(base, spec, tmp_path / "alora", seed=9)}
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(3, 1000, (count,), generator=generator).tolist()
+
+    prompts = [tokens(5) + INVOKE + tokens(30), tokens(20) + INVOKE + tokens(4) + INVOKE + tokens(9),
+               tokens(40) + INVOKE, INVOKE + tokens(12), tokens(25)]  # fmt: skip
+    batch = [(p, "alora") for p in prompts] + [(tokens(17), "plain"), (prompts[0], "plain"), (prompts[0], None)]
+    check_bf16_against_hf_peft(base, served, batch=batch, max_lora_rank=16, cuda_graphs=cuda_graphs,
+                               max_num_batched_tokens=16)  # fmt: skip
