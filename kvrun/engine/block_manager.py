@@ -2,9 +2,11 @@
 
 A full block's key chains its parent block's key, its token ids and, at the root, the adapter's content identity
 (or "base model"): equal keys mean equal K/V, so requests that share a prefix under the same adapter share those
-blocks, and the same tokens under another adapter (whose K/V differ) never match. A cached block whose refcount
-drops to 0 keeps its key and K/V in an LRU queue of evictable blocks: a later request that hits its key takes it
-back, and the pool evicts (forgets the key of) the least recently freed one when it runs out of empty blocks.
+blocks, and the same tokens under another adapter (whose K/V differ) never match. An activated LoRA's blocks before
+its invocation hold base-model K/V and take base-model keys (the scheduler builds the keys). A cached block whose
+refcount drops to 0 keeps its key and K/V in an LRU queue of evictable blocks: a later request that hits its key
+takes it back, and the pool evicts (forgets the key of) the least recently freed one when it runs out of empty
+blocks.
 """
 
 from __future__ import annotations
