@@ -136,8 +136,9 @@ def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
 
     for label, max_loras in (("kvrun base only (no LoRA)", 0), ("kvrun", args.adapters)):
         if args.defaults:  # what a user gets with no flags: the engine sizes KV, slots and batch from the card
-            llm = LLM(str(model_dir), load_format="dummy", **({"max_loras": 0} if max_loras == 0 else {}))
-            label = f"{label} [defaults]"
+            overrides = {**args.set, **({"max_loras": 0} if max_loras == 0 else {})}
+            llm = LLM(str(model_dir), load_format="dummy", **overrides)
+            label = f"{label} [defaults{''.join(f' {k}={v}' for k, v in args.set.items())}]"
         else:
             llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", max_loras=max_loras,
                       max_lora_rank=args.rank, max_cpu_loras=max(args.adapters, 1) * 4, max_num_seqs=max(args.batch),
@@ -291,7 +292,10 @@ def main() -> None:
     parser.add_argument("--skip-extras", action="store_true", help="no cold-load or slot-pressure runs")
     parser.add_argument("--defaults", action="store_true", help="LLM(model) with no sizing arguments at all")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=INT",
+                        help="with --defaults: integer LLM() arguments to set, e.g. max_num_batched_tokens=8192")
     args = parser.parse_args()
+    args.set = {name: int(value) for name, value in (item.split("=", 1) for item in args.set)}
 
     bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:

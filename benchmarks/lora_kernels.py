@@ -104,7 +104,7 @@ def make_layer(num_slots: int, rank_setting: str) -> Layer:
         layer.lora_a[name] = [
             torch.randn(num_slots, max_rank, in_features, device=DEVICE, dtype=DTYPE) * 0.02 for _ in outs
         ]
-        layer.lora_b[name] = [torch.randn(num_slots, n, max_rank, device=DEVICE, dtype=DTYPE) * 0.02 for n in outs]
+        layer.lora_b[name] = [torch.randn(num_slots, max_rank, n, device=DEVICE, dtype=DTYPE) * 0.02 for n in outs]
         layer.ranks[name] = ranks.repeat(len(outs), 1).contiguous()
         layer.scalings[name] = torch.ones(len(outs), num_slots, device=DEVICE)
     return layer
@@ -204,7 +204,7 @@ def flashinfer_step(scenario: Scenario, batch: Batch, wrapper) -> Callable[[Laye
             x = batch.x[name][order]
             for i, (a, b) in enumerate(zip(layer.lora_a[name], layer.lora_b[name], strict=True)):
                 y = wrapper.run(x, a, num_segments, True, seg_indptr=seg_indptr, weight_indices=weight_indices)
-                delta = wrapper.run(y, b, num_segments, True, seg_indptr=seg_indptr, weight_indices=weight_indices)
+                delta = wrapper.run(y, b, num_segments, False, seg_indptr=seg_indptr, weight_indices=weight_indices)
                 start = offsets(outs)[i]
                 batch.out[name][order, start : start + outs[i]] += delta
 

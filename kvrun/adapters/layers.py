@@ -52,7 +52,7 @@ class LinearWithLoRA(nn.Module):
             for _ in self.slice_names
         ]
         self.lora_b = [
-            torch.zeros(num_slots, width, max_rank, dtype=weight.dtype, device=weight.device)
+            torch.zeros(num_slots, max_rank, width, dtype=weight.dtype, device=weight.device)
             for width in base.output_slices.values()
         ]
         self.ranks = torch.zeros(len(self.slice_names), num_slots, dtype=torch.int32, device=weight.device)
@@ -86,7 +86,7 @@ class LinearWithLoRA(nn.Module):
                 raise ValueError("DoRA adapters are not supported with tensor parallelism yet")
             rank = entry.a.shape[0]
             self.lora_a[index][slot, :rank].copy_(self.base.shard_input(entry.a), non_blocking=True)
-            self.lora_b[index][slot, :, :rank].copy_(self.base.shard_output(name, entry.b), non_blocking=True)
+            self.lora_b[index][slot, :rank].copy_(self.base.shard_output(name, entry.b).T, non_blocking=True)
             self.ranks[index, slot] = rank
             self.scalings[index, slot] = entry.scaling
             # A row-parallel rank's output is a partial sum: one rank adds the bias.
@@ -96,7 +96,7 @@ class LinearWithLoRA(nn.Module):
                 self.epilogue.shift[index][slot].copy_(bias.float() * entry.scaling)
                 self.epilogue.modes[index, slot] = SHIFT
             if entry.magnitude is not None:
-                rows = slice(self.slice_offsets[index], self.slice_offsets[index] + self.lora_b[index].shape[1])
+                rows = slice(self.slice_offsets[index], self.slice_offsets[index] + self.lora_b[index].shape[2])
                 bias = self.base.bias[rows] if self.base.bias is not None else None
                 scale, shift = dora_scale(self.base.weight[rows], bias, entry)
                 self.epilogue.scale[index][slot].copy_(scale)

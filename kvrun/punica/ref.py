@@ -4,7 +4,7 @@ A LoRA-wrapped linear has `num_slices` output slices (q/k/v of a fused qkv proje
 slice). Each slice has its own stacked adapter weights, one entry per adapter slot:
 
     lora_a[i]: [num_slots, max_rank, in_features]
-    lora_b[i]: [num_slots, out_features_i, max_rank]
+    lora_b[i]: [num_slots, max_rank, out_features_i]   (rank-major: a slot's first r rows are one contiguous block)
     ranks:     [num_slices, num_slots] int32   rank of slot s for slice i; 0 = the adapter leaves that module alone
     scalings:  [num_slices, num_slots] float32 lora_alpha / r (or / sqrt(r) for rsLoRA) of slot s for slice i: each
                                                module has its own (PEFT's rank_pattern / alpha_pattern)
@@ -79,7 +79,7 @@ def sgmv_shrink(
 
 def sgmv_expand(
     y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
-    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, out_features_i]
     seg_indptr: torch.Tensor,  # [num_segments + 1] int32
     seg_slots: torch.Tensor,  # [num_segments] int32, -1 = base
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
@@ -89,7 +89,7 @@ def sgmv_expand(
 ) -> None:
     """Semantics:
         for each segment g with slot s >= 0, rows t, slice i, r = ranks[i, s] > 0, o = slice_offsets[i]:
-            out[t, o : o + out_features_i] += y[i, t, :r] @ lora_b[i][s, :, :r].T
+            out[t, o : o + out_features_i] += y[i, t, :r] @ lora_b[i][s, :r]
             (finished as the epilogue's mode for (i, s) says, when one is given)
     """
     bounds, slice_ranks = seg_indptr.tolist(), ranks.tolist()
@@ -102,8 +102,8 @@ def sgmv_expand(
             rank = slice_ranks[i][slot]
             if rank == 0:
                 continue
-            cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[1])
-            delta = y[i, rows, :rank] @ b[slot, :, :rank].T
+            cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[2])
+            delta = y[i, rows, :rank] @ b[slot, :rank]
             mode = modes[i][slot] if modes is not None else PLAIN
             if mode == PLAIN:
                 out[rows, cols] += delta
@@ -135,7 +135,7 @@ def bgmv_shrink(
 
 def bgmv_expand(
     y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
-    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, out_features_i]
     token_slots: torch.Tensor,  # [num_tokens] int32, -1 = base
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
     out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
@@ -149,8 +149,8 @@ def bgmv_expand(
     for i, b in enumerate(lora_b):
         keep = (rank_positions[None, :] < ranks[i][slots][:, None]) & active[:, None]
         masked = torch.where(keep, y[i], torch.zeros_like(y[i]))
-        delta = torch.bmm(b[slots], masked.unsqueeze(-1)).squeeze(-1)  # [num_tokens, out_features_i]
-        cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[1])
+        delta = torch.bmm(masked.unsqueeze(1), b[slots]).squeeze(1)  # [num_tokens, out_features_i]
+        cols = slice(slice_offsets[i], slice_offsets[i] + b.shape[2])
         if epilogue is None:
             out[:, cols] += delta
             continue

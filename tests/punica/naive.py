@@ -29,8 +29,8 @@ def naive_lora(case: LoRACase, row_slots: list[int]) -> tuple[torch.Tensor, torc
         for i, (a, b) in enumerate(zip(case.lora_a, case.lora_b, strict=True)):
             rank = int(case.ranks[i, slot])
             shrunk[i, row, :rank] = case.scalings[i, slot] * (a[slot, :rank] @ case.x[row])
-            columns = slice(case.slice_offsets[i], case.slice_offsets[i] + b.shape[1])
-            delta[row, columns] = b[slot, :, :rank] @ shrunk[i, row, :rank]
+            columns = slice(case.slice_offsets[i], case.slice_offsets[i] + b.shape[2])
+            delta[row, columns] = shrunk[i, row, :rank] @ b[slot, :rank]
     return shrunk, delta
 
 
@@ -46,7 +46,7 @@ def naive_expand(case: LoRACase, row_slots: list[int], base: torch.Tensor, delta
             mode = int(case.epilogue.modes[i, slot])
             if int(case.ranks[i, slot]) == 0 or mode == PLAIN:
                 continue
-            columns = slice(case.slice_offsets[i], case.slice_offsets[i] + b.shape[1])
+            columns = slice(case.slice_offsets[i], case.slice_offsets[i] + b.shape[2])
             if mode == SCALE_SHIFT:
                 out[row, columns] = case.epilogue.scale[i][slot] * out[row, columns]
             out[row, columns] += case.epilogue.shift[i][slot]

@@ -27,7 +27,7 @@ PADDING_VALUE = 100.0
 class LoRACase:
     x: torch.Tensor  # [num_tokens, in_features]
     lora_a: list[torch.Tensor]  # num_slices x [num_slots, max_rank, in_features]
-    lora_b: list[torch.Tensor]  # num_slices x [num_slots, out_features_i, max_rank]
+    lora_b: list[torch.Tensor]  # num_slices x [num_slots, max_rank, out_features_i]
     ranks: torch.Tensor  # [num_slices, num_slots] int32
     scalings: torch.Tensor  # [num_slices, num_slots] float32
     slice_offsets: list[int]  # [num_slices]
@@ -51,7 +51,7 @@ class LoRACase:
 
     @property
     def out_features(self) -> int:
-        return sum(b.shape[1] for b in self.lora_b)
+        return sum(b.shape[2] for b in self.lora_b)
 
     def to(self, dtype: torch.dtype) -> LoRACase:
         """The same case with x and weights in dtype (metadata unchanged)."""
@@ -132,11 +132,11 @@ def make_case(
     ranks = _ranks(RANK_SETTINGS[rank_setting], len(out_features), num_slots).to(device)
     max_rank = max(RANK_SETTINGS[rank_setting])
     lora_a = [
-        _padded(randn(num_slots, max_rank, in_features) / in_features**0.5, ranks[i], rank_dim=1).to(dtype)
+        _padded(randn(num_slots, max_rank, in_features) / in_features**0.5, ranks[i]).to(dtype)
         for i in range(len(out_features))
     ]
     lora_b = [
-        _padded(randn(num_slots, n, max_rank) / max_rank**0.5, ranks[i], rank_dim=2).to(dtype)
+        _padded(randn(num_slots, max_rank, n) / max_rank**0.5, ranks[i]).to(dtype)
         for i, n in enumerate(out_features)
     ]
     # Each slice of each slot has its own alpha and rank, so its own scaling (PEFT's alpha_pattern / rank_pattern).
@@ -175,8 +175,8 @@ def _ranks(choices: tuple[int, ...], num_slices: int, num_slots: int) -> torch.T
     return ranks.to(torch.int32)
 
 
-def _padded(weights: torch.Tensor, ranks: torch.Tensor, rank_dim: int) -> torch.Tensor:
-    positions = torch.arange(weights.shape[rank_dim], device=weights.device)
-    beyond = positions[None, :] >= ranks[:, None]  # [num_slots, max_rank]
-    beyond = beyond[:, :, None] if rank_dim == 1 else beyond[:, None, :]
+def _padded(weights: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """weights [num_slots, max_rank, features] with the rows past each slot's rank set to PADDING_VALUE."""
+    positions = torch.arange(weights.shape[1], device=weights.device)
+    beyond = (positions[None, :] >= ranks[:, None])[:, :, None]  # [num_slots, max_rank, 1]
     return torch.where(beyond, torch.full_like(weights, PADDING_VALUE), weights)

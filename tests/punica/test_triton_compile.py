@@ -53,7 +53,7 @@ def test_shrink_compiles_with_16_byte_async_weight_loads(dtype: str, max_rank: i
     pointers = dict.fromkeys(["x_ptr", "a0_ptr", "a1_ptr", "a2_ptr"], f"*{dtype}")
     pointers |= {"out_ptr": "*fp32", "token_order_ptr": "*i64", "scalings_ptr": "*fp32"}
     pointers |= dict.fromkeys(["group_starts_ptr", "group_slots_ptr", "ranks_ptr"], "*i32")
-    constexprs = dict(NUM_SLICES=3, MAX_RANK=max_rank, RANK_BLOCKS=max(1, max_rank // 16), BLOCK_M=16, BLOCK_R=16)
+    constexprs = dict(NUM_SLICES=3, MAX_RANK=max_rank, RANK_PROGRAMS=1, BLOCK_M=16, BLOCK_R=16)
     constexprs |= dict(BLOCK_K=256, BLOCK_GROUPS=64, SORTED=True, ATOMIC=True, IEEE_FP32=dtype == "fp32")
     loads = _global_loads(_compile(_shrink_kernel, pointers, constexprs).asm["ptx"])
     assert loads.get("cp.async.cg.shared.global 0x10", 0) > 0, loads

@@ -22,6 +22,7 @@ class ShrinkConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    rank_programs: int = 1  # programs per slice along rank; each loops over every rank_programs-th rank block
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +62,10 @@ def shrink_config(
     block_r = 16 if block_m <= 32 else min(64, max(16, triton.next_power_of_2(max_rank)))
     block_k = 256 if block_m <= 32 else 64
     block_k = min(block_k, max(16, triton.next_power_of_2(in_features) // 2))  # small inputs: still >= 2 K steps
-    programs = (triton.cdiv(num_tokens, block_m) + min(num_groups, num_tokens)) * num_slices
-    programs *= triton.cdiv(max_rank, block_r)
+    # Decode: one program walks all of a slot's rank blocks, so padding the pool to a higher max_rank adds no
+    # programs and leaves split-K as it is. Prefill: a program per rank block (x tiles are reused across rows).
+    rank_programs = 1 if block_m <= 32 else triton.cdiv(max_rank, block_r)
+    programs = (triton.cdiv(num_tokens, block_m) + min(num_groups, num_tokens)) * num_slices * rank_programs
     split_k = 1
     k_blocks = triton.cdiv(in_features, block_k)
     if can_split and device.type != "cuda" and k_blocks >= 2:
@@ -70,7 +73,9 @@ def shrink_config(
     elif can_split:
         while split_k * 2 <= k_blocks // 2 and programs * split_k * 2 <= _num_programs_in_flight(device):
             split_k *= 2
-    return ShrinkConfig(block_m, block_r, block_k, split_k, num_warps=4, num_stages=3 if block_m <= 32 else 2)
+    return ShrinkConfig(
+        block_m, block_r, block_k, split_k, num_warps=4, num_stages=3 if block_m <= 32 else 2, rank_programs=rank_programs
+    )
 
 
 def expand_config(num_tokens: int, num_groups: int, max_rank: int) -> ExpandConfig:
@@ -78,4 +83,5 @@ def expand_config(num_tokens: int, num_groups: int, max_rank: int) -> ExpandConf
     block_n = 256 if block_m == 16 else 128
     # The rank loop stops at each slot's own rank, so block_r only bounds the waste for ranks below it.
     block_r = 16 if max_rank <= 16 or block_m == 16 else 32
-    return ExpandConfig(block_m, block_n, block_r, num_warps=4, num_stages=2)
+    # Decode tiles do one or two rank steps: software pipelining has nothing to overlap (measured best on an H200).
+    return ExpandConfig(block_m, block_n, block_r, num_warps=4, num_stages=1 if block_m == 16 else 2)

@@ -1,8 +1,10 @@
-"""LoRA expand: out[t, o_i : o_i + n_i] += y[i, t, :r] @ lora_b[i][s, :, :r].T, all slices of a layer in one launch.
+"""LoRA expand: out[t, o_i : o_i + n_i] += y[i, t, :r] @ lora_b[i][s, :r], all slices of a layer in one launch.
 
 Grid: (row tiles, column blocks of all slices laid end to end). Each program reads one adapter's B tile once for a
 tile of rows of that adapter, loops over rank only up to the slot's own rank, and adds into its columns of the
-fused output (q/k/v or gate/up side by side). Every (row, column) belongs to exactly one program, so the
+fused output (q/k/v or gate/up side by side). B is rank-major ([slot, max_rank, out]): the rows a slot's rank
+covers are one contiguous block whatever the pool's max_rank, so padding slots to a higher rank costs no bandwidth.
+Every (row, column) belongs to exactly one program, so the
 read-add-write needs no atomics; base rows are in no tile and are never touched. With an epilogue (PEFT's lora_bias,
 DoRA; `kvrun.punica.ref.ExpandEpilogue`), the program reads its slot's mode once and, for a slot that has one, its
 shift (and scale) columns once per tile, and finishes the rows in registers before the one store.
@@ -14,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvrun.punica.triton.configs import expand_config
+from kvrun.punica.triton.configs import ExpandConfig, expand_config
 from kvrun.punica.triton.tiles import groups_block, locate_tile, max_tiles, tile_tokens
 
 MAX_SLICES_PER_LAUNCH = 3
@@ -122,26 +124,21 @@ def _expand_kernel(
     n_mask = column_offsets < features
     rank_offsets = tl.arange(0, BLOCK_R)
     y_ptrs = y_ptr + slice_id * stride_y_slice + tokens[:, None] * MAX_RANK + rank_offsets[None, :]
-    b_ptrs = b_ptr + slot.to(tl.int64) * stride_slot + column_offsets[None, :] * MAX_RANK + rank_offsets[:, None]
+    b_ptrs = b_ptr + slot.to(tl.int64) * stride_slot + rank_offsets[:, None] * features + column_offsets[None, :]
 
     accumulator = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r in range(0, rank, BLOCK_R):
-        # Rank runs along the contiguous axis: bounding loads by the constexpr MAX_RANK keeps them vectorized (and
-        # the extra columns share the 32-byte sectors already fetched); the slot's rank is applied in registers,
-        # where a select also drops whatever the padding holds (NaN included).
-        in_buffer = rank_offsets + r < MAX_RANK
+        # Rows past the slot's rank are never loaded (the padding may hold anything, NaN included).
         in_rank = rank_offsets + r < rank
-        y_tile = tl.load(y_ptrs, mask=row_mask[:, None] & in_buffer[None, :], other=0.0)
-        b_tile = tl.load(b_ptrs, mask=in_buffer[:, None] & n_mask[None, :], other=0.0)
-        y_tile = tl.where(in_rank[None, :], y_tile, 0.0)
-        b_tile = tl.where(in_rank[:, None], b_tile, 0.0)
+        y_tile = tl.load(y_ptrs, mask=row_mask[:, None] & in_rank[None, :], other=0.0)
+        b_tile = tl.load(b_ptrs, mask=in_rank[:, None] & n_mask[None, :], other=0.0)
         # The shrink output may be fp32 (split-K); the product runs in the weights' dtype like the reference's.
         if IEEE_FP32:
             accumulator += tl.dot(y_tile.to(b_tile.dtype), b_tile, input_precision="ieee")
         else:
             accumulator += tl.dot(y_tile.to(b_tile.dtype), b_tile)
         y_ptrs += BLOCK_R
-        b_ptrs += BLOCK_R
+        b_ptrs += BLOCK_R * features
 
     out_ptrs = out_ptr + tokens[:, None] * stride_out_token + (offset + column_offsets)[None, :]
     out_mask = row_mask[:, None] & n_mask[None, :]
@@ -162,7 +159,7 @@ def _expand_kernel(
 
 def launch_expand(
     y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
-    lora_b: list[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    lora_b: list[torch.Tensor],  # num_slices x [num_slots, max_rank, out_features_i]
     token_order: torch.Tensor | None,  # [num_tokens] int64 grouped row ids, None = rows contiguous per group
     group_starts: torch.Tensor,  # [num_groups + 1] int32
     group_slots: torch.Tensor,  # [num_groups] int32, -1 = base
@@ -172,6 +169,7 @@ def launch_expand(
     modes: torch.Tensor | None = None,  # [num_slices, num_slots] int32 epilogue modes, None = plain LoRA everywhere
     scale: list[torch.Tensor] | None = None,  # num_slices x [num_slots, out_features_i] float32
     shift: list[torch.Tensor] | None = None,  # num_slices x [num_slots, out_features_i]
+    config: ExpandConfig | None = None,  # None = chosen from the shapes (benchmarks pass their own)
 ) -> None:
     _check_expand(y, lora_b, ranks, out, slice_offsets)
     if modes is not None:
@@ -181,11 +179,11 @@ def launch_expand(
     if num_tokens == 0 or num_groups == 0:
         return
     max_rank = y.shape[2]
-    config = expand_config(num_tokens, num_groups, max_rank)
+    config = config or expand_config(num_tokens, num_groups, max_rank)
     for first in range(0, len(lora_b), MAX_SLICES_PER_LAUNCH):
         chunk = lora_b[first : first + MAX_SLICES_PER_LAUNCH]
         offsets = list(slice_offsets[first : first + MAX_SLICES_PER_LAUNCH])
-        blocks = [triton.cdiv(b.shape[1], config.block_n) for b in chunk]
+        blocks = [triton.cdiv(b.shape[2], config.block_n) for b in chunk]
         padding = MAX_SLICES_PER_LAUNCH - len(chunk)
         padded = chunk + [chunk[0]] * padding
         if modes is not None:
@@ -209,7 +207,7 @@ def launch_expand(
             *scales,
             *shifts,
             num_groups,
-            *(b.shape[1] for b in padded),
+            *(b.shape[2] for b in padded),
             *offsets,
             blocks[0],
             blocks[1],
@@ -238,12 +236,12 @@ def _check_expand(y, lora_b, ranks, out, slice_offsets) -> None:
     if len(slice_offsets) != len(lora_b) or y.shape[0] != len(lora_b) or y.shape[1] != out.shape[0]:
         raise ValueError("need one y slice and one offset per lora_b slice, and y rows matching out rows")
     for b, offset in zip(lora_b, slice_offsets, strict=True):
-        if b.shape[0] != num_slots or b.shape[2] != max_rank or b.stride()[1:] != (max_rank, 1):
-            raise ValueError("lora_b slices must be [num_slots, out_features_i, max_rank] with contiguous slots")
+        if b.shape[0] != num_slots or b.shape[1] != max_rank or b.stride()[1:] != (b.shape[2], 1):
+            raise ValueError("lora_b slices must be [num_slots, max_rank, out_features_i] with contiguous slots")
         if b.dtype != lora_b[0].dtype:
             raise ValueError("lora_b slices must share one dtype")
-        if offset < 0 or offset + b.shape[1] > out.shape[1]:
-            raise ValueError(f"slice at column {offset} of width {b.shape[1]} overflows out's {out.shape[1]} columns")
+        if offset < 0 or offset + b.shape[2] > out.shape[1]:
+            raise ValueError(f"slice at column {offset} of width {b.shape[2]} overflows out's {out.shape[1]} columns")
     if y.stride()[1:] != (max_rank, 1) or out.stride(1) != 1:
         raise ValueError("y needs contiguous [num_tokens, max_rank] slices and out a contiguous last dimension")
     if ranks.shape != (len(lora_b), num_slots) or ranks.stride(1) != 1:
@@ -257,5 +255,5 @@ def _check_epilogue(lora_b, ranks, modes, scale, shift) -> None:
         raise ValueError("an epilogue needs one scale and one shift per lora_b slice")
     for b, scales, shifts in zip(lora_b, scale, shift, strict=True):
         for table in (scales, shifts):
-            if table.shape != b.shape[:2] or table.stride(1) != 1:
+            if table.shape != (b.shape[0], b.shape[2]) or table.stride(1) != 1:
                 raise ValueError("epilogue scale and shift must be [num_slots, out_features_i], contiguous rows")

@@ -14,7 +14,7 @@ What a CUDA-graphed caller preallocates (allocate before capture, update in plac
     - ranks and scalings [num_slices, num_slots] (int32, float32) per layer, updated in place on load,
 and runs each batch-size bucket once before capturing it, so Triton compiles its kernels outside the capture.
 The ops themselves allocate nothing, sync nothing and size their grids from shapes alone. Layout they require:
-A and B rank-contiguous as [num_slots, max_rank, in] / [num_slots, out_i, max_rank] (all A slices alike), and
+A and B rank-major as [num_slots, max_rank, in] / [num_slots, max_rank, out_i] (all A slices alike), and
 the shrink output contiguous per slice. An expand epilogue (`kvrun.punica.ref.ExpandEpilogue`) is passed as its
 three fields (modes, or None and two empty lists for none; scale; shift), its tables preallocated and updated in place like ranks.
 """
@@ -88,7 +88,7 @@ def shrink(
 
 def expand(
     y: torch.Tensor,  # [num_slices, num_tokens, max_rank]
-    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, out_features_i, max_rank]
+    lora_b: Sequence[torch.Tensor],  # num_slices x [num_slots, max_rank, out_features_i]
     groups: SlotGroups,
     ranks: torch.Tensor,  # [num_slices, num_slots] int32
     out: torch.Tensor,  # [num_tokens, sum(out_features_i)], accumulated in place
