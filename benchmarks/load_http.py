@@ -254,7 +254,13 @@ def wait_until_up(process: subprocess.Popen, url: str, path: str = "/health", ti
 def offline_runs(args, model: str | None, directories: list[Path], plans) -> list[Result]:
     from kvrun import LLM
 
-    llm = LLM(model, **engine_settings(args))
+    settings = engine_settings(args)
+    if args.max_num_batched_tokens is None and torch.cuda.is_available():
+        # The server's default step budget (kvrun serve is an online engine), not the offline LLM's larger one.
+        from kvrun.runtime.memory_plan import GPU_ONLINE_MAX_NUM_BATCHED_TOKENS
+
+        settings["max_num_batched_tokens"] = GPU_ONLINE_MAX_NUM_BATCHED_TOKENS
+    llm = LLM(model, **settings)
     names = [None]
     for index, directory in enumerate(directories):
         llm.load_adapter(f"bench-adapter-{index}", directory)
@@ -320,7 +326,7 @@ def _params(max_tokens: int):
 
 
 # -- settings shared by the server and the offline engine -------------------------------------------------------------
-SIZING = ("max_loras", "max_lora_rank", "max_num_seqs")  # passed to both only when given: defaults otherwise
+SIZING = ("max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens")  # passed to both only when given
 
 
 def engine_settings(args) -> dict:
@@ -337,7 +343,7 @@ def engine_flags(args) -> list[str]:
     return [*flags, f"--load-format={args.load_format}"]
 
 
-def llama3_8b_dir(work: Path) -> Path:
+def llama3_8b_dir(work: Path, tokenizer_from: str | None) -> Path:
     """Llama-3-8B's config.json (no weights: served with --load-format dummy) and the bundled tokenizer."""
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_e2e import LLAMA3_8B
@@ -346,7 +352,7 @@ def llama3_8b_dir(work: Path) -> Path:
     model_dir = work / "llama3-8b-shapes"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(LLAMA3_8B))
-    bundled = resolve_model(None)
+    bundled = Path(tokenizer_from) if tokenizer_from else resolve_model(None)
     for name in TOKENIZER_FILES:
         if (bundled / name).is_file():
             shutil.copy(bundled / name, model_dir / name)
@@ -377,7 +383,7 @@ def main() -> None:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="kvrun-load-"))
     try:
-        model = str(llama3_8b_dir(work)) if args.llama3_8b else args.model
+        model = str(llama3_8b_dir(work, args.tokenizer_from)) if args.llama3_8b else args.model
         from kvrun.engine.tokenizer import load_tokenizer
         from kvrun.runtime.loader import resolve_model
 
@@ -430,6 +436,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="server and offline (default: the engine's)")
     parser.add_argument("--max-loras", type=int, default=None, help="server and offline (default: the engine's)")
     parser.add_argument("--max-lora-rank", type=int, default=None, help="server and offline (default: the engine's)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="server and offline (default: the server's, for both)")
+    parser.add_argument("--tokenizer-from", default=None,
+                        help="with --llama3-8b: a model directory to copy the tokenizer from (default: the bundled one)")
     parser.add_argument("--kv-cache-mib", type=int, default=None, help="server and offline (default: the engine's)")
     parser.add_argument("--load-format", default=None, choices=["auto", "dummy"],
                         help="default: dummy with --llama3-8b, else auto")  # fmt: skip

@@ -51,6 +51,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None  # tokens in one step: a token per decoding request, then prompt chunks
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_chunked_prefill: bool = True  # False: a prompt runs whole in one step (the step's first may exceed the budget)
+    # A server's engine (streams wait on every step) rather than an offline batch: on GPU the default step budget is
+    # smaller, so prompts arriving mid-stream delay running streams less (vLLM's usage-context defaults likewise).
+    online: bool = False
 
     def __post_init__(self) -> None:
         if (self.max_num_seqs is not None and self.max_num_seqs < 1) or (

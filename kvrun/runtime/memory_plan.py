@@ -27,9 +27,12 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 GPU_MAX_NUM_SEQS = 256
-# A mixed step of ~512 tokens costs little more than a decode step on a large model (its GEMMs are still near the
-# memory-bound regime), so running streams keep their pace while prompts are chunked in.
-GPU_MAX_NUM_BATCHED_TOKENS = 512
+# Offline (LLM): a burst of prompts starts in one or two steps, so rows run (and finish) together; with 512 tokens a
+# burst of 128 x 128-token prompts took 32 steps to start and decode ran 21% below an 8192-token budget (H200,
+# Llama-3-8B shapes, docs/benchmarks.md). A server (SchedulerConfig.online) chunks prompts finer, for the running
+# streams' inter-token latency: a 2048-token mixed step costs a few decode steps on an 8B model.
+GPU_MAX_NUM_BATCHED_TOKENS = 8192
+GPU_ONLINE_MAX_NUM_BATCHED_TOKENS = 2048
 # cuBLAS's workspace for the one stream graphs are captured on (PyTorch's default on Hopper: 8 x 4 MiB), and the
 # graph pool's first segment (PyTorch's allocator serves 1-10 MB blocks from 20 MiB segments).
 CAPTURE_STREAM_WORKSPACE = 32 * MIB

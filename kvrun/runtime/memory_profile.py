@@ -47,7 +47,12 @@ def resolve_scheduler_defaults(config: EngineConfig, on_gpu: bool) -> EngineConf
     """The device's defaults where unset; each unset one adapts to the other, since a step holds a token per row."""
     scheduler = config.scheduler
     default_seqs = memory_plan.GPU_MAX_NUM_SEQS if on_gpu else memory_plan.CPU_MAX_NUM_SEQS
-    default_tokens = memory_plan.GPU_MAX_NUM_BATCHED_TOKENS if on_gpu else memory_plan.CPU_MAX_NUM_BATCHED_TOKENS
+    if not on_gpu:
+        default_tokens = memory_plan.CPU_MAX_NUM_BATCHED_TOKENS
+    elif scheduler.online:
+        default_tokens = memory_plan.GPU_ONLINE_MAX_NUM_BATCHED_TOKENS
+    else:
+        default_tokens = memory_plan.GPU_MAX_NUM_BATCHED_TOKENS
     max_num_seqs = scheduler.max_num_seqs or min(default_seqs, scheduler.max_num_batched_tokens or default_seqs)
     max_num_batched_tokens = scheduler.max_num_batched_tokens or max(default_tokens, max_num_seqs)
     return replace(

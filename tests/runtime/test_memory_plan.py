@@ -144,3 +144,18 @@ def test_profile_batch_is_a_full_step_every_row_samples(tiny_gqa):
     assert batch.num_tokens == 45 and len(batch.sampling_requests()) == 8 and batch.is_prefill
     assert runner.num_blocks == sum(len(row.block_table) for row in batch.requests)
     assert len(runner.execute(batch)) == 8
+
+
+def test_gpu_step_budget_defaults_depend_on_offline_or_serving():
+    from kvrun.config import EngineConfig, SchedulerConfig
+    from kvrun.runtime.memory_profile import resolve_scheduler_defaults
+    from kvrun.serving.config import ServerConfig
+
+    def budget(scheduler: SchedulerConfig, on_gpu: bool = True) -> int:
+        return resolve_scheduler_defaults(EngineConfig(scheduler=scheduler), on_gpu).scheduler.max_num_batched_tokens
+
+    assert budget(SchedulerConfig()) == memory_plan.GPU_MAX_NUM_BATCHED_TOKENS == 8192
+    served = ServerConfig().engine_config().scheduler
+    assert served.online and budget(served) == memory_plan.GPU_ONLINE_MAX_NUM_BATCHED_TOKENS == 2048
+    assert budget(served, on_gpu=False) == budget(SchedulerConfig(), on_gpu=False) == memory_plan.CPU_MAX_NUM_BATCHED_TOKENS
+    assert budget(SchedulerConfig(max_num_batched_tokens=640, online=True)) == 640  # an explicit value always wins
