@@ -214,12 +214,12 @@ def start_server(args, model: str | None, work: Path) -> tuple[subprocess.Popen,
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args.registry = args.registry or f"file://{work / 'registry'}"
-    command = [str(Path(sys.executable).parent / "kvrun"), "serve", "--port", str(port), "--registry", args.registry,
+    command = [sys.executable, "-m", "kvrun.cli", "serve", "--port", str(port), "--registry", args.registry,
                "--log-level", "warning", "--log-interval", "0", *engine_flags(args)]  # fmt: skip
     if model:
         command += ["--model", model]
     command += args.server_args.split()
-    print("server:", " ".join(command[1:]), flush=True)
+    print("server: kvrun", " ".join(command[3:]), flush=True)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(process, url)
