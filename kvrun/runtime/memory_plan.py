@@ -30,9 +30,10 @@ GPU_MAX_NUM_SEQS = 256
 # Offline (LLM): a burst of prompts starts in one or two steps, so rows run (and finish) together; with 512 tokens a
 # burst of 128 x 128-token prompts took 32 steps to start and decode ran 21% below an 8192-token budget (H200,
 # Llama-3-8B shapes, docs/benchmarks.md). A server (SchedulerConfig.online) chunks prompts finer, for the running
-# streams' inter-token latency: a 2048-token mixed step costs a few decode steps on an 8B model.
+# streams' inter-token latency: a 512-token mixed step costs about two decode steps on an 8B model, a 2048-token one
+# several (ITL p99 with 4000-token prompts arriving: see docs/benchmarks.md).
 GPU_MAX_NUM_BATCHED_TOKENS = 8192
-GPU_ONLINE_MAX_NUM_BATCHED_TOKENS = 2048
+GPU_ONLINE_MAX_NUM_BATCHED_TOKENS = 512
 # cuBLAS's workspace for the one stream graphs are captured on (PyTorch's default on Hopper: 8 x 4 MiB), and the
 # graph pool's first segment (PyTorch's allocator serves 1-10 MB blocks from 20 MiB segments).
 CAPTURE_STREAM_WORKSPACE = 32 * MIB

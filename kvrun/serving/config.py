@@ -24,7 +24,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     max_cpu_loras: int = 32  # parsed adapters kept in host memory, and adapter versions known to the engine
     max_num_seqs: int | None = None  # None: 256 on GPU, 64 on CPU
-    max_num_batched_tokens: int | None = None  # tokens in one step; None: 2048 on GPU, 256 on CPU
+    max_num_batched_tokens: int | None = None  # tokens in one step; None: 512 on GPU, 256 on CPU
     max_model_len: int | None = None
     max_queue: int = 256  # requests allowed to wait beyond the running batch before 429/503
     queue_timeout_s: float = 120.0  # a request not scheduled this long (e.g. no free slot) fails with 503

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-num-seqs", type=int, default=defaults.max_num_seqs,
         help="requests in one batch (default: 256 on GPU, 64 on CPU)")
     add("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
-        help="tokens in one step: running decodes first, then prompt chunks (default: 2048 on GPU, 256 on CPU)")
+        help="tokens in one step: running decodes first, then prompt chunks (default: 512 on GPU, 256 on CPU)")
     add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=defaults.enable_chunked_prefill,
         help="split long prompts over steps shared with running decodes")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching,

@@ -156,6 +156,6 @@ def test_gpu_step_budget_defaults_depend_on_offline_or_serving():
 
     assert budget(SchedulerConfig()) == memory_plan.GPU_MAX_NUM_BATCHED_TOKENS == 8192
     served = ServerConfig().engine_config().scheduler
-    assert served.online and budget(served) == memory_plan.GPU_ONLINE_MAX_NUM_BATCHED_TOKENS == 2048
+    assert served.online and budget(served) == memory_plan.GPU_ONLINE_MAX_NUM_BATCHED_TOKENS == 512
     assert budget(served, on_gpu=False) == budget(SchedulerConfig(), on_gpu=False) == memory_plan.CPU_MAX_NUM_BATCHED_TOKENS
     assert budget(SchedulerConfig(max_num_batched_tokens=640, online=True)) == 640  # an explicit value always wins
