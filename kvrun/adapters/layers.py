@@ -103,6 +103,27 @@ class LinearWithLoRA(nn.Module):
                 self.epilogue.shift[index][slot].copy_(shift)
                 self.epilogue.modes[index, slot] = SCALE_SHIFT
 
+    def shape_key(self) -> tuple:
+        """Equal for wrappers whose LoRA ops see the same shapes (the same kernel variants)."""
+        return (self.lora_a[0].shape, tuple(b.shape for b in self.lora_b), self.lora_a[0].dtype)
+
+    def run_segment_shapes(self, shapes: list[tuple[int, int]]) -> None:
+        """Run the segment (SGMV) ops once per (segments, rows per segment) on zeros, every segment on slot 0, into
+        scratch outputs: compiles the kernel variants those step shapes select before any request is served."""
+        device, dtype = self.lora_a[0].device, self.lora_a[0].dtype
+        width = self.slice_offsets[-1] + self.lora_b[-1].shape[2]
+        for segments, rows in shapes:
+            tokens = segments * rows
+            x = torch.zeros(tokens, self.lora_a[0].shape[2], dtype=dtype, device=device)
+            seg_indptr = torch.arange(0, tokens + 1, rows, dtype=torch.int32, device=device)
+            seg_slots = torch.zeros(segments, dtype=torch.int32, device=device)
+            shrunk = torch.empty(len(self.slice_names), tokens, self.max_rank, dtype=self.shrink_dtype, device=device)
+            self.ops.sgmv_shrink(x, self.lora_a, seg_indptr, seg_slots, self.ranks, self.scalings, shrunk)
+            out = torch.zeros(tokens, width, dtype=dtype, device=device)
+            self.ops.sgmv_expand(
+                shrunk, self.lora_b, seg_indptr, seg_slots, self.ranks, out, self.slice_offsets, self.epilogue
+            )
+
     def forward(self, x: torch.Tensor, lora: LoRABatchInfo | None = None) -> torch.Tensor:
         out = self.base.partial(x)
         if lora is None:

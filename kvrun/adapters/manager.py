@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -75,6 +76,22 @@ class LoRAManager:
             wrappers[path] = wrapper
         self._targets = {module: (wrappers[path], name) for module, (path, name) in slices.items()}
         return list(wrappers.values())
+
+    def compile_kernels(self, max_tokens: int, max_segments: int) -> None:
+        """Compile the Triton LoRA kernels for every step shape up to max_tokens tokens in max_segments segments (once
+        per distinct projection shape), so no live step waits on a compile. Decode shapes compile when their CUDA
+        graphs are captured; nothing to do for the torch reference."""
+        if self.ops.name != "triton":
+            return
+        from kvrun.punica.triton.configs import warm_up_shapes
+
+        shapes = warm_up_shapes(max_tokens, max_segments)
+        started = time.perf_counter()
+        for wrapper in {wrapper.shape_key(): wrapper for wrapper in self._wrappers}.values():
+            wrapper.run_segment_shapes(shapes)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the scratch tensors' memory goes back before the KV cache is allocated
+        logger.info("LoRA kernels ready for %d step shapes in %.1f s", len(shapes), time.perf_counter() - started)
 
     # -- names ---------------------------------------------------------------------------------------------------
     def load_path(self, name: str, path: str | Path) -> AdapterRef:

@@ -49,6 +49,8 @@ class LLMEngine:
         self.adapters = None
         if config.lora.max_loras > 0:
             self.adapters = LoRAManager(self.runner.model, self.model_config, config.lora, self.runner.workers)
+        if self.adapters is not None:  # before the KV cache takes the memory its scratch tensors use
+            self.adapters.compile_kernels(config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs)
         self.runner.init_kv_cache(config.cache.num_blocks)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             reserved = torch.cuda.memory_reserved(self.runner.device)

@@ -78,6 +78,18 @@ def shrink_config(
     )
 
 
+def warm_up_shapes(max_tokens: int, max_segments: int) -> list[tuple[int, int]]:
+    """(segments, rows per segment) of segment-grouped steps that together select every kernel variant the rules above
+    (and tiles.groups_block) can pick for steps of up to max_tokens tokens and max_segments segments: each group-table
+    bucket with one, ~24 and ~48 rows per segment (row tiles of 16, 32 and 64), and one whole-budget segment. Triton
+    compiles a variant on its first launch (about a second, or a disk-cache hit); running these at start-up keeps
+    that out of live steps."""
+    # The fewest segments of each group-table bucket (64 lanes, 128, ...): the most rows each segment can have.
+    segment_counts = [1] + [2**power + 1 for power in range(6, max_segments.bit_length()) if 2**power < max_segments]
+    shapes = [(count, rows) for count in segment_counts for rows in (1, 24, 48) if count * rows <= max_tokens]
+    return [*shapes, (1, max_tokens)]
+
+
 def expand_config(num_tokens: int, num_groups: int, max_rank: int) -> ExpandConfig:
     block_m = _block_m(num_tokens, num_groups)
     block_n = 256 if block_m == 16 else 128

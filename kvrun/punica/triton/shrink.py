@@ -22,7 +22,8 @@ from kvrun.punica.triton.tiles import groups_block, locate_tile, max_tiles, tile
 MAX_SLICES_PER_LAUNCH = 3
 
 
-@triton.jit
+# num_groups varies step to step: not specialized on (== 1, divisible by 16), so it never picks a new variant.
+@triton.jit(do_not_specialize=["num_groups"])
 def _shrink_kernel(
     x_ptr,
     a0_ptr,

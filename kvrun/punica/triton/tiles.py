@@ -19,7 +19,9 @@ def max_tiles(num_tokens: int, num_groups: int, block_m: int) -> int:
 
 
 def groups_block(num_groups: int) -> int:
-    return max(16, triton.next_power_of_2(num_groups))
+    """Lanes for the group table, a compile-time size: few buckets, so few kernel variants (each one compiles on
+    first use, see configs.warm_up_shapes)."""
+    return max(64, triton.next_power_of_2(num_groups))
 
 
 @triton.jit
