@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -13,7 +14,8 @@ from torch import nn
 
 from kvrun.adapters.host_cache import HostCache
 from kvrun.adapters.layers import LinearWithLoRA, SliceWeights
-from kvrun.adapters.peft_format import ParsedAdapter, load_peft_adapter
+from kvrun.adapters.merge import MergeSpec, merge_adapters
+from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, ParsedAdapter, load_peft_adapter, parse_adapter
 from kvrun.adapters.ref import AdapterRef
 from kvrun.adapters.slot_pool import SlotPool
 from kvrun.config import LoRAConfig
@@ -100,6 +102,23 @@ class LoRAManager:
         parsed = self.parse_path(name, path)
         self.add(parsed, lambda: self.parse_path(name, path, parsed.ref.version))
         return parsed.ref
+
+    def merge(self, name: str, components: list[str], spec: MergeSpec) -> AdapterRef:
+        """Serve under name the merge of loaded adapters (kvrun.adapters.merge), computed now from their weights
+        (in the model's dtype); later changes to the components do not change it."""
+        check_adapter_name(name)
+        refs = [self.resolve(component) for component in components]
+        parsed = [self.host.get(ref, self._sources[ref], keep=self._in_use) for ref in refs]
+        files = merge_adapters(parsed, spec, components, self.config.max_lora_rank)
+
+        def source() -> ParsedAdapter:
+            config = json.loads(files[CONFIG_FILE])
+            return parse_adapter(name, config, files[WEIGHTS_FILE], self.model_config, self.config.max_lora_rank,
+                                 self.dtype)  # fmt: skip
+
+        merged = source()
+        self.add(merged, source)
+        return merged.ref
 
     def parse_path(self, name: str, path: str | Path, version: int = 0) -> ParsedAdapter:
         return load_peft_adapter(path, name, self.model_config, self.config.max_lora_rank, self.dtype, version)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from kvrun.adapters.manager import LoRAManager, UnknownAdapterError
+from kvrun.adapters.merge import MergeSpec
 from kvrun.adapters.ref import AdapterRef
 from kvrun.config import EngineConfig
 from kvrun.engine.block_manager import BlockManager
@@ -72,6 +73,9 @@ class LLMEngine:
 
     def unload_adapter(self, name: str) -> AdapterRef:
         return self._lora().remove(name)
+
+    def merge_adapters(self, name: str, components: list[str], spec: MergeSpec) -> AdapterRef:
+        return self._lora().merge(name, components, spec)
 
     def _lora(self) -> LoRAManager:
         if self.adapters is None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from kvrun.adapters.merge import MergeSpec
 from kvrun.adapters.ref import AdapterRef
 from kvrun.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from kvrun.engine.engine import LLMEngine
@@ -72,6 +73,22 @@ class LLM:
 
     def unload_adapter(self, name: str) -> AdapterRef:
         return self.engine.unload_adapter(name)
+
+    def merge_adapters(
+        self,
+        name: str,
+        ids: Sequence[str],
+        weights: Sequence[float] | None = None,
+        merge_strategy: str = "linear",
+        density: float = 1.0,
+        majority_sign_method: str = "total",
+    ) -> AdapterRef:
+        """Load under name the merge of the loaded adapters ids, as LoRAX's `merged_adapters` asks for it (weights:
+        one per id, default all 1; kvrun.adapters.merge says what each strategy computes). Raises ValueError naming
+        what cannot be merged."""
+        weights = tuple(weights) if weights else (1.0,) * len(ids)
+        spec = MergeSpec(tuple(float(weight) for weight in weights), merge_strategy, density, majority_sign_method)
+        return self.engine.merge_adapters(name, list(ids), spec)
 
     def generate(
         self,

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from adapters_registry import NotFoundError, UsageError, parse_ref
@@ -38,13 +39,19 @@ from kvrun.adapters.peft_format import (
     ParsedAdapter,
     load_peft_adapter,
     parse_adapter,
+    read_adapter_config,
+    read_weights_file,
 )
+from kvrun.adapters.ref import AdapterRef
 from kvrun.runtime.models.spec import ModelConfig
 from kvrun.serving import errors
-from kvrun.serving.adapter_names import engine_name, parse_engine_name
+from kvrun.serving.adapter_names import engine_name, held_digests, parse_engine_name
 from kvrun.serving.engine_client import AdapterPublication, EngineClient
 from kvrun.serving.registry_client import FETCH_TIMEOUT_S, RETRY_AFTER_S, RegistryClient, RegistryUnavailable
 from kvrun.serving.spill import SpillDirectory
+
+if TYPE_CHECKING:
+    from kvrun.serving.adapter_merger import MergePlan
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +65,11 @@ class Resolution:
     record: VersionRecord | None = None  # the registry version, for registry refs
     sha256: str | None = None  # the content served: the registry's digest, or the weights' sha256 for path loads
     stale: bool = False  # the registry did not answer: its last known answer, for a version the engine holds
+    merge: MergePlan | None = None  # a merged adapter: its components and parameters (sha256: the merge identity)
 
     @property
     def served(self) -> str | None:
-        """What is served, as clients name it: `ns/name@3`, or a path-loaded name."""
+        """What is served, as clients name it: `ns/name@3`, a path-loaded name, or `merged:<identity>`."""
         return self.record.ref if self.record is not None else self.adapter
 
     def headers(self) -> dict[str, str]:
@@ -103,24 +111,24 @@ class AdapterResolver:
         self.dtype = dtype
         self.ttl_s = ttl_s
         self.local: dict[str, str] = {}  # adapters loaded from a path: name → path
-        self._local_sha: dict[str, str] = {}  # name → sha256 of its weights
+        self._local_refs: dict[str, AdapterRef] = {}  # name → the identity of what was loaded
         self._known: OrderedDict[str, KnownResolution] = OrderedDict()  # ref as typed → its last resolution
         self._generation: dict[str, int] = {}  # adapter name → bumped by every change event naming it
         self._epoch = 0  # bumped on resync: every resolution is suspect
         self._fetches: dict[str, asyncio.Future] = {}  # engine name → fetch and parse in progress
         self._rejected: dict[str, str] = {}  # sha256 → why that content cannot be served here
-        self.spill = SpillDirectory() if registry is not None else None
+        # Local copies of registry versions and of merged adapters, for re-parsing without I/O to the registry.
+        self.spill = SpillDirectory()
 
     def close(self) -> None:
-        if self.spill is not None:
-            self.spill.remove()
+        self.spill.remove()
 
     # -- resolving ---------------------------------------------------------------------------------------------------
     async def resolve(self, model: str | None) -> Resolution:
         if model is None or model in self.base_names:
             return Resolution(None, None)
         if model in self.local:
-            return Resolution(model, model, sha256=self._local_sha[model])
+            return Resolution(model, model, sha256=self._local_refs[model].sha256)
         if self.registry is None:
             raise errors.unknown_model(model, "This server has no adapter registry; load adapters by path.")
         try:
@@ -196,12 +204,35 @@ class AdapterResolver:
         directory = str(self.spill.root / record.sha256)
         return AdapterPublication(parsed, lambda: self._reparse(record), directory=directory)
 
+    async def files(self, resolution: Resolution) -> tuple[dict, bytes]:
+        """The PEFT config and weights of a registry version or a path-loaded adapter (for merging): from the local
+        copy, else fetched (and checked) as a publication is."""
+        if resolution.record is None:
+            path = Path(self.local[resolution.adapter])
+            name = resolution.adapter
+            return await asyncio.to_thread(lambda: (read_adapter_config(path / CONFIG_FILE, name),
+                                                    read_weights_file(path, name)))  # fmt: skip
+        names = (CONFIG_FILE, WEIGHTS_FILE)
+        files = self.spill.get(resolution.record.sha256, names)
+        if files is None:
+            await self.publication(resolution.record)  # fetches, parses (refusing what cannot be served), keeps a copy
+            files = self.spill.get(resolution.record.sha256, names)
+        if files is None:
+            raise registry_unavailable(f"the local copy of {resolution.record.ref} vanished; retry")
+        return json.loads(files[CONFIG_FILE]), files[WEIGHTS_FILE]
+
+    def content_identity(self, resolution: Resolution) -> str:
+        """What an adapter's outputs depend on: a registry version's content digest, or a path load's weights and
+        settings."""
+        if resolution.record is not None:
+            return resolution.record.sha256
+        return self._local_refs[resolution.adapter].identity
+
     def _fetch_and_parse(self, record: VersionRecord) -> ParsedAdapter:
         started = time.perf_counter()
         files = self.registry.store.fetch_files(record)
         parsed = self._parse(record, files)
-        held = {parts[2] for parts in map(parse_engine_name, self.client.adapter_names) if parts is not None}
-        self.spill.prune(held)
+        self.spill.prune(held_digests(self.client.adapter_names))
         self.spill.put(record.sha256, files)  # only content that parsed is kept for re-parsing
         logger.info("fetched and parsed %s in %.0f ms", record.ref, 1000 * (time.perf_counter() - started))
         return parsed
@@ -259,7 +290,7 @@ class AdapterResolver:
         source = lambda: self._parse_path(name, path, parsed.ref.version)  # noqa: E731
         await self.client.publish(name, AdapterPublication(parsed, source, evictable=False, directory=path))
         self.local[name] = path
-        self._local_sha[name] = parsed.ref.sha256
+        self._local_refs[name] = parsed.ref
 
     def _parse_path(self, name: str, path: str, version: int = 0) -> ParsedAdapter:
         return load_peft_adapter(path, name, self.model_config, self.max_rank, self.dtype, version)
@@ -271,7 +302,7 @@ class AdapterResolver:
                                   param="lora_name", code="adapter_not_found", tgi_type="not_found")  # fmt: skip
         await self.client.remove_adapter(name)
         self.local.pop(name, None)
-        self._local_sha.pop(name, None)
+        self._local_refs.pop(name, None)
 
     # -- change events (called on the event loop by the registry watcher) ------------------------------------------
     def on_event(self, event: Event) -> None:

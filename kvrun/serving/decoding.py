@@ -6,7 +6,8 @@ the rest.
   (OpenAI and vLLM refuse them too); an int where a float is expected is fine.
 - `null` means "not given": a field whose type does not admit null takes its default, so `"n": null` works.
 - Unknown fields are ignored, as vLLM ignores them, and each field name is logged once at warning level so an
-  operator can spot a typo (`max_token`) or a client feature kvrun lacks.
+  operator can spot a typo (`max_token`) or a client feature kvrun lacks; a struct declared with
+  `forbid_unknown_fields` (where a typo would silently change the result) refuses them instead.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def _normalize(value: dict, info: inspect.Type, prefix: str, ignored: list[str])
         field = fields.get(key)
         name = f"{prefix}{key}"
         if field is None:
+            if struct.forbid_unknown_fields:
+                continue  # convert refuses it, naming the field: a typo there would change what is computed
             del value[key]
             if not quiet:
                 ignored.append(name)

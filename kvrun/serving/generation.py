@@ -17,6 +17,7 @@ from kvrun.adapters.peft_format import AdapterError
 from kvrun.engine.request import RequestOutput
 from kvrun.engine.sampling_params import SamplingParams
 from kvrun.serving import errors
+from kvrun.serving.adapter_merger import AdapterMerger
 from kvrun.serving.adapter_resolver import AdapterResolver, Resolution
 from kvrun.serving.engine_client import (
     EngineClient,
@@ -86,6 +87,7 @@ class GenerationService:
     def __init__(self, client: EngineClient, resolver: AdapterResolver, metrics: ServingMetrics, tokenizer) -> None:
         self.client = client
         self.resolver = resolver
+        self.merger = AdapterMerger(resolver)
         self.metrics = metrics
         self.tokenizer = tokenizer  # the serving side's own instance: the engine uses its own
         self.max_model_len = client.info.max_model_len
@@ -146,15 +148,16 @@ class GenerationService:
         return TrackedStream(stream, self.metrics, endpoint, resolution.label, len(prompt_token_ids), arrival)
 
     async def _submit(self, request: EngineRequest, resolution: Resolution) -> RequestStream:
-        record = resolution.record
+        # Registry versions and merges are published with the request that needs them; path loads are resident.
+        fetched = resolution.record is not None or resolution.merge is not None
         try:
-            if record is not None and request.adapter not in self.client.adapter_names:
+            if fetched and request.adapter not in self.client.adapter_names:
                 request = replace(request, publication=await self._publication(resolution))
             try:
                 return await self.client.submit(request)
             except UnknownAdapterError:
                 # Unloaded (least recently used, or deleted) between our check and the engine's: fetch it again.
-                if record is None or request.publication is not None:
+                if not fetched or request.publication is not None:
                     raise
                 request = replace(request, publication=await self._publication(resolution))
                 return await self.client.submit(request)
@@ -169,7 +172,10 @@ class GenerationService:
 
     async def _publication(self, resolution: Resolution):
         try:
-            publication = await self.resolver.publication(resolution.record)
+            if resolution.merge is not None:
+                publication = await self.merger.publication(resolution)
+            else:
+                publication = await self.resolver.publication(resolution.record)
         except errors.ApiError:
             self.metrics.adapter_fetches.inc(1, "error")
             raise

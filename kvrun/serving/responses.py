@@ -227,7 +227,7 @@ class AdapterInfo(Struct):
 
     id: str  # what a request names: `ns/name`, a tag ref, or a name loaded from a path
     state: str  # "registry" (only there) | "registered" | "host" | "gpu"
-    source: str  # "registry" | "path"
+    source: str  # "registry" | "path" | "merged" (a merged_adapters merge, named by its identity)
     version: int | None = None
     ref: str | None = None  # the engine-side version this id serves, `ns/name@3`
     sha256: str | None = None

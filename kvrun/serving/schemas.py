@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from kvrun.adapters.merge import MAX_COMPONENTS, SIGN_METHODS, STRATEGIES, MergeSpec
 from kvrun.serving.decoding import OpenFields
 
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -39,6 +40,22 @@ class JsonSchemaFormat(Struct):
 class ResponseFormat(Struct):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaFormat | None = None
+
+
+class MergedAdapters(Struct, kw_only=True, forbid_unknown_fields=True):
+    """LoRAX's `merged_adapters`: serve the merge of several adapters (kvrun.adapters.merge says what it computes).
+    Unknown fields are refused: a misspelt `density` would silently merge differently."""
+
+    ids: Annotated[list[str], Meta(min_length=1, max_length=MAX_COMPONENTS)]
+    weights: list[float] | None = None  # one per id; LoRAX's default: all 1
+    merge_strategy: Literal[STRATEGIES] = "linear"
+    majority_sign_method: Literal[SIGN_METHODS] = "total"
+    density: Annotated[float, Meta(ge=0.0, le=1.0)] = 1.0  # the fraction kept by ties / dare (linear ignores it)
+
+    def spec(self) -> MergeSpec:
+        # LoRAX: no weights (or an empty list) weighs every adapter 1.
+        weights = tuple(self.weights) if self.weights else (1.0,) * len(self.ids)
+        return MergeSpec(weights, self.merge_strategy, self.density, self.majority_sign_method)
 
 
 class SamplingFields(Struct, kw_only=True):
@@ -70,6 +87,8 @@ class SamplingFields(Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # kvrun's extension: LoRAX's merged_adapters (with `model` naming the base model)
+    merged_adapters: MergedAdapters | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -187,7 +206,7 @@ class GenerateParameters(Struct, kw_only=True):
     adapter_id: str | None = None
     adapter_source: str | None = None  # LoRAX: hub | local | s3 | pbase; kvrun: registry (default) | local
     api_token: str | None = None  # LoRAX: a token for the adapter source; accepted and ignored
-    merged_adapters: dict[str, Any] | None = None  # LoRAX: merging at request time (refused when set)
+    merged_adapters: MergedAdapters | None = None  # LoRAX: the merge of several adapters, instead of adapter_id
     best_of: PositiveInt | None = None
     decoder_input_details: bool = False
     details: bool = False

@@ -33,10 +33,12 @@ def check(parameters: GenerateParameters) -> None:
                       "ns/name`) and name it in adapter_id, or use 'local' with a directory on the server")
     if source not in (*REGISTRY_SOURCES, LOCAL_SOURCE):
         raise refuse("adapter_source", "must be 'registry' (the default) or 'local'")
-    if source == LOCAL_SOURCE and not parameters.adapter_id:
+    merged = parameters.merged_adapters
+    if source == LOCAL_SOURCE and not parameters.adapter_id and merged is None:
         raise refuse("adapter_id", "must be a directory on the server when adapter_source is 'local'")
-    if parameters.merged_adapters is not None:
-        raise refuse("merged_adapters", "is not supported yet: name one adapter in adapter_id")
+    if merged is not None and parameters.adapter_id:
+        raise refuse("merged_adapters", "and parameters.adapter_id are both set; name the adapters to merge in "
+                     "merged_adapters.ids only")  # fmt: skip
     if parameters.best_of not in (None, 1):
         raise refuse("best_of", "> 1 is not supported")
     if parameters.typical_p is not None and parameters.typical_p < 1.0:

@@ -102,7 +102,6 @@ def test_local_adapter_source_loads_the_directory_once(shared_server, reference,
     [
         ({"adapter_id": "org/repo", "adapter_source": "hub"}, "adapter_source"),
         ({"adapter_id": "s3://bucket/a", "adapter_source": "s3"}, "adapter_source"),
-        ({"merged_adapters": {"ids": ["a", "b"], "weights": [0.5, 0.5], "density": 1.0}}, "merged_adapters"),
         ({"best_of": 2, "do_sample": True}, "best_of"),
         ({"typical_p": 0.5}, "typical_p"),
         ({"watermark": True}, "watermark"),

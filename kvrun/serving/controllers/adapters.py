@@ -10,7 +10,7 @@ from adapters_registry.records import VersionRecord
 from litestar import Controller, Request, get, post
 from litestar.response import Response
 
-from kvrun.serving.adapter_names import parse_engine_name
+from kvrun.serving.adapter_names import merged_identity, parse_engine_name
 from kvrun.serving.auth import require_admin_key, require_api_key
 from kvrun.serving.controllers.models import registry_adapters, why_not_servable
 from kvrun.serving.decoding import decode
@@ -99,9 +99,11 @@ class AdaptersController(Controller):
         for adapter in snapshot.adapters:
             content = parse_engine_name(adapter.engine_name)
             if content is None:
-                from_path = adapter.name in serving.resolver.local
+                source = "path" if adapter.name in serving.resolver.local else "registry"
+                if merged_identity(adapter.name) is not None:
+                    source = "merged"
                 entries.append(AdapterInfo(
-                    id=adapter.name, state=adapter.location, source="path" if from_path else "registry",
+                    id=adapter.name, state=adapter.location, source=source,
                     version=adapter.ref.version or None, ref=adapter.name, sha256=adapter.ref.sha256,
                     rank=adapter.ref.rank, slot=adapter.slot, in_flight=adapter.holds, pinned=adapter.pins,
                     serving=adapter.aliased,

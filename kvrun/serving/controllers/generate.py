@@ -1,6 +1,6 @@
 """POST / (TGI's compatibility route), /generate and /generate_stream, as TGI and LoRAX answer them;
 `parameters.adapter_id` picks the adapter (a registry ref, a name loaded from a path, or with
-`adapter_source: "local"` a directory on the server)."""
+`adapter_source: "local"` a directory on the server), or `parameters.merged_adapters` several to merge."""
 
 from __future__ import annotations
 
@@ -59,7 +59,12 @@ class GenerateController(Controller):
         service = serving.service
         parameters = data.parameters
         check(parameters)
-        if parameters.adapter_source == LOCAL_SOURCE:
+        local = parameters.adapter_source == LOCAL_SOURCE
+        merged = parameters.merged_adapters
+        if merged is not None:
+            resolve = (lambda path: _local_adapter(request, serving, path)) if local else serving.resolver.resolve
+            resolution = await service.merger.resolve(merged.ids, merged.spec(), resolve, "parameters.merged_adapters")
+        elif local:
             resolution = await _local_adapter(request, serving, parameters.adapter_id or "")
         else:
             resolution = await serving.resolver.resolve(parameters.adapter_id)

@@ -36,7 +36,7 @@ from kvrun.serving.responses import (
     Delta,
     Usage,
 )
-from kvrun.serving.schemas import ChatCompletionRequest, CompletionRequest
+from kvrun.serving.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from kvrun.serving.state import Serving
 
 
@@ -74,6 +74,18 @@ def _completion_jobs(serving: Serving, data: CompletionRequest) -> tuple[list, i
     return jobs, prompt_tokens, prompt_texts
 
 
+async def _resolve(serving: Serving, data: SamplingFields) -> Resolution:
+    """`model`, or with kvrun's `merged_adapters` extension the merge it names (then `model` names the base model)."""
+    resolution = await serving.resolver.resolve(data.model)
+    merged = data.merged_adapters
+    if merged is None:
+        return resolution
+    if resolution.adapter is not None:
+        raise errors.invalid(f"model must name the base model ({serving.model_name}) when merged_adapters names the "
+                             "adapters to merge", "model")  # fmt: skip
+    return await serving.service.merger.resolve(merged.ids, merged.spec(), serving.resolver.resolve, "merged_adapters")
+
+
 def _headers(resolution: Resolution) -> dict[str, str]:
     return resolution.headers()
 
@@ -97,7 +109,7 @@ class OpenAIController(Controller):
             raise errors.invalid("suffix is not supported", "suffix")
         if data.best_of not in (None, data.n):
             raise errors.invalid("best_of must equal n (or be omitted)", "best_of")
-        resolution = await serving.resolver.resolve(data.model)
+        resolution = await _resolve(serving, data)
         jobs, prompt_tokens, prompt_texts = _completion_jobs(serving, data)
         call_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await start_all(service, "completions", resolution, call_id, jobs)
@@ -147,7 +159,7 @@ class OpenAIController(Controller):
         if data.top_logprobs is not None and not data.logprobs:
             raise errors.invalid("top_logprobs needs logprobs=true", "top_logprobs")
         tool_plan = tools.plan(data, serving.tokenizer)
-        resolution = await serving.resolver.resolve(data.model)
+        resolution = await _resolve(serving, data)
         rendered_tools = tools.tool_dicts(data) if tools.template_renders_tools(serving.tokenizer) else None
         prompt = render_chat(serving.tokenizer, messages, data.add_generation_prompt, data.continue_final_message,
                              data.chat_template_kwargs, rendered_tools)  # fmt: skip
