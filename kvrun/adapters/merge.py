@@ -169,8 +169,8 @@ def _merge_module(module: str, components: list[ParsedAdapter], labels: list[str
     ranks = [factor.shape[0] for factor in factors_a]
     if len(set(ranks)) > 1:
         listed = ", ".join(f"{label} r={rank}" for label, rank in zip(present, ranks))
-        raise MergeError(f"{strategy} merges lora_A and lora_B element by element, so the adapters must have the same "
-                         f"rank at every module they share; at {module}: {listed} (linear merges any ranks)")  # fmt: skip
+        raise MergeError(f"{strategy} merges lora_A and lora_B element by element, so the adapters must have the "
+                         f"same rank at every module they share; at {module}: {listed} (linear merges any ranks)")
     a = merge_factor(factors_a, weights_a, strategy, spec, dare_seed(identity, module, "lora_A"))
     b = merge_factor(factors_b, weights_b, strategy, spec, dare_seed(identity, module, "lora_B"))
     return a, b

@@ -106,7 +106,8 @@ class AdapterMerger:
                                sources[0][0].get("base_model_name_or_path"))  # fmt: skip
         resolver.spill.put(identity, files)
         directory = resolver.spill.root / identity
-        parsed = parse_adapter(name, json.loads(files[CONFIG_FILE]), files[WEIGHTS_FILE], resolver.model_config, resolver.max_rank,
+        config = json.loads(files[CONFIG_FILE])
+        parsed = parse_adapter(name, config, files[WEIGHTS_FILE], resolver.model_config, resolver.max_rank,
                                resolver.dtype)  # fmt: skip
         logger.info("merged %s (%s) into %s in %.0f ms", ", ".join(labels), plan.spec.effective_strategy(len(labels)),
                     resolution.label, 1000 * (time.perf_counter() - started))  # fmt: skip

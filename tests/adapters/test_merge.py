@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load
 
 from kvrun import LLM
 from kvrun.adapters.merge import MergeError, MergeSpec, dare_seed, merge_adapters, merge_identity
-from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter
+from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter, parse_adapter
 from kvrun.runtime.loader import read_config
 from kvrun.runtime.models.registry import read_model_config
 from tests.engine.test_parity import _rows, assert_matches_reference, generate_rows
@@ -33,9 +34,12 @@ def adapters(tiny_gqa, tmp_path_factory):
     return base, {**dirs, **extra}
 
 
+def _model_config(base):
+    return read_model_config(read_config(base), "tiny")
+
+
 def _parsed(base, dirs, names):
-    config = read_model_config(read_config(base), "tiny")
-    return [load_peft_adapter(dirs[name], name, config, 64, torch.float32) for name in names]
+    return [load_peft_adapter(dirs[name], name, _model_config(base), 64, torch.float32) for name in names]
 
 
 def test_linear_and_ties_match_hf_peft_in_a_mixed_batch(adapters):
@@ -91,17 +95,10 @@ def test_merged_config_gives_every_module_scaling_one(adapters):
     names = ["attn-r4", "all-r8"]
     files = merge_adapters(_parsed(base, dirs, names), MergeSpec((1.0, 2.0)), names, 64)
     config = json.loads(files[CONFIG_FILE])
-    merged = load_peft_adapter_from(files, base)
+    merged = parse_adapter("m", config, files[WEIGHTS_FILE], _model_config(base), 64, torch.float32)
     assert merged.ref.rank == 12 and merged.scaling("model.layers.0.self_attn.q_proj") == 1.0
     assert merged.weights["model.layers.1.mlp.down_proj"][0].shape[0] == 8  # rank_pattern: no padding
     assert merged.scaling("model.layers.1.mlp.down_proj") == 1.0 and config["lora_alpha"] == 12
-
-
-def load_peft_adapter_from(files, base):
-    from kvrun.adapters.peft_format import parse_adapter
-
-    return parse_adapter("m", json.loads(files[CONFIG_FILE]), files[WEIGHTS_FILE], read_model_config(read_config(base), "tiny"), 64,
-                         torch.float32)  # fmt: skip
 
 
 def test_one_adapter_is_linear_whatever_the_strategy(adapters):
@@ -138,3 +135,14 @@ def test_llm_merge_of_an_unknown_adapter_names_it(adapters):
     llm.load_adapter("all-r8", dirs["all-r8"])
     with pytest.raises(LookupError, match="nope"):
         llm.merge_adapters("mix", ["all-r8", "nope"])
+
+
+def test_dora_and_lora_bias_components_are_refused_by_name(adapters):
+    base, dirs = adapters
+    [plain, other] = _parsed(base, dirs, ["all-r8", "all-r8b"])
+    module = next(iter(plain.weights))
+    vector = torch.ones(plain.weights[module][1].shape[0])
+    for changed, words in ((replace(plain, magnitudes={module: vector}), "use_dora"),
+                           (replace(plain, biases={module: vector}), "lora_bias")):  # fmt: skip
+        with pytest.raises(MergeError, match=words):
+            merge_adapters([changed, other], MergeSpec((1.0, 1.0)), ["x", "y"], 64)
