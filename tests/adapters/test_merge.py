@@ -137,12 +137,13 @@ def test_llm_merge_of_an_unknown_adapter_names_it(adapters):
         llm.merge_adapters("mix", ["all-r8", "nope"])
 
 
-def test_dora_and_lora_bias_components_are_refused_by_name(adapters):
+def test_dora_lora_bias_and_activated_lora_components_are_refused_by_name(adapters):
     base, dirs = adapters
     [plain, other] = _parsed(base, dirs, ["all-r8", "all-r8b"])
     module = next(iter(plain.weights))
     vector = torch.ones(plain.weights[module][1].shape[0])
     for changed, words in ((replace(plain, magnitudes={module: vector}), "use_dora"),
-                           (replace(plain, biases={module: vector}), "lora_bias")):  # fmt: skip
+                           (replace(plain, biases={module: vector}), "lora_bias"),
+                           (replace(plain, ref=replace(plain.ref, invocation_tokens=(5, 6))), "alora")):  # fmt: skip
         with pytest.raises(MergeError, match=words):
             merge_adapters([changed, other], MergeSpec((1.0, 1.0)), ["x", "y"], 64)
