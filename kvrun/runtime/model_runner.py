@@ -9,7 +9,7 @@ import torch
 
 from kvrun.config import EngineConfig
 from kvrun.runtime.attention import select_backend
-from kvrun.runtime.distributed.group import TensorParallel, local_heads
+from kvrun.runtime.distributed.group import TensorParallel, local_alibi_slopes, local_heads
 from kvrun.runtime.forward_batch import ForwardBatch, LoRABatchInfo, ScheduledBatch
 from kvrun.runtime.kv_cache import allocate_kv_cache
 from kvrun.runtime.loader import iter_weights, read_config
@@ -45,7 +45,8 @@ class ModelRunner:
         cfg = self.model_config
         num_heads, self.num_kv_heads = local_heads(cfg, self.tp)
         self.attention = select_backend(
-            self.device, self.dtype, num_heads, self.num_kv_heads, cfg.head_dim, cfg.attention_variants
+            self.device, self.dtype, num_heads, self.num_kv_heads, cfg.head_dim, cfg.attention_variants,
+            local_alibi_slopes(cfg, self.tp),
         )
         # Build directly in the target dtype and device: an 8B model never exists in fp32 on the way.
         default_dtype = torch.get_default_dtype()

@@ -16,8 +16,15 @@ from tests.models.families import FAMILIES, make_peft_adapter, standard_adapters
 
 MAX_TOKENS = 5
 # Qwen2 with a single K/V head: both ranks hold a copy of it (replicated K/V heads); Phi-3 packs q/k/v and gate/up
-# as single checkpoint modules, split per part.
-CASES = {"llama": {}, "qwen2": {"num_key_value_heads": 1}, "phi3": {}}
+# as single checkpoint modules, split per part. BLOOM and MPT: ALiBi, each rank with the slopes of its own heads
+# (the whole model's, not those of a model of two heads).
+CASES = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {"num_key_value_heads": 1}),
+    "phi3": ("phi3", {}),
+    "bloom": ("bloom", {}),
+    "mpt": ("mpt", {}),
+}
 
 
 def rows(adapters: list[str | None], seed: int) -> list[tuple[list[int], str | None]]:
@@ -28,17 +35,29 @@ def rows(adapters: list[str | None], seed: int) -> list[tuple[list[int], str | N
     ]
 
 
-def generate(llm: LLM, batch) -> list[list[int]]:
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+def generate(llm: LLM, batch) -> list[tuple[list[int], list[dict[int, float]]]]:
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=5)
     outputs = llm.generate([prompt for prompt, _ in batch], params, adapters=[adapter for _, adapter in batch])
-    return [output.token_ids for output in outputs]
+    return [(output.token_ids, output.logprobs) for output in outputs]
+
+
+def assert_same_rows(got, expected) -> None:
+    """Greedy tokens identical, top logprobs within fp32 summation-order noise (a wrong bias or scale on one rank
+    shows there before it flips a token)."""
+    for row, ((tokens, logprobs), (want_tokens, want_logprobs)) in enumerate(zip(got, expected)):
+        assert tokens == want_tokens, f"row {row}: greedy tokens differ"
+        for step, (top, want_top) in enumerate(zip(logprobs, want_logprobs)):
+            assert top.keys() == want_top.keys(), (row, step)
+            for token, value in top.items():
+                assert abs(value - want_top[token]) <= 1e-4 * max(1.0, abs(want_top[token])), (row, step, token)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
-    family = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(f"tp-{family.name}")
-    base = tiny_checkpoint(family, root / "base", seed=5, **CASES[request.param])
+    family_name, overrides = CASES[request.param]
+    family = FAMILIES[family_name]
+    root = tmp_path_factory.mktemp(f"tp-{request.param}")
+    base = tiny_checkpoint(family, root / "base", seed=5, **overrides)
     adapters = {
         spec.name: make_peft_adapter(base, spec, root / spec.name, seed=index + 1)
         for index, spec in enumerate(standard_adapters(family))
@@ -63,7 +82,7 @@ def test_two_ranks_match_one_device_on_mixed_adapter_batch(checkpoint):
     parallel = start(base, adapters, 2)
     try:
         assert parallel.engine.runner.tp.size == 2
-        assert generate(parallel, batch) == expected
+        assert_same_rows(generate(parallel, batch), expected)
     finally:
         parallel.shutdown()
 

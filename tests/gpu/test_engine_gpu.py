@@ -125,20 +125,43 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant_name", sorted(VARIANTS))
 def test_flashinfer_matches_reference_attention(variant_name):
-    from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant
+    from kvrun.runtime.attention.base import AttentionVariant
+
+    dim = 128
+    options = dict(VARIANTS[variant_name])
+    compare_with_reference(AttentionVariant(options.pop("scale", dim**-0.5), **options), 32, 8, dim)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 32], ids=["tensor-core decode", "cuda-core decode"])
+def test_flashinfer_alibi_uses_the_slopes_it_is_given(kv_heads):
+    """A tensor-parallel rank's ALiBi heads: the second half of a 64-head model, whose slopes are not those of a
+    32-head model (FlashInfer's own for 32 heads). Another backend of 32 heads with those default slopes plans in
+    the same process before each step: each plan must put its own slopes in FlashInfer's shared buffer. Covers
+    paged prefill and both decode kernels (tensor cores at 4 query heads per K/V head, CUDA cores without GQA)."""
+    from kvrun.runtime.attention.base import AttentionVariant, alibi_slopes
+    from kvrun.runtime.attention.flashinfer import FlashInferBackend
+
+    dim = 128
+    variant = AttentionVariant(dim**-0.5, alibi=True)
+    other = FlashInferBackend(torch.device("cuda"), torch.bfloat16, 32, kv_heads, dim, (variant,), alibi_slopes(32))
+    compare_with_reference(variant, 32, kv_heads, dim, alibi_slopes(64)[32:], before_plan=other.plan)
+
+
+def compare_with_reference(variant, heads: int, kv_heads: int, dim: int, slopes=None, before_plan=None) -> None:
+    """FlashInfer against the torch reference on one prefill and one decode step of four requests with pages in
+    random order. before_plan(metadata): called before FlashInfer plans each step."""
+    from kvrun.runtime.attention.base import AttentionMetadata
     from kvrun.runtime.attention.flashinfer import FlashInferBackend
     from kvrun.runtime.attention.torch_ref import TorchReferenceBackend
 
     torch.manual_seed(0)
-    heads, kv_heads, dim, page = 32, 8, 128, 16
-    options = dict(VARIANTS[variant_name])
-    variant = AttentionVariant(options.pop("scale", dim**-0.5), **options)
+    page = 16
     prior = [0, 17, 40, 5]  # tokens already in the cache per request
     new = [9, 1, 33, 16]
     pages_needed = [-(-(p + n) // page) for p, n in zip(prior, new)]
     kv = torch.randn(sum(pages_needed) + 1, 2, page, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    flash = FlashInferBackend(torch.device("cuda"), torch.bfloat16, heads, kv_heads, dim, (variant,))
-    reference = TorchReferenceBackend(heads, kv_heads, dim)
+    flash = FlashInferBackend(torch.device("cuda"), torch.bfloat16, heads, kv_heads, dim, (variant,), slopes)
+    reference = TorchReferenceBackend(heads, kv_heads, dim, slopes)
     page_ids = torch.randperm(sum(pages_needed)).tolist()
     tables, start = [], 0
     for count in pages_needed:
@@ -168,6 +191,8 @@ def test_flashinfer_matches_reference_attention(variant_name):
         k = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(total, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
         cache_a, cache_b = kv.clone(), kv.clone()
+        if before_plan is not None:
+            before_plan(metadata)
         flash.plan(metadata)
         got = flash.forward(q, k, v, cache_a, variant)
         reference.plan(metadata)

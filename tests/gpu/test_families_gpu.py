@@ -41,25 +41,30 @@ FAMILY_SHAPES = {  # what the tiny CPU overrides set that must follow the larger
     "phi": dict(partial_rotary_factor=0.375),  # 48 of 128 features rotate; parallel block, lm_head bias
     "gpt_bigcode": dict(n_inner=1024),  # multi-query: one KV head for four query heads
     "falcon": dict(ffn_hidden_size=1024),  # grouped fused qkv with two KV heads, two parallel norms
-    # bloom and mpt: ALiBi in FlashInfer (prefill, decode and its CUDA graphs)
+    # bloom and mpt: ALiBi in FlashInfer (prefill, decode and its CUDA graphs); on two GPUs in
+    # tests/gpu/test_tensor_parallel_gpu.py
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def gpu_family(request, tmp_path_factory):
-    family = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(f"gpu-{family.name}")
-    extra = {**GPU_SHAPE, **FAMILY_SHAPES.get(family.name, {})}
-    if family.name in ("phi3", "falcon"):  # their configs derive head_dim (hidden / heads = 128 here)
-        extra.pop("head_dim")
-    base = tiny_checkpoint(family, root / "base", seed=1, std=0.02, **extra)
-    adapters = {s.name: make_peft_adapter(base, s, root / s.name, seed=i) for i, s in enumerate(standard_adapters(family))}
-    return base, adapters
+    return family_checkpoint(request.param, tmp_path_factory.mktemp(f"gpu-{request.param}"))
 
 
 def test_family_bf16_cuda_path_matches_hf_peft(gpu_family):
     base, adapters = gpu_family
     check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True)
+
+
+def family_checkpoint(name: str, root, **overrides):
+    """A family's GPU-shaped tiny checkpoint and its standard adapters."""
+    family = FAMILIES[name]
+    extra = {**GPU_SHAPE, **FAMILY_SHAPES.get(family.name, {}), **overrides}
+    if family.name in ("phi3", "falcon"):  # their configs derive head_dim (hidden / heads = 128 here)
+        extra.pop("head_dim")
+    base = tiny_checkpoint(family, root / "base", seed=1, std=0.02, **extra)
+    specs = standard_adapters(family)
+    return base, {spec.name: make_peft_adapter(base, spec, root / spec.name, seed=i) for i, spec in enumerate(specs)}
 
 
 def check_bf16_against_hf_peft(
@@ -80,6 +85,7 @@ def check_bf16_against_hf_peft(
         batch = [(torch.randint(3, 1000, (9 + 13 * i,), generator=generator).tolist(), a) for i, a in enumerate(names)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
     outputs = llm.generate([p for p, _ in batch], params, adapters=[a for _, a in batch])
+    llm.shutdown()  # tensor-parallel workers give their cards back
     del llm
     references = {}
     reference_base, reference_adapters = reference or (base, adapters)

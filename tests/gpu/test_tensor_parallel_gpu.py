@@ -96,3 +96,14 @@ def test_two_gpus_match_one(checkpoint, cuda_graphs):
     (mean1, worst1, _, _), (mean2, worst2, exact2, near2) = stats[1], stats[2]
     assert mean2 <= 1.5 * mean1 + 0.01 and worst2 <= max(0.1, 2 * worst1), stats
     assert exact2 >= 0.95 and near2 >= 0.99, stats
+
+
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_alibi_families_on_two_gpus_match_hf_peft(family, tmp_path):
+    """BLOOM and MPT split over two GPUs (two of the four heads each, with the whole model's slopes of its heads
+    copied into FlashInfer's slope buffer at each plan), CUDA graphs on, mixed adapters and base rows, against HF +
+    PEFT in fp32 under the bounds of tests/gpu/test_families_gpu.py."""
+    from tests.gpu.test_families_gpu import check_bf16_against_hf_peft, family_checkpoint
+
+    base, adapters = family_checkpoint(family, tmp_path)
+    check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True, tensor_parallel_size=2)

@@ -45,8 +45,9 @@ class AttentionVariant:
     scale:           multiplies q·k (1/sqrt(head_dim) unless the model says otherwise)
     sliding_window:  a query at position p sees keys at p - sliding_window + 1 .. p; None = all
     logits_soft_cap: scores become cap * tanh(scores / cap) before masking and softmax; None = off
-    alibi:           scores (after scaling) gain slope_h * (key position - query position), with head h's slope
-                     from alibi_slopes(num_heads) (Bloom, MPT); the model has no rotary embedding then
+    alibi:           scores (after scaling) gain slope_h * (key position - query position) (Bloom, MPT; the model
+                     has no rotary embedding then); head h's slope is the backend's alibi_slopes[h]: the whole
+                     model's alibi_slopes(num_heads) for the heads this rank holds (see select_backend)
     """
 
     scale: float

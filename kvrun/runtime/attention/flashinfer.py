@@ -4,6 +4,15 @@ K/V are written by one fused Triton scatter (same semantics as base.write_kv); F
 Page-table index arrays are planned from host copies, so planning never waits on the GPU. Layers that differ in
 scale, sliding window or logit soft-cap (Gemma 2's alternating layers) each get their own wrappers, all planned
 from the same metadata; decode graphs get their own fixed-buffer wrappers per batch-size bucket.
+
+ALiBi: FlashInfer's wrappers take no slopes. Every run() (paged prefill; decode on CUDA cores; tensor-core decode,
+which runs the prefill kernel; with or without a JIT-specialised module) reads them from one cached device tensor,
+`flashinfer.utils._get_cache_alibi_slopes_buf(num_qo_heads, q.device)`, keyed by head count and device only and
+filled with the slopes of a model of that many heads. A tensor-parallel rank holds a slice of the model's heads,
+whose slopes are not those; and two engines in one process (a model with as many heads as a rank of another) share
+the buffer. So `plan`, which runs before the layers and before every graph replay, copies this backend's slopes
+into it: num_heads floats per step, in stream order before the kernels (and the graphs, which captured the
+buffer's address) read them.
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ class FlashInferBackend:
         num_kv_heads: int,
         head_dim: int,
         variants: tuple[AttentionVariant, ...],
+        alibi_slopes: torch.Tensor | None = None,
     ) -> None:
         import flashinfer
+        from flashinfer.utils import _get_cache_alibi_slopes_buf
 
         self._flashinfer = flashinfer
         self.device, self.dtype = device, dtype
@@ -40,6 +51,11 @@ class FlashInferBackend:
         self._graph_wrappers: dict[int, dict[AttentionVariant, object]] = {}
         self._active: dict[AttentionVariant, object] = self.decode
         self._metadata: AttentionMetadata | None = None
+        self._alibi: tuple[torch.Tensor, torch.Tensor] | None = None  # (our slopes, FlashInfer's buffer), device
+        if any(variant.alibi for variant in self.variants):
+            # The key FlashInfer looks up is q's device, which carries its index (a bare "cuda" would miss).
+            buffer = _get_cache_alibi_slopes_buf(num_heads, self.workspace.device)
+            self._alibi = (alibi_slopes.to(device=buffer.device, dtype=buffer.dtype), buffer)
 
     def _decode_wrapper(self, **graph_buffers):
         # Tensor-core decode pays off once several query heads share a KV head (GQA).
@@ -63,6 +79,9 @@ class FlashInferBackend:
 
     def plan(self, metadata: AttentionMetadata, graph_batch_size: int | None = None) -> None:
         self._metadata = metadata
+        if self._alibi is not None:
+            slopes, buffer = self._alibi
+            buffer.copy_(slopes)
         dtype = self.dtype
         if metadata.is_prefill:
             for variant, wrapper in self.prefill.items():
@@ -89,8 +108,7 @@ class FlashInferBackend:
 
 def _variant_arguments(variant: AttentionVariant) -> dict:
     # FlashInfer's window_left counts the keys left of the query's own: a window of W keys is window_left W - 1.
-    # ALiBi: FlashInfer adds slope_h * (key - query) to the scaled scores with its own slopes for the planned head
-    # count, the formula of attention.base.alibi_slopes.
+    # ALiBi: FlashInfer adds slope_h * (key - query) to the scaled scores, slope_h from the buffer plan() fills.
     return {
         "sm_scale": variant.scale,
         "window_left": -1 if variant.sliding_window is None else variant.sliding_window - 1,

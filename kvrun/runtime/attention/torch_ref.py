@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, alibi_slopes, write_kv
+from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, write_kv
 
 
 class TorchReferenceBackend:
     graph_buffer_bytes = 0  # no CUDA graphs
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, alibi_slopes: torch.Tensor | None = None
+    ) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
-        self.slopes = alibi_slopes(num_heads)  # [heads] fp32, used by ALiBi variants only
+        self.slopes = alibi_slopes  # [heads] fp32, read by ALiBi variants only (see select_backend)
         self._metadata: AttentionMetadata | None = None
         self._page_table: torch.Tensor | None = None  # [batch, max_pages] for the batched decode gather
         self._key_positions: torch.Tensor | None = None  # [max_pages * page_size]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kvrun.runtime.layers.linear import Split
+from kvrun.runtime.attention.base import alibi_slopes
+from kvrun.runtime.layers.linear import Split, shard
 from kvrun.runtime.models.spec import ModelConfig
 
 # A collective that waits longer than this means a rank is gone (a step takes well under a second).
@@ -65,9 +66,6 @@ def check_shardable(config: ModelConfig, size: int) -> None:
         problems.append(
             f"num_key_value_heads {config.num_kv_heads} neither divides by it nor divides it (for replication)"
         )
-    if any(layer.variant.alibi for layer in config.decoder.layers):
-        # Each rank would need the slopes of its own heads; FlashInfer derives them from the head count it plans.
-        problems.append("ALiBi attention is not split over ranks yet")
     grouped = any(layer.qkv_layout == "grouped" for layer in config.decoder.layers)
     if grouped and config.num_kv_heads % size:
         problems.append(f"its fused per-head q/k/v layout needs num_key_value_heads ({config.num_kv_heads}) divisible by it")
@@ -85,3 +83,11 @@ def local_heads(config: ModelConfig, tp: TensorParallel | None) -> tuple[int, in
         Split(config.num_heads).local(tp.rank, tp.size)[1],
         Split(config.num_kv_heads).local(tp.rank, tp.size)[1],
     )
+
+
+def local_alibi_slopes(config: ModelConfig, tp: TensorParallel | None) -> torch.Tensor | None:
+    """[query heads of this rank] fp32: the whole model's ALiBi slopes of the heads this rank holds (rank r of N
+    holds heads [r·h/N, (r+1)·h/N)); None for a model without ALiBi."""
+    if not any(variant.alibi for variant in config.attention_variants):
+        return None
+    return shard(alibi_slopes(config.num_heads), (Split(config.num_heads),), tp)
