@@ -17,13 +17,17 @@ from tests.models.families import FAMILIES, make_peft_adapter, standard_adapters
 MAX_TOKENS = 5
 # Qwen2 with a single K/V head: both ranks hold a copy of it (replicated K/V heads); Phi-3 packs q/k/v and gate/up
 # as single checkpoint modules, split per part. BLOOM and MPT: ALiBi, each rank with the slopes of its own heads
-# (the whole model's, not those of a model of two heads).
+# (the whole model's, not those of a model of two heads). Falcon's new_decoder_architecture with one K/V head
+# (grouped fused q/k/v: the ranks split that head's queries and copy its key and value); Falcon's multi-query
+# layout (q | k | v, one K/V head).
 CASES = {
     "llama": ("llama", {}),
     "qwen2": ("qwen2", {"num_key_value_heads": 1}),
     "phi3": ("phi3", {}),
     "bloom": ("bloom", {}),
     "mpt": ("mpt", {}),
+    "falcon-grouped-1kv": ("falcon", {"num_kv_heads": 1}),
+    "falcon-multi-query": ("falcon", {"new_decoder_architecture": False, "multi_query": True, "parallel_attn": True}),
 }
 
 

@@ -66,9 +66,6 @@ def check_shardable(config: ModelConfig, size: int) -> None:
         problems.append(
             f"num_key_value_heads {config.num_kv_heads} neither divides by it nor divides it (for replication)"
         )
-    grouped = any(layer.qkv_layout == "grouped" for layer in config.decoder.layers)
-    if grouped and config.num_kv_heads % size:
-        problems.append(f"its fused per-head q/k/v layout needs num_key_value_heads ({config.num_kv_heads}) divisible by it")
     if config.decoder.mlp.intermediate_size % size:
         problems.append(f"intermediate_size {config.decoder.mlp.intermediate_size} is not divisible by it")
     if problems:
@@ -80,8 +77,8 @@ def local_heads(config: ModelConfig, tp: TensorParallel | None) -> tuple[int, in
     if tp is None or tp.size == 1:
         return config.num_heads, config.num_kv_heads
     return (
-        Split(config.num_heads).local(tp.rank, tp.size)[1],
-        Split(config.num_kv_heads).local(tp.rank, tp.size)[1],
+        Split(config.num_heads).local_width(tp.rank, tp.size),
+        Split(config.num_kv_heads).local_width(tp.rank, tp.size),
     )
 
 

@@ -26,26 +26,44 @@ class Split:
     """A run of `units × unit_size` rows that tensor parallelism divides by whole units (heads, or rows).
 
     With at least as many units as ranks each rank holds units/size of them (they must divide evenly); with fewer
-    (K/V heads under GQA) the ranks share them: rank r holds unit r·units/size whole, replicated on size/units ranks.
+    (K/V heads under GQA) the ranks share them: rank r holds unit r·units/size, on size/units ranks. A shared unit
+    is replicated whole, unless `parts` lays it out: then the ranks sharing it split each part in turn as a Split
+    of its own (a K/V head's group in a fused per-group q/k/v: its query heads split, its key and value replicated).
     """
 
     units: int
     unit_size: int = 1
+    parts: tuple[Split, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.parts and sum(part.width for part in self.parts) != self.unit_size:
+            raise ValueError(f"parts {self.parts} do not add up to a unit of {self.unit_size} rows")
 
     @property
     def width(self) -> int:
         return self.units * self.unit_size
 
-    def local(self, rank: int, size: int) -> tuple[int, int]:
-        """(first row, number of rows) of this run that `rank` of `size` holds."""
+    def local(self, rank: int, size: int) -> list[tuple[int, int]]:
+        """(first row, number of rows) of each piece of this run that `rank` of `size` holds, in order."""
         if self.units >= size:
             if self.units % size:
                 raise ValueError(f"{self.units} units do not split evenly over {size} tensor-parallel ranks")
             per_rank = self.units // size * self.unit_size
-            return rank * per_rank, per_rank
+            return [(rank * per_rank, per_rank)]
         if size % self.units:
             raise ValueError(f"{self.units} units cannot be replicated evenly over {size} tensor-parallel ranks")
-        return rank * self.units // size * self.unit_size, self.unit_size
+        sharing = size // self.units
+        start = rank // sharing * self.unit_size
+        if not self.parts:
+            return [(start, self.unit_size)]
+        pieces = []
+        for part in self.parts:
+            pieces += [(start + first, length) for first, length in part.local(rank % sharing, sharing)]
+            start += part.width
+        return pieces
+
+    def local_width(self, rank: int, size: int) -> int:
+        return sum(length for _, length in self.local(rank, size))
 
 
 def as_splits(layout: int | tuple[Split, ...]) -> tuple[Split, ...]:
@@ -58,8 +76,7 @@ def shard(tensor: torch.Tensor, splits: tuple[Split, ...], tp: TensorParallel | 
         return tensor
     parts, offset = [], 0
     for split in splits:
-        start, length = split.local(tp.rank, tp.size)
-        parts.append(tensor.narrow(dim, offset + start, length))
+        parts += [tensor.narrow(dim, offset + start, length) for start, length in split.local(tp.rank, tp.size)]
         offset += split.width
     if offset != tensor.shape[dim]:
         raise ValueError(f"has {tensor.shape[dim]} entries along dim {dim}, expected {offset}")
@@ -69,7 +86,7 @@ def shard(tensor: torch.Tensor, splits: tuple[Split, ...], tp: TensorParallel | 
 def local_width(splits: tuple[Split, ...], tp: TensorParallel | None) -> int:
     if tp is None or tp.size == 1:
         return sum(split.width for split in splits)
-    return sum(split.local(tp.rank, tp.size)[1] for split in splits)
+    return sum(split.local_width(tp.rank, tp.size) for split in splits)
 
 
 class Projection(nn.Linear):

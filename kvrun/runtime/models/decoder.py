@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from kvrun.runtime.attention.base import AttentionBackend
 from kvrun.runtime.forward_batch import ForwardBatch
 from kvrun.runtime.layers.activation import activation
-from kvrun.runtime.layers.linear import Projection, Split, shard
+from kvrun.runtime.layers.linear import Projection, Split, local_width, shard
 from kvrun.runtime.layers.norm import make_norm
 from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
 from kvrun.runtime.layers.vocab import VocabParallelEmbedding
@@ -39,15 +39,16 @@ class Attention(nn.Module):
         if len(spec.qkv_slices) == 3:
             slices = dict(zip(spec.qkv_slices, ((q_heads,), (kv_heads,), (kv_heads,))))
         elif spec.qkv_layout == "grouped":  # one module, per K/V head: its queries, its key, its value
-            group = (config.num_heads // config.num_kv_heads + 2) * head_dim
-            slices = {spec.qkv_slices[0]: (Split(config.num_kv_heads, group),)}
+            # With fewer K/V heads than ranks, the ranks sharing a group split its queries and copy its key and value.
+            group = (Split(config.num_heads // config.num_kv_heads, head_dim), Split(1, head_dim), Split(1, head_dim))
+            slices = {spec.qkv_slices[0]: (Split(config.num_kv_heads, sum(part.width for part in group), group),)}
         else:  # one module: q, k and v in that order
             slices = {spec.qkv_slices[0]: (q_heads, kv_heads, kv_heads)}
         transposed = config.decoder.transposed_weights
         self.qkv_proj = Projection(config.hidden_size, slices, spec.qkv_bias, transposed=transposed, tp=tp)
         self.o_proj = Projection(q_heads.width, {spec.o_slice: config.hidden_size}, spec.o_bias, transposed=transposed,
                                  tp=tp, row_split=(q_heads,))  # fmt: skip
-        q_size, kv_size = (_local_width(split, tp) for split in (q_heads, kv_heads))
+        q_size, kv_size = (local_width((split,), tp) for split in (q_heads, kv_heads))
         self.num_heads, self.num_kv_heads = q_size // head_dim, kv_size // head_dim
         self.split = (q_size, kv_size, kv_size)
         self.grouped = spec.qkv_layout == "grouped"
@@ -92,10 +93,6 @@ class Attention(nn.Module):
             k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
             v.reshape(num_tokens, self.num_kv_heads, self.head_dim),
         )
-
-
-def _local_width(split: Split, tp: TensorParallel | None) -> int:
-    return split.width if tp is None or tp.size == 1 else split.local(tp.rank, tp.size)[1]
 
 
 def _head_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
