@@ -28,14 +28,18 @@ class LinearWithLoRA(nn.Module):
     """y = base(x) + scaling_{i,s} · (x A_{i,s}^T) B_{i,s}^T for each row's slot s, per output slice i (q/k/v,
     gate/up, ...): every slice of every slot has its own rank and scaling. The expand's epilogue
     (`kvrun.punica.ref.ExpandEpilogue`) finishes the rows of adapters that add more: lora_bias adds
-    scaling · bias; DoRA rescales each output feature (see `dora_scale`).
+    scaling · bias; DoRA rescales each output feature (see `_set_dora`).
 
     Under tensor parallelism the adapter is split with the base weight and adds no communication: a
     column-parallel base keeps A whole and its rows of B (each rank computes the whole shrink, expands into its own
     output columns); a row-parallel base keeps its columns of A and B whole (each rank's shrink is a partial sum,
     expanded into its partial output, so the base layer's one all-reduce sums the delta with the output; a lora_bias
-    is added by rank 0 alone). DoRA's per-feature norm spans the whole row, which a row-parallel rank does not hold:
-    DoRA adapters are refused under tensor parallelism."""
+    is added by rank 0 alone). DoRA's norm of each output feature's row of W + s·BA: a column-parallel rank holds
+    whole rows (its norms are final); a row-parallel rank holds some columns of every row, so its squared norms are
+    partial sums that `finish_dora` completes with the other ranks' (one all-reduce per slot write, see
+    LoRAManager.finish_slot). The rescaling is linear per output feature, so each rank applies it to its partial
+    output before the base layer's all-reduce; the base bias, added after that all-reduce, is left out of it as
+    DoRA leaves it (no shift on those ranks)."""
 
     def __init__(self, base: Projection, num_slots: int, max_rank: int, ops: LoRAOps) -> None:
         super().__init__()
@@ -70,6 +74,9 @@ class LinearWithLoRA(nn.Module):
         # The Triton shrink accumulates in fp32 and splits the input dimension when it may write fp32 partials;
         # the torch reference multiplies in the activation dtype.
         self.shrink_dtype = torch.float32 if weight.is_cuda else weight.dtype
+        # (slice index, slot) → DoRA's partial squared row norms [out] fp32 and magnitude [out], of a row-parallel
+        # rank, until finish_dora has the sums
+        self.dora_partials: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_slot(self, slot: int, weights: dict[str, SliceWeights]) -> None:
         """Write one adapter's weights per slice into slot (slices it leaves alone get rank 0)."""
@@ -82,11 +89,10 @@ class LinearWithLoRA(nn.Module):
                 self.ranks[index, slot] = 0
                 self.scalings[index, slot] = 0.0
                 continue
-            if entry.magnitude is not None and self.base.tp is not None:
-                raise ValueError("DoRA adapters are not supported with tensor parallelism yet")
             rank = entry.a.shape[0]
-            self.lora_a[index][slot, :rank].copy_(self.base.shard_input(entry.a), non_blocking=True)
-            self.lora_b[index][slot, :rank].copy_(self.base.shard_output(name, entry.b).T, non_blocking=True)
+            a, b = self.base.shard_input(entry.a), self.base.shard_output(name, entry.b)
+            self.lora_a[index][slot, :rank].copy_(a, non_blocking=True)
+            self.lora_b[index][slot, :rank].copy_(b.T, non_blocking=True)
             self.ranks[index, slot] = rank
             self.scalings[index, slot] = entry.scaling
             # A row-parallel rank's output is a partial sum: one rank adds the bias.
@@ -95,13 +101,38 @@ class LinearWithLoRA(nn.Module):
                 bias = self.base.shard_output(name, entry.bias)
                 self.epilogue.shift[index][slot].copy_(bias.float() * entry.scaling)
                 self.epilogue.modes[index, slot] = SHIFT
+            self.dora_partials.pop((index, slot), None)
             if entry.magnitude is not None:
-                rows = slice(self.slice_offsets[index], self.slice_offsets[index] + self.lora_b[index].shape[2])
-                bias = self.base.bias[rows] if self.base.bias is not None else None
-                scale, shift = dora_scale(self.base.weight[rows], bias, entry)
-                self.epilogue.scale[index][slot].copy_(scale)
-                self.epilogue.shift[index][slot].copy_(shift)
-                self.epilogue.modes[index, slot] = SCALE_SHIFT
+                self._write_dora(index, slot, a, b, entry.scaling, self.base.shard_output(name, entry.magnitude))
+
+    def _write_dora(
+        self, index: int, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor
+    ) -> None:
+        """a, b, magnitude: this rank's shards."""
+        rows = slice(self.slice_offsets[index], self.slice_offsets[index] + self.lora_b[index].shape[2])
+        squares = dora_squared_norms(self.base.weight[rows], a, b, scaling)
+        if self.base.reduces:
+            self.dora_partials[index, slot] = (squares, magnitude)
+            return
+        self._set_dora(index, slot, squares, magnitude, None if self.base.bias is None else self.base.bias[rows])
+
+    def finish_dora(self, index: int, slot: int, squares: torch.Tensor) -> None:
+        """Complete a row-parallel slice's DoRA with its squared row norms summed over every rank."""
+        _, magnitude = self.dora_partials.pop((index, slot))
+        self._set_dora(index, slot, squares, magnitude, None)
+
+    def _set_dora(
+        self, index: int, slot: int, squares: torch.Tensor, magnitude: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """DoRA as PEFT computes it, y = base(x) + (m/||W + s·BA|| - 1)·(base(x) - b) + m/||W + s·BA||·s·(x A^T B^T)
+        with the norm per output feature (row of W) and the base bias b left out of the rescaling, rearranged for
+        the expand epilogue: y = scale·(base(x) + s·x A^T B^T) + shift, with scale = m/||W + s·BA|| and
+        shift = (1 - scale)·b. bias: the base bias in this rank's output (None where it is added after it)."""
+        scale = magnitude.to(device=squares.device, dtype=torch.float32) / squares.sqrt()
+        self.epilogue.scale[index][slot].copy_(scale)
+        shift = (1 - scale) * bias.float() if bias is not None else torch.zeros_like(scale)
+        self.epilogue.shift[index][slot].copy_(shift)
+        self.epilogue.modes[index, slot] = SCALE_SHIFT
 
     def shape_key(self) -> tuple:
         """Equal for wrappers whose LoRA ops see the same shapes (the same kernel variants)."""
@@ -136,22 +167,16 @@ class LinearWithLoRA(nn.Module):
         return self.base.reduce(out)
 
 
-def dora_scale(
-    weight: torch.Tensor, bias: torch.Tensor | None, entry: SliceWeights, rows_per_chunk: int = 2048
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DoRA as PEFT computes it, y = base(x) + (m/||W + s·BA|| - 1)·(base(x) - b) + m/||W + s·BA||·s·(x A^T B^T)
-    with the norm per output feature (row of W) and the base bias b left out of the rescaling, rearranged for the
-    expand epilogue: y = scale·(base(x) + s·x A^T B^T) + shift, with scale = m/||W + s·BA|| and
-    shift = (1 - scale)·b. The norm depends only on the frozen base weight and the adapter, so it is computed once
-    per slot load, in fp32, a chunk of rows at a time (W + s·BA of a whole MLP projection is hundreds of MB).
-
-    weight: [out, in] the base rows of this slice; bias: [out] or None. -> (scale [out] fp32, shift [out] fp32)."""
-    a = entry.a.to(device=weight.device, dtype=torch.float32)
-    b = entry.b.to(device=weight.device, dtype=torch.float32)
-    norms = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+def dora_squared_norms(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, rows_per_chunk: int = 2048
+) -> torch.Tensor:
+    """[out] fp32: the squared norm of each row of weight + scaling·b·a (weight [out, in], a [rank, in], b [out, rank]).
+    The norm depends only on the frozen base weight and the adapter, so it is computed once per slot load, in fp32, a
+    chunk of rows at a time (W + s·BA of a whole MLP projection is hundreds of MB)."""
+    a = a.to(device=weight.device, dtype=torch.float32)
+    b = b.to(device=weight.device, dtype=torch.float32)
+    squares = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
-        norms[rows] = torch.linalg.vector_norm(weight[rows].float() + entry.scaling * (b[rows] @ a), dim=1)
-    scale = entry.magnitude.to(device=weight.device, dtype=torch.float32) / norms
-    shift = (1 - scale) * bias.float() if bias is not None else torch.zeros_like(scale)
-    return scale, shift
+        squares[rows] = (weight[rows].float() + scaling * (b[rows] @ a)).square().sum(dim=1)
+    return squares

@@ -192,8 +192,13 @@ class LoRAManager:
             for module, (a, b) in parsed.weights.items()
         }
         self.write_slot(slot, weights)
-        if self.replicas is not None:  # every rank takes its shard of the same full weights, before the next step
-            self.replicas.call(write_worker_slot, slot, {module: _on_host(entry) for module, entry in weights.items()})
+        if self.replicas is None:
+            return
+        # Then every rank takes its shard of the same full weights, before the next step: an adapter rank 0 cannot
+        # place fails its requests alone and never reaches the workers. What needs every rank at once comes last.
+        self.replicas.call(write_worker_slot, slot, {module: _on_host(entry) for module, entry in weights.items()})
+        if any(entry.magnitude is not None for entry in weights.values()):
+            self.replicas.call(finish_worker_slot, slot, here=lambda: self.finish_slot(slot))
 
     def write_slot(self, slot: int, weights: dict[str, SliceWeights]) -> None:
         """Place one adapter's full weights per checkpoint module in slot (each wrapper keeps its shard)."""
@@ -203,6 +208,18 @@ class LoRAManager:
             per_wrapper.setdefault(id(wrapper), {})[slice_name] = entry
         for wrapper in self._wrappers:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
+
+    def finish_slot(self, slot: int) -> None:
+        """Sum the row-parallel DoRA norms of the adapter just written into slot over the ranks (one all-reduce
+        that every rank makes at once, their wrappers holding the same partials in the same order)."""
+        pending = [(wrapper, index) for wrapper in self._wrappers for index, at in wrapper.dora_partials if at == slot]
+        if not pending:
+            return
+        squares = torch.cat([wrapper.dora_partials[index, slot][0] for wrapper, index in pending])
+        pending[0][0].base.tp.all_reduce(squares)
+        sizes = [wrapper.dora_partials[index, slot][0].numel() for wrapper, index in pending]
+        for (wrapper, index), total in zip(pending, squares.split(sizes)):
+            wrapper.finish_dora(index, slot, total)
 
     def _in_use(self, ref: AdapterRef) -> bool:
         return self.slots.pins(ref) > 0 or self._holds.get(ref, 0) > 0
@@ -223,6 +240,10 @@ def install_worker_lora(runner, model_config: ModelConfig, config: LoRAConfig) -
 
 def write_worker_slot(runner, slot: int, weights: dict[str, SliceWeights]) -> None:
     runner.lora.write_slot(slot, weights)
+
+
+def finish_worker_slot(runner, slot: int) -> None:
+    runner.lora.finish_slot(slot)
 
 
 def _on_host(entry: SliceWeights) -> SliceWeights:

@@ -39,10 +39,13 @@ class FeatureModel:
         served = {name: self.adapters[name] for name in (*names, PLAIN)}
         llm = LLM(str(self.base), max_loras=len(served), max_lora_rank=max_lora_rank, num_blocks=96, block_size=4,
                   **llm_options)  # fmt: skip
-        for name, directory in served.items():
-            llm.load_adapter(name, directory)
-        rows = rows_for(list(served))
-        assert_rows_match(generate(llm, rows), rows, CachedReference(self.base, served))
+        try:
+            for name, directory in served.items():
+                llm.load_adapter(name, directory)
+            rows = rows_for(list(served))
+            assert_rows_match(generate(llm, rows), rows, CachedReference(self.base, served))
+        finally:
+            llm.shutdown()  # tensor-parallel workers stop with it
 
     def push(self, name: str, registry: Path) -> None:
         """The registry accepts what the engine serves: push against this base model's manifest."""

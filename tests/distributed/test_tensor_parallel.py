@@ -103,3 +103,21 @@ def test_dead_worker_stops_the_engine_with_a_clear_error(tmp_path):
             llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
     finally:
         llm.shutdown()
+
+
+def test_dora_and_lora_bias_adapters_split_over_two_ranks_match_peft(tmp_path):
+    """DoRA and lora_bias on every attention and MLP module of a Llama whose projections all carry a base bias,
+    beside a plain adapter and base rows: two ranks give HF + PEFT's tokens and logprobs, as one device does
+    (tests/adapters/test_peft_features.py).
+    Under two ranks o_proj and down_proj are row-parallel: their DoRA norms are summed over the ranks, the rescaling
+    applies to each rank's partial output, and the base bias and lora_bias are added once."""
+    from tests.adapters.peft_extras import with_trained_magnitudes
+    from tests.adapters.test_peft_features import FeatureModel
+    from tests.models.families import PeftSpec
+
+    model = FeatureModel("llama", tmp_path)
+    targets = [*model.family.attention, *model.family.mlp]
+    dora = model.add(PeftSpec("dora", 4, targets, alpha=8.0, extra={"use_dora": True, "rank_pattern": {"o_proj": 6}}))
+    with_trained_magnitudes(model.base, model.adapters[dora], seed=5)
+    bias = model.add(PeftSpec("lora-bias", 4, targets, alpha=8.0, extra={"lora_bias": True}))
+    model.check_mixed_batch(dora, bias, tensor_parallel_size=2)

@@ -28,8 +28,12 @@ def _specs(family) -> list[PeftSpec]:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def feature_model(request, tmp_path_factory):
-    family = FAMILIES[request.param]
-    root = tmp_path_factory.mktemp(f"gpu-features-{family.name}")
+    return feature_checkpoint(request.param, tmp_path_factory.mktemp(f"gpu-features-{request.param}"))
+
+
+def feature_checkpoint(family_name: str, root):
+    """A GPU-shaped tiny checkpoint with a plain, a lora_bias and a DoRA adapter on every module."""
+    family = FAMILIES[family_name]
     extra = {**GPU_SHAPE, **({"sliding_window": 24} if family.name == "qwen2" else {})}
     base = tiny_checkpoint(family, root / "base", seed=1, std=0.02, **extra)
     adapters = {}

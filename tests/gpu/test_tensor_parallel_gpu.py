@@ -107,3 +107,14 @@ def test_alibi_families_on_two_gpus_match_hf_peft(family, tmp_path):
 
     base, adapters = family_checkpoint(family, tmp_path)
     check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True, tensor_parallel_size=2)
+
+
+def test_dora_and_lora_bias_on_two_gpus_match_hf_peft(tmp_path):
+    """DoRA (row-parallel norms summed over the two GPUs by NCCL at slot write, the rescaling in the Triton expand
+    epilogue on each rank's partial output) and lora_bias beside a plain adapter and base rows, CUDA graphs on,
+    against HF + PEFT in fp32 under the bounds of tests/gpu/test_families_gpu.py."""
+    from tests.gpu.test_families_gpu import check_bf16_against_hf_peft
+    from tests.gpu.test_peft_features_gpu import feature_checkpoint
+
+    base, adapters = feature_checkpoint("llama", tmp_path)
+    check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=True, tensor_parallel_size=2)

@@ -94,10 +94,25 @@ class Workers:
             if message[0] != answer:
                 self.raise_failure(f"rank {rank} answered {message[0]!r}, expected {answer!r}")
 
-    def call(self, function, *args) -> None:
-        """function(runner, *args) on every worker, each answering when done."""
+    def call(self, function, *args, here: Callable[[], object] | None = None):
+        """function(runner, *args) on every worker, each answering when done. here: rank 0's part of the call, run
+        after the message is sent and before the answers are awaited, so collectives inside it meet the workers';
+        returns its result."""
         self.send(("call", function, args))
+        result = None if here is None else self.guarded(here)
         self.expect("ok", CALL_TIMEOUT_S)
+        return result
+
+    def guarded(self, function, *args):
+        """function(*args) on rank 0, whose failure is blamed on a dead worker when there is one (gloo's socket
+        error says less)."""
+        try:
+            return function(*args)
+        except WorkerDiedError:
+            raise
+        except Exception:
+            self.check()
+            raise
 
     # -- failures -------------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -217,19 +232,7 @@ class TensorParallelRunner(ModelRunner):
     def call_everywhere(self, function, *args):
         """function(runner, *args) on every rank at once (collectives inside: each rank makes the same calls);
         returns rank 0's result. function must be importable by name (a module-level function or a method)."""
-        self.workers.send(("call", function, args))
-        result = self._guarded(function, self, *args)
-        self.workers.expect("ok", CALL_TIMEOUT_S)
-        return result
-
-    def _guarded(self, function, *args):
-        try:
-            return function(*args)
-        except WorkerDiedError:
-            raise
-        except Exception:
-            self.workers.check()  # a dead worker is the cause: say so rather than gloo's socket error
-            raise
+        return self.workers.call(function, *args, here=lambda: function(self, *args))
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.call_everywhere(ModelRunner.init_kv_cache, num_blocks)
@@ -246,7 +249,7 @@ class TensorParallelRunner(ModelRunner):
         # Workers need the step's layout only; sampling state (generators) stays with rank 0.
         rows = [replace(request, generator=None) for request in batch.requests]
         self.workers.send(("execute", ScheduledBatch(batch.is_prefill, rows)))
-        return self._guarded(super().execute, batch)
+        return self.workers.guarded(super().execute, batch)
 
     def shutdown(self) -> None:
         self.workers.stop()

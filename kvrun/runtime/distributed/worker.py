@@ -5,7 +5,8 @@ ranks, in the order rank 0 makes it:
     ("execute", ScheduledBatch)   run the step's forward pass (rank 0 samples; the workers' logits are dropped)
     ("call", function, args)      function(runner, *args), answered ("ok",): KV cache sizing, graph capture, LoRA
                                   wrapping and adapter slot writes (the engine publishes a slot before the step
-                                  that uses it, so every rank sees a whole adapter or none)
+                                  that uses it, so every rank sees a whole adapter or none), then a DoRA
+                                  adapter's norm sums (an all-reduce rank 0 joins)
     ("stop",)                     leave the loop
 A worker that fails sends ("error", traceback) and exits; one whose engine vanished (its pipe closed) exits too.
 """
