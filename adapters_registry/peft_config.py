@@ -59,13 +59,10 @@ UNSERVED_BIAS = {
     "lora_only": "bias='lora_only' retrains the biases of the adapted base layers, which the engine cannot swap per "
     "request; only bias='none' is served",
 }
-# target_modules leaves naming layers PEFT adapts with its embedding or output-layer LoRA, which kvrun does not serve
-# yet (PEFT also saves the whole base layer beside them).
-UNSERVED_TARGETS = {
-    **dict.fromkeys(("embed_tokens", "wte", "wpe", "embed_in", "word_embeddings", "embed_positions"),
-                    "LoRA on an embedding layer is not served yet"),
-    **dict.fromkeys(("lm_head", "embed_out"), "LoRA on the output layer is not served yet"),
-}  # fmt: skip
+# target_modules leaves naming layers PEFT adapts with its embedding LoRA that kvrun does not serve: position tables.
+UNSERVED_TARGETS = dict.fromkeys(("wpe", "embed_positions"), "LoRA on a position-embedding table is not served")
+# The token embedding's and output layer's names among the families kvrun serves (an activated LoRA may not target them)
+VOCAB_LAYER_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "lm_head", "embed_out")
 # peft_type → the method's name: every PEFT method but LoRA changes the model in ways the LoRA kernels do not compute.
 UNSERVED_PEFT_TYPES = {
     "LOHA": "LoHa (low-rank Hadamard product)", "LOKR": "LoKr (low-rank Kronecker product)",
@@ -81,7 +78,14 @@ UNSERVED_PEFT_TYPES = {
 }  # fmt: skip
 
 
-LORA_PARTS = ("lora_A.weight", "lora_B.weight")  # what every LoRA module saves
+LORA_PARTS = ("lora_A.weight", "lora_B.weight")  # what every LoRA module of a linear layer saves
+# What PEFT's embedding LoRA saves instead: lora_embedding_A [r, vocab], lora_embedding_B [hidden, r] (the same
+# orientation as lora_A [r, in] / lora_B [out, r], with in = vocab and out = hidden).
+EMBEDDING_PARTS = ("lora_embedding_A", "lora_embedding_B")
+# PEFT (save_embedding_layers="auto") saves the base weight (and bias) of a targeted embedding or output layer beside
+# its LoRA, and loading the adapter writes them back into the model; kvrun serves them when they equal the base
+# model's own.
+BASE_COPIES = ("base_layer.weight", "base_layer.bias")
 # Per-module vectors [out_features] PEFT saves beside lora_A / lora_B, each when its config flag is set:
 # saved key suffix → (the flag, what the vector is).
 MODULE_VECTORS = {
@@ -92,8 +96,6 @@ MODULE_VECTORS = {
 # Tensors PEFT saves for the features above, for an adapter whose config does not admit to them (hand-edited, or
 # saved by an older PEFT): the pattern of the key, and what it is.
 _UNSERVED_TENSORS = (
-    (r"\.lora_embedding_[AB](\.[^.]+)?$", "a LoRA weight of an embedding layer"),
-    (r"\.base_layer\.weight$", "a full copy of a base layer (PEFT saves one beside an embedding or output LoRA)"),
     (r"\.trainable_tokens_delta(\.[^.]+)?$", "a trainable-token embedding delta (trainable_token_indices)"),
     (r"\.alora_", "an activated-LoRA tensor"),
     (r"\.(hada|lokr)_", "a LoHa/LoKr weight"),
@@ -138,8 +140,22 @@ class LoraSettings:
             return None
         return f"tensor {key!r} is {what}, but adapter_config.json does not set {flag}=true; PEFT would not apply it"
 
+    @staticmethod
+    def lora_pair(parts) -> tuple[str, str]:
+        """The names of a module's A and B among its saved parts: a linear layer's, or an embedding's."""
+        return EMBEDDING_PARTS if EMBEDDING_PARTS[0] in parts else LORA_PARTS
+
     def module_problem(self, module: str, parts) -> str | None:
         """What LoRA module `module`, saved with tensors `parts`, lacks for this adapter's settings, or None."""
+        if any(part in parts for part in EMBEDDING_PARTS):
+            if any(part in parts for part in LORA_PARTS):
+                return f"module {module!r} has both linear (lora_A/lora_B) and embedding (lora_embedding_A/B) weights"
+            if self.use_dora:
+                return f"module {module!r}: DoRA (use_dora) on an embedding layer is not served"
+            if self.lora_bias:
+                return f"module {module!r}: lora_bias on an embedding layer is not served"
+            missing = [part for part in EMBEDDING_PARTS if part not in parts]
+            return f"module {module!r} has no {missing[0]}" if missing else None
         missing = [part for part in (*LORA_PARTS, *self.module_vectors) if part not in parts]
         if not missing:
             return None
@@ -260,8 +276,9 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
     targets = _names_or_pattern(config, "target_modules", required=True)
     for target in targets if isinstance(targets, tuple) else ():
-        reason = UNSERVED_TARGETS.get(target.rsplit(".", 1)[-1])
-        if reason is not None and invocation_tokens is not None:
+        leaf = target.rsplit(".", 1)[-1]
+        reason = UNSERVED_TARGETS.get(leaf)
+        if (reason is not None or leaf in VOCAB_LAYER_NAMES) and invocation_tokens is not None:
             # PEFT has no aLoRA variant for embeddings; on the output layer it would need the activation point too
             reason = "activated LoRA (alora_invocation_tokens) on an embedding or output layer is not served"
         if reason is not None:

@@ -22,7 +22,9 @@ from adapters_registry.errors import (
     ValidationError,
     WeightMagnitudeError,
 )
-from adapters_registry.peft_config import CONFIG_FILE, MODULE_VECTORS, LoraSettings, parse_config, unserved_tensor
+from adapters_registry.peft_config import (
+    BASE_COPIES, CONFIG_FILE, MODULE_VECTORS, LoraSettings, parse_config, unserved_tensor,
+)  # fmt: skip
 from adapters_registry.safetensors_format import TensorInfo, check_finite, decode, find_at_least, parse_header
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,13 @@ LORA_MAGNITUDE_POWER = 10
 LORA_MAGNITUDE_BOUND = float(2**LORA_MAGNITUDE_POWER)
 
 # PEFT's saved keys: the adapter name ("default") is stripped by save_pretrained; the per-module vectors (lora_B.bias,
-# lora_magnitude_vector) only with their config flags.
+# lora_magnitude_vector) only with their config flags; an embedding's lora_embedding_A/B; and the base weight and bias
+# of a targeted embedding or output layer (peft_config.BASE_COPIES).
 _KEY_RE = re.compile(
     r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\."
-    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector)(?:\.weight)?$"
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|lora_embedding_[AB]"
+    r"|base_layer\.weight|base_layer\.bias)"
+    r"(?:\.weight)?$"
 )
 
 
@@ -113,7 +118,7 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
         raise TensorNameError(f"{WEIGHTS_FILE}: contains no tensors")
     parts = _module_tensors(tensors, settings)
     dtype = _common_dtype(tensors)
-    pairs = {module: (found["lora_A.weight"], found["lora_B.weight"]) for module, found in parts.items()}
+    pairs = {module: tuple(found[part] for part in settings.lora_pair(found)) for module, found in parts.items()}
     for module, (a, b) in sorted(pairs.items()):
         _check_pair_shapes(module, a, b, settings.rank_of(module))
         for part in settings.module_vectors:
@@ -122,6 +127,13 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
                 raise TensorShapeError(
                     f"{WEIGHTS_FILE}: tensor {vector.key!r} has shape {list(vector.shape)}; {part} is [{b.shape[0]}] "
                     f"for {module} (lora_B is {list(b.shape)})"
+                )
+        for part, expected in zip(BASE_COPIES, ({(a.shape[1], b.shape[0]), (b.shape[0], a.shape[1])}, {(b.shape[0],)})):
+            copy = parts[module].get(part)
+            if copy is not None and tuple(copy.shape) not in expected:
+                raise TensorShapeError(
+                    f"{WEIGHTS_FILE}: tensor {copy.key!r} has shape {list(copy.shape)}, which is not a {part} of "
+                    f"{module} (its LoRA is {list(a.shape)} / {list(b.shape)})"
                 )
     for info in tensors.values():
         _check_values(data, info)
@@ -189,7 +201,8 @@ def _explain_bad_key(key: str) -> str:
 
 
 def _common_dtype(tensors: dict[str, TensorInfo]) -> str:
-    dtypes = sorted({info.dtype for info in tensors.values()})
+    # A base layer's copy keeps the base model's dtype, which PEFT's fp32 adapter weights need not share.
+    dtypes = sorted({info.dtype for key, info in tensors.items() if not key.endswith(BASE_COPIES)})
     for info in tensors.values():
         if info.dtype not in SUPPORTED_DTYPES:
             raise DtypeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -15,14 +16,18 @@ from torch import nn
 from kvrun.adapters.host_cache import HostCache
 from kvrun.adapters.layers import LinearWithLoRA, SliceWeights
 from kvrun.adapters.merge import MergeSpec, merge_adapters
-from kvrun.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, ParsedAdapter, load_peft_adapter, parse_adapter
+from kvrun.adapters.peft_format import (
+    CONFIG_FILE, WEIGHTS_FILE, AdapterError, ParsedAdapter, load_peft_adapter, parse_adapter,
+)  # fmt: skip
 from kvrun.adapters.ref import AdapterRef
 from kvrun.adapters.slot_pool import SlotPool
+from kvrun.adapters.vocab_layers import VocabWithLoRA
 from kvrun.config import LoRAConfig
 from kvrun.punica import select_ops
 from kvrun.runtime.layers.linear import Projection
+from kvrun.runtime.layers.vocab import EMBEDDING, HEAD, VocabParallelEmbedding
 from kvrun.runtime.models.spec import ModelConfig
-from kvrun.runtime.models.weights import projection_slices
+from kvrun.runtime.models.weights import projection_slices, vocab_layers
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +69,7 @@ class LoRAManager:
         if replicas is not None:
             replicas.call(install_worker_lora, model_config, config)
 
-    def _wrap_projections(self, model: nn.Module) -> list[LinearWithLoRA]:
+    def _wrap_projections(self, model: nn.Module) -> list[nn.Module]:
         """Put a LoRA wrapper around every Projection of the model (found by type), and index each checkpoint
         module an adapter may target → (its wrapper, the slice of that wrapper's output)."""
         slices = projection_slices(model)
@@ -77,7 +82,28 @@ class LoRAManager:
             setattr(model.get_submodule(parent), attribute, wrapper)
             wrappers[path] = wrapper
         self._targets = {module: (wrappers[path], name) for module, (path, name) in slices.items()}
-        return list(wrappers.values())
+        return [*wrappers.values(), *self._wrap_vocab(model)]
+
+    def _wrap_vocab(self, model: nn.Module) -> list[nn.Module]:
+        """Wrap every vocabulary matrix (found by type) with the LoRA of the roles it plays, and index its checkpoint
+        module names: the token embedding's and the output layer's."""
+        layers = vocab_layers(model)
+        self._vocab: dict[str, VocabWithLoRA] = {}
+        parts = []
+        for path in dict.fromkeys(path for path, _ in layers.values()):
+            base = model.get_submodule(path)
+            assert isinstance(base, VocabParallelEmbedding)
+            roles = {role for where, role in layers.values() if where == path}
+            wrapper = VocabWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.ops,
+                                    embedding=EMBEDDING in roles, head=HEAD in roles)  # fmt: skip
+            parent, _, attribute = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attribute, wrapper)
+            for module, (where, role) in layers.items():
+                if where == path:
+                    self._targets[module] = (wrapper.embedding if role == EMBEDDING else wrapper.head, role)
+                    self._vocab[module] = wrapper
+            parts.extend(part for part in (wrapper.embedding, wrapper.head) if part is not None)
+        return parts
 
     def compile_kernels(self, max_tokens: int, max_segments: int) -> None:
         """Compile the Triton LoRA kernels for every step shape up to max_tokens tokens in max_segments segments (once
@@ -121,7 +147,15 @@ class LoRAManager:
         return merged.ref
 
     def parse_path(self, name: str, path: str | Path, version: int = 0) -> ParsedAdapter:
-        return load_peft_adapter(path, name, self.model_config, self.config.max_lora_rank, self.dtype, version)
+        parsed = load_peft_adapter(path, name, self.model_config, self.config.max_lora_rank, self.dtype, version)
+        for (module, part), copy in parsed.base_copies.items():
+            # PEFT's load writes the saved copy into the model: served only where that changes nothing.
+            if not self._vocab[module].holds(part.rpartition(".")[2], copy):
+                raise AdapterError(
+                    f"adapter {name!r}: adapter_model.safetensors holds {module}.{part}, which differs from the base "
+                    "model's (a resized or retrained layer); kvrun does not serve that"
+                )
+        return dataclasses.replace(parsed, base_copies={}) if parsed.base_copies else parsed
 
     def add(self, parsed: ParsedAdapter, source: Callable[[], ParsedAdapter]) -> None:
         """Point parsed.ref.name at this version; requests already running keep the version they started with."""
@@ -212,7 +246,8 @@ class LoRAManager:
     def finish_slot(self, slot: int) -> None:
         """Sum the row-parallel DoRA norms of the adapter just written into slot over the ranks (one all-reduce
         that every rank makes at once, their wrappers holding the same partials in the same order)."""
-        pending = [(wrapper, index) for wrapper in self._wrappers for index, at in wrapper.dora_partials if at == slot]
+        linear = [wrapper for wrapper in self._wrappers if isinstance(wrapper, LinearWithLoRA)]
+        pending = [(wrapper, index) for wrapper in linear for index, at in wrapper.dora_partials if at == slot]
         if not pending:
             return
         squares = torch.cat([wrapper.dora_partials[index, slot][0] for wrapper, index in pending])

@@ -22,7 +22,9 @@ from safetensors.torch import load
 
 from adapters_registry import check_lora_magnitude
 from adapters_registry.errors import ValidationError
-from adapters_registry.peft_config import LORA_PARTS, MODULE_VECTORS, check_config, unserved_tensor
+from adapters_registry.peft_config import (
+    BASE_COPIES, EMBEDDING_PARTS, LORA_PARTS, MODULE_VECTORS, check_config, unserved_tensor,
+)  # fmt: skip
 from kvrun.adapters.ref import AdapterRef
 from kvrun.runtime.models.manifest import lora_targets
 from kvrun.runtime.models.spec import ModelConfig
@@ -31,12 +33,15 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MAX_WEIGHTS_BYTES = 4 * 1024**3
-# PEFT saves `base_model.model.<module>.lora_A.weight` (older versions kept the adapter name before `.weight`), and
-# the per-module vectors `<module>.lora_B.bias` (lora_bias) and `<module>.lora_magnitude_vector` (DoRA).
+# PEFT saves `base_model.model.<module>.lora_A.weight` (older versions kept the adapter name before `.weight`), the
+# per-module vectors `<module>.lora_B.bias` (lora_bias) and `<module>.lora_magnitude_vector` (DoRA), an embedding's
+# `<module>.lora_embedding_A` / `_B`, and a targeted embedding or output layer's `<module>.base_layer.weight`.
 _KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.(?P<name>lora_A|lora_B|lora_magnitude_vector)(?:\.default)?"
+    r"^(?:base_model\.model\.)?(?P<module>[\w.]+)\."
+    r"(?P<name>lora_A|lora_B|lora_magnitude_vector|lora_embedding_A|lora_embedding_B|base_layer)(?:\.default)?"
     r"(?:\.(?P<kind>weight|bias))?$"
 )
+_UNSUFFIXED = ("lora_magnitude_vector", *EMBEDDING_PARTS)  # saved parameters, not a layer's weight or bias
 
 
 class AdapterError(ValueError):
@@ -54,6 +59,9 @@ class ParsedAdapter:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)
     # module → DoRA's magnitude vector [out], fp32; empty without use_dora
     magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (module, part) → the base weight or bias PEFT saved beside a targeted embedding or output layer's LoRA
+    # (BASE_COPIES), as saved; the engine checks them against its own and drops them (LoRAManager.parse_path)
+    base_copies: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     def scaling(self, module: str) -> float:
         return self.scalings.get(module, self.ref.scaling)
@@ -122,8 +130,18 @@ def parse_adapter(
     except (SafetensorError, ValueError) as error:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({error})") from None
     parts = _module_tensors(name, tensors, targets, settings)
-    weights = {module: (found["lora_A.weight"].to(dtype).contiguous(), found["lora_B.weight"].to(dtype).contiguous())
-               for module, found in parts.items()}  # fmt: skip
+    if config.get("ensure_weight_tying") is True and model.tie_word_embeddings and targets.vocab.intersection(parts):
+        raise AdapterError(
+            f"adapter {name!r}: {CONFIG_FILE}: ensure_weight_tying=true with LoRA on the tied embedding or output "
+            f"layer of {targets.architecture} (PEFT then applies the embedding's LoRA to the output layer too) is not "
+            "served"
+        )
+    weights = {}
+    for module, found in parts.items():
+        a, b = (found[part] for part in settings.lora_pair(found))
+        weights[module] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+    base_copies = {(module, part): tensor for module, found in parts.items() for part, tensor in found.items()
+                   if part in BASE_COPIES}  # fmt: skip
     biases = {module: found["lora_B.bias"].to(dtype) for module, found in parts.items() if "lora_B.bias" in found}
     # fp32: DoRA's per-feature scale is computed from it once per slot load, in fp32.
     magnitudes = {module: found["lora_magnitude_vector"].float() for module, found in parts.items()
@@ -133,7 +151,8 @@ def parse_adapter(
     ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
                      settings.use_rslora, digest, settings.invocation_tokens)  # fmt: skip
     scalings = {module: settings.scaling_of(module) for module in weights}
-    return ParsedAdapter(ref, weights, {m: s for m, s in scalings.items() if s != ref.scaling}, biases, magnitudes)
+    scalings = {m: s for m, s in scalings.items() if s != ref.scaling}
+    return ParsedAdapter(ref, weights, scalings, biases, magnitudes, base_copies)
 
 
 def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, dict[str, torch.Tensor]]:
@@ -151,8 +170,8 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
                 raise fail(f"{WEIGHTS_FILE}: tensor {key!r} is {what}, which kvrun does not serve")
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA A/B weight)")
         module = match["module"]
-        part = match["name"] if match["name"] == "lora_magnitude_vector" else f"{match['name']}.{match['kind']}"
-        if part not in (*LORA_PARTS, *MODULE_VECTORS):
+        part = match["name"] if match["name"] in _UNSUFFIXED else f"{match['name']}.{match['kind']}"
+        if part not in (*LORA_PARTS, *EMBEDDING_PARTS, *BASE_COPIES, *MODULE_VECTORS):
             raise fail(f"unexpected tensor {key!r} in {WEIGHTS_FILE} (not a LoRA weight PEFT saves)")
         if module not in targets.modules:
             raise fail(
@@ -169,9 +188,15 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
             raise fail(f"{WEIGHTS_FILE}: {problem}")
         if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise fail(f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
+        problem = _kind_problem(module, part, targets, settings)
+        if problem is not None:
+            raise fail(f"{WEIGHTS_FILE}: tensor {key!r}: {problem}")
         in_features, out_features = targets.modules[module]
         rank = settings.rank_of(module)
-        shapes = {"lora_A.weight": (rank, in_features), "lora_B.weight": (out_features, rank)}
+        vocab_shape = (in_features, out_features) if module in targets.embeddings else (out_features, in_features)
+        shapes = {"lora_A.weight": (rank, in_features), "lora_B.weight": (out_features, rank),
+                  BASE_COPIES[0]: vocab_shape, BASE_COPIES[1]: vocab_shape[:1]}  # fmt: skip
+        shapes.update(zip(EMBEDDING_PARTS, (shapes["lora_A.weight"], shapes["lora_B.weight"])))
         expected = shapes.get(part, (out_features,))
         if tuple(tensor.shape) != expected:
             raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")
@@ -189,3 +214,17 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
         if problem is not None:
             raise fail(problem)
     return sides
+
+
+def _kind_problem(module: str, part: str, targets, settings) -> str | None:
+    """Why `part` does not belong to `module` as PEFT adapts that kind of layer, or None."""
+    if module in targets.vocab and settings.all_linear:
+        return f"{module} is an embedding or output layer, which target_modules='all-linear' leaves out in PEFT"
+    if part in BASE_COPIES and module not in targets.vocab:
+        return f"PEFT saves a base layer's weight only beside an embedding or output layer's LoRA, not {module}"
+    embedding = module in targets.embeddings
+    if part in EMBEDDING_PARTS and not embedding:
+        return f"{part} is an embedding's LoRA weight, but {module} is a linear layer (lora_A / lora_B)"
+    if part in LORA_PARTS and embedding:
+        return f"{module} is a token embedding: PEFT saves lora_embedding_A / lora_embedding_B for it"
+    return None

@@ -56,6 +56,12 @@ class LoRABatchInfo:
     seg_indptr: torch.Tensor  # [num_segments + 1] int32, token offsets of runs of one slot
     seg_slots: torch.Tensor  # [num_segments] int32, -1 = base model
 
+    def for_rows(self, rows: torch.Tensor) -> LoRABatchInfo:
+        """The same segments over a subset of the step's tokens, `rows` [n] int64 ascending (the rows whose logits
+        are computed, for the output layer's LoRA): segment g keeps the rows inside its token range. Computed on the
+        device, so a CUDA graph replays it."""
+        return LoRABatchInfo(torch.searchsorted(rows, self.seg_indptr.long()).int(), self.seg_slots)
+
 
 @dataclass(slots=True)
 class ForwardBatch:

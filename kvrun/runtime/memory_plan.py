@@ -82,7 +82,7 @@ class PlanInputs:
     block_size: int
     kv_bytes_per_block: int
     max_loras: int | None  # 0: LoRA off
-    lora_slot_bytes: int  # one adapter slot's A/B buffers over every wrapped projection
+    lora_slot_bytes: int  # one adapter slot's A/B buffers over every wrapped projection and vocabulary matrix
     lora_workspace_bytes: int  # per-step LoRA intermediates at max_num_batched_tokens
     vocab_size: int
     logits_element_bytes: int

@@ -19,6 +19,7 @@ from kvrun.runtime.cuda_graph import BUCKETS
 from kvrun.runtime.forward_batch import BASE_SLOT, ScheduledBatch, ScheduledRequest
 from kvrun.runtime.kv_cache import bytes_per_block
 from kvrun.runtime.layers.linear import Projection
+from kvrun.runtime.layers.vocab import EMBEDDING, HEAD, VocabParallelEmbedding
 from kvrun.runtime.memory_plan import MemoryPlan
 
 logger = logging.getLogger(__name__)
@@ -125,11 +126,21 @@ def lora_slot_bytes(model: torch.nn.Module, max_rank: int, element_bytes: int) -
     """One adapter slot: an A [max_rank, in] per output slice and a B [width, max_rank] per slice, every projection,
     and per output feature the expand epilogue's fp32 scale and model-dtype shift (lora_bias, DoRA)."""
     projections = [module for module in model.modules() if isinstance(module, Projection)]
-    return sum(
+    total = sum(
         max_rank * (len(module.output_slices) * module.in_features + module.out_features) * element_bytes
         + module.out_features * (4 + element_bytes)
         for module in projections
     )
+    # The vocabulary matrix's: an embedding's A^T [vocab, max_rank] and B [width, max_rank]; the output layer's as
+    # a projection of one slice, this rank's vocabulary rows wide.
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding):
+            width = module.weight.shape[1]
+            if EMBEDDING in module.roles:
+                total += max_rank * (module.vocab_size + width) * element_bytes
+            if HEAD in module.roles:
+                total += max_rank * (width + module.num_local) * element_bytes + module.num_local * (4 + element_bytes)
+    return total
 
 
 def lora_workspace_bytes(model: torch.nn.Module, num_tokens: int, max_rank: int) -> int:

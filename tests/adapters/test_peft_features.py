@@ -128,3 +128,48 @@ def test_dora_matches_peft(family, request, tmp_path):
     with_trained_magnitudes(model.base, model.adapters[name], seed=5)
     model.check_mixed_batch(name)
     model.push(name, tmp_path / "registry")
+
+
+# -- LoRA on the token embedding and the output layer -------------------------------------------------------------------
+# case → (family, base config, its token embedding's and output layer's names as PEFT targets them); transformers 5
+# names GPT-NeoX's head lm_head, its checkpoint (and adapters trained with transformers 4) embed_out
+VOCAB_CASES = {
+    "llama": ("llama", {}, "embed_tokens", "lm_head"),
+    "gpt_neox": ("gpt_neox", {}, "embed_in", "lm_head"),
+    "phi": ("phi", {}, "embed_tokens", "lm_head"),
+    "tied_llama": ("llama", {"tie_word_embeddings": True}, "embed_tokens", "lm_head"),
+}
+
+
+@pytest.mark.parametrize("case", list(VOCAB_CASES))
+def test_embedding_and_output_layer_lora_match_peft(case, llama, tmp_path_factory, tmp_path):
+    """PEFT's embedding LoRA on the token embedding and a linear LoRA on the output layer (at its own rank and alpha),
+    with attention LoRA, beside plain LoRA and base rows; PEFT saves both base layers beside them. GPT-NeoX's
+    embedding is embed_in, Phi's head has a bias, and with tied embeddings one matrix plays both roles, each with its
+    own LoRA."""
+    family, config, embedding, head = VOCAB_CASES[case]
+    model = llama if case == "llama" else FeatureModel(family, tmp_path_factory.mktemp(case), **config)
+    targets = [model.family.attention[0], embedding, head]
+    name = model.add(PeftSpec("vocab", 4, targets, alpha=8.0,
+                              extra={"rank_pattern": {head: 6}, "alpha_pattern": {head: 3.0}}))  # fmt: skip
+    head_only = model.add(PeftSpec("head-only", 2, [head], alpha=4.0))
+    model.check_mixed_batch(name, head_only)
+    model.push(name, tmp_path / "registry")
+
+
+def test_a_saved_base_layer_that_differs_from_the_base_model_is_refused(llama, tmp_path):
+    """PEFT's load would write the adapter's copy of the embedding into the model: one that differs (a retrained or
+    resized vocabulary) is refused by name, not served with the base model's embedding."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from kvrun.adapters import AdapterError
+
+    directory = shutil.copytree(llama.adapters[llama.add(PeftSpec("emb", 4, ["embed_tokens"]))], tmp_path / "edited")
+    tensors = load_file(directory / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"][5, 0] += 1.0
+    save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    llm = LLM(str(llama.base), max_loras=1, max_lora_rank=8, num_blocks=16, block_size=4)
+    with pytest.raises(AdapterError, match=r"model\.embed_tokens\.base_layer\.weight, which differs from the base"):
+        llm.load_adapter("edited", directory)

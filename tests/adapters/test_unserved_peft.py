@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters_registry import errors, open_store
-from adapters_registry.peft_config import UNSERVED_BIAS, UNSERVED_FIELDS, UNSERVED_PEFT_TYPES, UNSERVED_TARGETS
+from adapters_registry.peft_config import UNSERVED_BIAS, UNSERVED_FIELDS, UNSERVED_PEFT_TYPES
 from kvrun import LLM
 from kvrun.adapters import AdapterError
 from tests.models.families import FAMILIES, tiny_checkpoint
@@ -37,13 +37,6 @@ CASES = {
     "bias all": (lambda: _lora(bias="all"), UNSERVED_BIAS["all"]),
     "bias lora_only": (lambda: _lora(bias="lora_only"), UNSERVED_BIAS["lora_only"]),
     "modules_to_save": (lambda: _lora(modules_to_save=["lm_head"]), UNSERVED_FIELDS["modules_to_save"]),
-    "embedding lora": (
-        lambda: _lora(["q_proj", "embed_tokens"]),
-        f"target_modules names 'embed_tokens': {UNSERVED_TARGETS['embed_tokens']}",
-    ),
-    "lm_head lora": (
-        lambda: _lora(["q_proj", "lm_head"]), f"target_modules names 'lm_head': {UNSERVED_TARGETS['lm_head']}"
-    ),
     "trainable tokens": (lambda: _lora(trainable_token_indices=[3, 4]), UNSERVED_FIELDS["trainable_token_indices"]),
 }
 

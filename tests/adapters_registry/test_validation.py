@@ -172,10 +172,10 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
         E.TensorNameError,
         "does not target (target_modules ['v_proj'])",
     ),
-    "embedding lora": (
+    "embedding lora not targeted": (
         replace_tensor(EMBEDDING_KEY, torch.zeros(4, 8, dtype=HALF)),
         E.TensorNameError,
-        "is a LoRA weight of an embedding layer, which kvrun does not serve",
+        "is for module 'model.embed_tokens', which adapter_config.json does not target",
     ),
     "lora bias without lora_bias": (
         replace_tensor(B_KEY.replace(".weight", ".bias"), torch.zeros(16, dtype=HALF)),

@@ -12,7 +12,7 @@ import torch
 
 from kvrun import LLM, SamplingParams
 from kvrun.runtime.distributed.executor import WorkerDiedError
-from tests.models.families import FAMILIES, make_peft_adapter, standard_adapters, tiny_checkpoint
+from tests.models.families import FAMILIES, PeftSpec, make_peft_adapter, standard_adapters, tiny_checkpoint
 
 MAX_TOKENS = 5
 # Qwen2 with a single K/V head: both ranks hold a copy of it (replicated K/V heads); Phi-3 packs q/k/v and gate/up
@@ -86,6 +86,21 @@ def test_two_ranks_match_one_device_on_mixed_adapter_batch(checkpoint):
     parallel = start(base, adapters, 2)
     try:
         assert parallel.engine.runner.tp.size == 2
+        assert_same_rows(generate(parallel, batch), expected)
+    finally:
+        parallel.shutdown()
+
+
+def test_two_ranks_serve_embedding_and_output_layer_lora(tmp_path):
+    """Each rank holds its vocabulary rows of the output layer's LoRA B (an odd vocabulary: rank 1's last row is
+    padding) and the whole embedding LoRA, added after the embedding's all-reduce."""
+    base = tiny_checkpoint(FAMILIES["llama"], tmp_path / "base", seed=5, vocab_size=257)
+    spec = PeftSpec("vocab", 4, ["q_proj", "embed_tokens", "lm_head"], alpha=8.0)
+    adapters = {"vocab": make_peft_adapter(base, spec, tmp_path / "vocab", seed=1)}
+    batch = rows(list(adapters), seed=4)
+    expected = generate(start(base, adapters, 1), batch)
+    parallel = start(base, adapters, 2)
+    try:
         assert_same_rows(generate(parallel, batch), expected)
     finally:
         parallel.shutdown()

@@ -73,3 +73,27 @@ def test_activated_lora_bf16_matches_hf_peft(feature_model, request, tmp_path, c
     batch = [(p, "alora") for p in prompts] + [(tokens(17), "plain"), (prompts[0], "plain"), (prompts[0], None)]
     check_bf16_against_hf_peft(base, served, batch=batch, max_lora_rank=16, cuda_graphs=cuda_graphs,
                                max_num_batched_tokens=16)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def vocab_model(request, tmp_path_factory):
+    """LoRA on the token embedding (the embedding lookup in A^T, then the Triton expand) and on the output layer (the
+    Triton shrink/expand over the rows that sample, segments found on the device inside the CUDA graph)."""
+    family = FAMILIES["llama"]
+    root = tmp_path_factory.mktemp(f"gpu-vocab-{request.param}")
+    base = tiny_checkpoint(family, root / "base", seed=1, std=0.02, tie_word_embeddings=request.param == "tied",
+                           **GPU_SHAPE)  # fmt: skip
+    targets = [*family.attention, *family.mlp]
+    specs = [
+        PeftSpec("plain", 8, targets),
+        PeftSpec("vocab", 8, [*targets, "embed_tokens", "lm_head"], extra={"rank_pattern": {"lm_head": 12}}),
+        PeftSpec("head-only", 16, ["lm_head"]),
+    ]
+    adapters = {spec.name: make_peft_adapter(base, spec, root / spec.name, seed=i + 1) for i, spec in enumerate(specs)}
+    return base, adapters
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_embedding_and_output_layer_lora_bf16_match_hf_peft(vocab_model, cuda_graphs):
+    base, adapters = vocab_model
+    check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=cuda_graphs)

@@ -20,7 +20,7 @@ from kvrun.runtime.layers.activation import activation
 from kvrun.runtime.layers.linear import Projection, Split, local_width, shard
 from kvrun.runtime.layers.norm import make_norm
 from kvrun.runtime.layers.rotary import RopeSpec, RotaryEmbedding
-from kvrun.runtime.layers.vocab import VocabParallelEmbedding
+from kvrun.runtime.layers.vocab import EMBEDDING, HEAD, VocabParallelEmbedding
 from kvrun.runtime.models.spec import AttentionSpec, MLPSpec, ModelConfig
 
 if TYPE_CHECKING:
@@ -185,7 +185,10 @@ class DecoderModel(nn.Module):
         spec = config.decoder
         hidden = config.hidden_size
         # Under tensor parallelism the vocabulary is split; projections and position tables here stay whole.
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, spec.embedding_projection or hidden, tp)
+        # With tied embeddings the token embedding is the output layer too (CausalLM.lm_head is None).
+        roles = (EMBEDDING, HEAD) if config.tie_word_embeddings else (EMBEDDING,)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, spec.embedding_projection or hidden, tp,
+                                                   roles=roles)  # fmt: skip
         self.project_in = self.project_out = None
         if spec.embedding_projection is not None:  # LoRA-targetable: PEFT's "all-linear" adapts them
             self.project_in = Projection(spec.embedding_projection, {"project_in": hidden}, False)
@@ -207,7 +210,7 @@ class DecoderModel(nn.Module):
         self.embedding_scale = spec.embedding_scale
 
     def embed(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(batch.input_ids)
+        hidden = self.embed_tokens(batch.input_ids, batch.lora)
         if self.embedding_scale is not None:
             hidden = hidden * torch.tensor(self.embedding_scale, dtype=hidden.dtype)
         if self.project_in is not None:
@@ -246,7 +249,7 @@ class CausalLM(nn.Module):
         self.lm_head = None
         if not config.tie_word_embeddings:
             width = spec.embedding_projection or config.hidden_size
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, width, tp, bias=spec.lm_head_bias)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, width, tp, bias=spec.lm_head_bias, roles=(HEAD,))
         elif spec.lm_head_bias:
             raise ValueError(f"{config.architecture}: an lm_head bias with tied embeddings is not supported")
         self._checkpoint_names = dict(spec.checkpoint_names)
@@ -265,11 +268,12 @@ class CausalLM(nn.Module):
         hidden, residual = model.embed(batch), None
         for index, layer in enumerate(model.layers):
             hidden, residual = layer(hidden, residual, batch, kv_cache[index])
-        return self.compute_logits(model.final_hidden(hidden, residual, batch))
+        return self.compute_logits(model.final_hidden(hidden, residual, batch), batch)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """hidden: [rows, width] of the rows that sample (batch.logits_indices)."""
         spec = self.config.decoder
-        logits = (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden)
+        logits = (self.model.embed_tokens if self.lm_head is None else self.lm_head).logits(hidden, batch)
         if spec.logit_scale is not None:
             logits = logits * spec.logit_scale
         if spec.final_logit_soft_cap is not None:

@@ -14,14 +14,19 @@ import torch
 from adapters_registry.base_model import MANIFEST_KEY, MANIFEST_VERSION, generic_path
 from kvrun.runtime.models.decoder import CausalLM
 from kvrun.runtime.models.spec import ModelConfig
-from kvrun.runtime.models.weights import projection_slices
+from kvrun.runtime.layers.vocab import EMBEDDING
+from kvrun.runtime.models.weights import projection_slices, vocab_layers
 
 
 @dataclass(frozen=True, slots=True)
 class LoRATargets:
     architecture: str
     num_layers: int
-    modules: dict[str, tuple[int, int]]  # checkpoint module path → (in_features, out_features)
+    # checkpoint module path → (in_features, out_features); a token embedding's are (vocab, width): PEFT's
+    # lora_embedding_A [r, vocab] / lora_embedding_B [width, r] have lora_A / lora_B's orientation
+    modules: dict[str, tuple[int, int]]
+    embeddings: frozenset[str] = frozenset()  # the modules above that are token embeddings
+    vocab: frozenset[str] = frozenset()  # the token embeddings and the output layer (PEFT saves their base weights)
 
     @property
     def leaf_names(self) -> list[str]:
@@ -37,7 +42,15 @@ def lora_targets(config: ModelConfig) -> LoRATargets:
     for checkpoint_module, (projection, slice_name) in projection_slices(model).items():
         layer = model.get_submodule(projection)
         modules[checkpoint_module] = (layer.in_features, layer.output_slices[slice_name])
-    return LoRATargets(config.architecture, config.num_layers, modules)
+    embeddings = set()
+    vocab = vocab_layers(model)
+    for checkpoint_module, (path, role) in vocab.items():
+        layer = model.get_submodule(path)
+        shape = (layer.vocab_size, layer.weight.shape[1])
+        modules[checkpoint_module] = shape if role == EMBEDDING else shape[::-1]
+        if role == EMBEDDING:
+            embeddings.add(checkpoint_module)
+    return LoRATargets(config.architecture, config.num_layers, modules, frozenset(embeddings), frozenset(vocab))
 
 
 def manifest(config: ModelConfig) -> dict:

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 from kvrun.runtime.layers.linear import Projection
+from kvrun.runtime.layers.vocab import EMBEDDING, VocabParallelEmbedding
+
+HEAD_PATH = "lm_head"  # the output layer's module path in every family (kvrun.runtime.models.decoder.CausalLM)
 
 # Buffers some checkpoints carry that kvrun recomputes (rotary tables) or never uses.
 _IGNORED_SUFFIXES = (
@@ -35,6 +38,22 @@ def projection_slices(model: nn.Module) -> dict[str, tuple[str, str]]:
             parent = path.rpartition(".")[0]
             for slice_name in module.output_slices:
                 index[rename(f"{parent}.{slice_name}" if parent else slice_name)] = (path, slice_name)
+    return index
+
+
+def vocab_layers(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Checkpoint module path → (path of the VocabParallelEmbedding, its role there: EMBEDDING or HEAD), for every
+    role every vocabulary matrix plays. The output layer's name is the model's `lm_head`, renamed as the checkpoint
+    names it, also where the token embedding plays it (tied embeddings: PEFT still adapts `lm_head` as a layer of its
+    own). Where the checkpoint names it otherwise (GPT-NeoX's `embed_out`), `lm_head` is accepted too: an adapter's
+    module paths are those of the transformers release it was trained with, which may have renamed the module."""
+    rename = _renamer(model)
+    index = {}
+    for path, module in model.named_modules():
+        if isinstance(module, VocabParallelEmbedding):
+            for role in module.roles:
+                names = (rename(path),) if role == EMBEDDING else tuple(dict.fromkeys((rename(HEAD_PATH), HEAD_PATH)))
+                index.update(dict.fromkeys(names, (path, role)))
     return index
 
 
