@@ -115,7 +115,8 @@ class LoRAManager:
 
         shapes = warm_up_shapes(max_tokens, max_segments)
         started = time.perf_counter()
-        for wrapper in {wrapper.shape_key(): wrapper for wrapper in self._wrappers}.values():
+        projections = [wrapper for wrapper in self._wrappers if isinstance(wrapper, LinearWithLoRA)]
+        for wrapper in {wrapper.shape_key(): wrapper for wrapper in projections}.values():
             wrapper.run_segment_shapes(shapes)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the scratch tensors' memory goes back before the KV cache is allocated
