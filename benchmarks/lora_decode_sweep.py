@@ -24,17 +24,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
+from benchmarks.lora_kernels import (  # noqa: E402  (shapes, timing and bandwidth shared with the kernel benchmark)
+    DEVICE,
+    DTYPE,
+    L2_DEFEAT_BYTES,
+    MODULES,
+    copy_bandwidth,
+)
+from benchmarks.lora_kernels import _event_time_us as event_time_us  # noqa: E402
 from kvrun.punica.metadata import LoRAKernelMeta  # noqa: E402
 from kvrun.punica.triton.configs import ExpandConfig, ShrinkConfig, expand_config, shrink_config  # noqa: E402
 from kvrun.punica.triton.expand import launch_expand  # noqa: E402
 from kvrun.punica.triton.shrink import launch_shrink  # noqa: E402
 
-MODULES: dict[str, tuple[int, list[int]]] = {
-    "qkv": (4096, [4096, 1024, 1024]),
-    "o": (4096, [4096]),
-    "gate_up": (4096, [14336, 14336]),
-    "down": (14336, [4096]),
-}
 SCENARIOS = [  # (tokens, adapters, adapter rank, pool max_rank)
     (32, 32, 16, 16),
     (32, 32, 16, 64),
@@ -42,9 +44,6 @@ SCENARIOS = [  # (tokens, adapters, adapter rank, pool max_rank)
     (128, 32, 16, 64),
     (32, 1, 16, 16),
 ]
-L2_DEFEAT_BYTES = 256 << 20
-DTYPE = torch.bfloat16
-DEVICE = "cuda"
 
 
 def shrink_candidates(base: ShrinkConfig, in_features: int) -> list[ShrinkConfig]:
@@ -74,16 +73,6 @@ def previous_rule(rule: ShrinkConfig, tokens: int, adapters: int, in_features: i
     return dataclasses.replace(rule, split_k=split_k, rank_programs=rank_blocks)
 
 
-def event_time_us(function, iterations: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iterations):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iterations
-
-
 def graph_time_us(run_one, copies: int, iterations: int = 10) -> float:
     def run_all() -> None:
         for index in range(copies):
@@ -100,14 +89,6 @@ def graph_time_us(run_one, copies: int, iterations: int = 10) -> float:
         run_all()
     graph.replay()
     return event_time_us(graph.replay, iterations) / copies
-
-
-def copy_bandwidth() -> float:
-    source = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    return 2 * source.numel() / (event_time_us(lambda: target.copy_(source), 10) * 1e-6)
 
 
 def sweep_module(scenario, name: str, bandwidth: float) -> list[str]:
