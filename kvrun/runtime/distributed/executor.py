@@ -127,7 +127,9 @@ class Workers:
         """Raise WorkerDiedError with the best explanation known: a worker's own traceback, its exit, or reason."""
         for rank, (pipe, process) in enumerate(zip(self.pipes, self.processes), start=1):
             self._drain(rank, pipe)
-            process.join(timeout=1.0)  # one that just closed its pipe is exiting: let it, to report its exit code
+            # One that just closed its pipe is exiting: let it, to report its exit code (a killed worker's status
+            # reaches a forkserver-started parent late on a loaded machine; 1 s was seen to be too short).
+            process.join(timeout=5.0)
             if self.failure is None and not process.is_alive():
                 self._died(rank, process)
         if self.failure is None:
