@@ -8,8 +8,11 @@ side's GIL stalls the other. Messages are msgspec structs encoded as MessagePack
     core → server   Ready (once: EngineInfo, or StartFailed), Reply (to Add / Publish / Remove / Snapshot),
                     Outputs (one per step: each row's delta), Expired (queue timeouts), Stopped (a step raised)
 
-Outputs carry deltas (this step's token ids, text and logprobs; the whole text and token ids only when a request
-finishes), so a message's size does not grow with the length of the generations. Adapters travel as a directory
+Outputs carry deltas (this step's token ids and logprobs; the whole token ids only when a request finishes), so a
+message's size does not grow with the length of the generations. They carry no text: the server detokenizes each
+stream itself (kvrun.serving.process_client), so the core's steps spend no time on text. Only a request with stop
+strings is detokenized here as well, because the core must stop it where a stop string appears; its delta then says
+which stop string ended it, and the server cuts its own text at the same place. Adapters travel as a directory
 on local disk (a registry version's local copy, or the path it was loaded from), parsed here again.
 
 The core stops when the server says so, when its socket closes (the server died: no orphan keeps the GPU), or
@@ -102,14 +105,12 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 class Delta(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     new_token_ids: list[int]
-    new_text: str
     finished: bool = False
     finish_reason: str | None = None
-    stop_reason: str | int | None = None
+    stop_reason: str | int | None = None  # a stop string here means the server cuts its text before it
     error: str | None = None
     new_logprobs: list[dict[int, float]] | None = None
     token_ids: list[int] | None = None  # the whole output, once finished
-    text: str | None = None  # the whole visible text, once finished
     logprobs: list[dict[int, float]] | None = None  # all of them, once finished
     queue_time: float | None = None  # with a request's first tokens only
 
@@ -194,11 +195,10 @@ def delta_of(output: RequestOutput) -> Delta:
     first = bool(output.new_token_ids) and len(output.token_ids) == len(output.new_token_ids)
     queue_time = output.queue_time if first else None
     if not output.finished:
-        return Delta(output.request_id, output.new_token_ids, output.new_text, new_logprobs=new_logprobs,
-                     queue_time=queue_time)  # fmt: skip
+        return Delta(output.request_id, output.new_token_ids, new_logprobs=new_logprobs, queue_time=queue_time)
     return Delta(
-        output.request_id, output.new_token_ids, output.new_text, True, output.finish_reason, output.stop_reason,
-        output.error, new_logprobs, output.token_ids, output.text, output.logprobs, queue_time,
+        output.request_id, output.new_token_ids, True, output.finish_reason, output.stop_reason, output.error,
+        new_logprobs, output.token_ids, output.logprobs, queue_time,
     )  # fmt: skip
 
 
@@ -311,7 +311,7 @@ def run_core(config: EngineConfig, sock: socket.socket, queue_timeout_s: float, 
     try:
         from kvrun.engine.engine import LLMEngine
 
-        engine = LLMEngine(config)
+        engine = LLMEngine(config, detokenize=False)  # the server makes the text
     except Exception as error:  # noqa: BLE001 - reported to the server, which reports it in one line
         channel.send(StartFailed(str(error) if isinstance(error, (ValueError, LookupError, OSError))
                                  else f"{type(error).__name__}: {error}"))  # fmt: skip

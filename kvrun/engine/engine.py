@@ -17,7 +17,7 @@ from kvrun.engine.detokenizer import IncrementalDetokenizer
 from kvrun.engine.request import Request, RequestOutput
 from kvrun.engine.sampling_params import SamplingParams
 from kvrun.engine.scheduler import Scheduler
-from kvrun.engine.stop import check_stop, visible_text
+from kvrun.engine.stop import check_stop, text_delta
 from kvrun.engine.tokenizer import load_tokenizer
 from kvrun.runtime.distributed import create_runner
 from kvrun.runtime.loader import BUNDLED_NAME, resolve_model
@@ -28,7 +28,13 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """detokenize=False: outputs carry token ids only (their text and new_text stay empty), for a caller that makes
+    the text itself from the token ids (the server's side of an engine core process, so the core's steps spend no
+    time on text). Requests with stop strings are still detokenized here, since they must stop where a stop string
+    appears; kvrun.engine.stop's functions let the caller reproduce the same text."""
+
+    def __init__(self, config: EngineConfig, *, detokenize: bool = True) -> None:
+        self.detokenize = detokenize
         model_dir = resolve_model(config.model, needs_weights=config.load_format != "dummy")
         self.model_name = BUNDLED_NAME if config.model is None else Path(config.model).name.removesuffix(".gguf")
         start = device_start(config.torch_device())
@@ -122,7 +128,7 @@ class LLMEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         detokenizer = None
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (self.detokenize or params.stop):
             detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
         request = Request(request_id, token_ids, params, ref, detokenizer, generator)
         if ref is not None:
@@ -256,15 +262,16 @@ class LLMEngine:
         return self._output(request, request.text if previous_text is None else previous_text, list(new_ids))
 
     def _output(self, request: Request, previous_text: str, new_ids: list[int]) -> RequestOutput:
-        shown_before = visible_text(request, previous_text, finished=False)
-        shown = visible_text(request, request.text, finished=request.is_finished)
+        shown, new_text = "", ""
+        if self.detokenize:
+            shown, new_text = text_delta(request.params.stop, previous_text, request.text, request.is_finished)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             token_ids=list(request.output_token_ids),
             text=shown,
             new_token_ids=new_ids,
-            new_text=shown[len(shown_before) :],
+            new_text=new_text,
             finished=request.is_finished,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,

@@ -1,4 +1,8 @@
-"""When a request is done, and how much of its text is safe to show while a stop string may still be forming."""
+"""When a request is done, and how much of its text is safe to show while a stop string may still be forming.
+
+The text functions take plain values, not a Request: the server's side of an engine core process runs them on the
+text it detokenizes itself, so its streams match what an engine that makes the text would send, byte for byte.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +20,9 @@ def check_stop(request: Request, eos_token_ids: set[int], previous_text_len: int
         request.finish_reason = "stop"
         return
     if params.stop:
-        longest = max(len(stop) for stop in params.stop)
-        search_from = max(0, previous_text_len - longest + 1)
-        hits = [(index, stop) for stop in params.stop if (index := request.text.find(stop, search_from)) >= 0]
-        if hits:
-            index, stop = min(hits)
+        found = find_stop(request.text, params.stop, previous_text_len)
+        if found is not None:
+            index, stop = found
             request.text = request.text[:index]
             request.finish_reason, request.stop_reason = "stop", stop
             return
@@ -28,9 +30,26 @@ def check_stop(request: Request, eos_token_ids: set[int], previous_text_len: int
         request.finish_reason = "length"
 
 
-def visible_text(request: Request, text: str, finished: bool) -> str:
+def find_stop(text: str, stops: tuple[str, ...], previous_text_len: int) -> tuple[int, str] | None:
+    """The first stop string that the text past previous_text_len completes (it may start before): (where it
+    starts, which one), or None. Earlier text was searched when it arrived."""
+    longest = max(len(stop) for stop in stops)
+    search_from = max(0, previous_text_len - longest + 1)
+    hits = [(index, stop) for stop in stops if (index := text.find(stop, search_from)) >= 0]
+    return min(hits) if hits else None
+
+
+def visible_text(stops: tuple[str, ...], text: str, finished: bool) -> str:
     """While unfinished, hold back a tail that could be the start of a stop string."""
-    if finished or not request.params.stop:
+    if finished or not stops:
         return text
-    hold = max(len(stop) for stop in request.params.stop) - 1
+    hold = max(len(stop) for stop in stops) - 1
     return text[: max(0, len(text) - hold)]
+
+
+def text_delta(stops: tuple[str, ...], previous_text: str, text: str, finished: bool) -> tuple[str, str]:
+    """What a stream shows after a step that took the text from previous_text to text: (the visible text, the part
+    of it that is new)."""
+    shown_before = visible_text(stops, previous_text, finished=False)
+    shown = visible_text(stops, text, finished)
+    return shown, shown[len(shown_before) :]

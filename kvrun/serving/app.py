@@ -138,7 +138,7 @@ async def _build(config: ServerConfig, loaded: LoadedModel | None) -> Serving:
     limits = dict(max_active=config.max_num_seqs + config.max_queue, queue_timeout_s=config.queue_timeout_s,
                   max_adapters=config.max_cpu_loras)  # fmt: skip
     if loaded.core is not None:
-        client: EngineClient = ProcessEngineClient(loaded.core, **limits)
+        client: EngineClient = ProcessEngineClient(loaded.core, loaded.tokenizer, **limits)
     else:
         client = ThreadEngineClient(loaded.engine, **limits)
     await client.start()

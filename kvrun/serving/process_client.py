@@ -2,6 +2,8 @@
 
 The core's socket is an asyncio connection of the event loop: messages out are buffered writes (never blocking
 the loop), messages in are decoded as they arrive and each step's deltas become RequestOutputs on their streams.
+The core sends token ids, not text: each stream detokenizes here, with the same incremental detokenizer and the
+same stop-string rules (kvrun.engine.stop) the engine uses when it makes the text itself, so the text matches.
 Calls (admission, publish, remove, snapshot) wait for the core's reply, which comes between two steps.
 
 When the core dies (killed, out of memory, a step raised), every stream ends with an error that says so, every
@@ -18,6 +20,7 @@ import threading
 import msgspec
 
 from kvrun.engine.core import EngineRequest
+from kvrun.engine.detokenizer import IncrementalDetokenizer
 from kvrun.engine.core_process import (
     Abort,
     Add,
@@ -39,48 +42,81 @@ from kvrun.engine.core_process import (
 )
 from kvrun.engine.request import RequestOutput
 from kvrun.engine.snapshot import EngineSnapshot
+from kvrun.engine.stop import find_stop, text_delta
 from kvrun.serving.engine_client import EngineClient, EngineStoppedError, queue_timeout_error
 
 logger = logging.getLogger(__name__)
 
 
 class _Stream:
-    """What the server keeps of a live request to turn deltas back into whole RequestOutputs."""
+    """What the server keeps of a live request to turn deltas back into whole RequestOutputs, its text included."""
 
-    __slots__ = ("queue", "prompt_token_ids", "adapter", "token_ids", "text", "logprobs")
+    __slots__ = ("queue", "prompt_token_ids", "adapter", "stops", "detokenizer", "token_ids", "text", "logprobs")
 
-    def __init__(self, queue: asyncio.Queue, request: EngineRequest) -> None:
+    def __init__(self, queue: asyncio.Queue, request: EngineRequest, tokenizer) -> None:
         self.queue = queue
         self.prompt_token_ids = request.prompt_token_ids
         self.adapter = request.adapter
+        self.stops = request.params.stop
+        self.detokenizer = None
+        if tokenizer is not None:
+            self.detokenizer = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
         self.token_ids: list[int] = []
-        self.text = ""
+        self.text = ""  # the whole text so far, a tail that may become a stop string included
         self.logprobs: list[dict[int, float]] | None = [] if request.params.logprobs is not None else None
 
     def output(self, delta: Delta) -> RequestOutput:
-        if delta.finished:
-            self.token_ids, self.text = delta.token_ids or [], delta.text or ""
+        """The step's output, as an engine that detokenizes makes it (LLMEngine._append and _output). A text that
+        cannot be made ends this request alone with an error and what it had before, as the engine ends such a row
+        (the caller then aborts it in the core)."""
+        previous_text, num_tokens = self.text, len(self.token_ids)
+        new_token_ids, finished, finish_reason, stop_reason, error = (
+            delta.new_token_ids, delta.finished, delta.finish_reason, delta.stop_reason, delta.error
+        )  # fmt: skip
+        try:
+            self._advance(delta, previous_text)
+        except Exception as failure:  # noqa: BLE001 - this request ends; every other stream goes on
+            logger.exception("request %s failed", delta.request_id)
+            del self.token_ids[num_tokens:]
             if self.logprobs is not None:
-                self.logprobs = delta.logprobs or []
-        else:
-            self.token_ids += delta.new_token_ids
-            self.text += delta.new_text
-            if self.logprobs is not None and delta.new_logprobs:
-                self.logprobs += delta.new_logprobs
+                del self.logprobs[num_tokens:]
+            self.text = previous_text
+            new_token_ids, finished, finish_reason, stop_reason = [], True, "error", None
+            error = f"{type(failure).__name__}: {failure}"
+        text, new_text = text_delta(self.stops, previous_text, self.text, finished)
         return RequestOutput(
             request_id=delta.request_id, prompt_token_ids=self.prompt_token_ids, token_ids=list(self.token_ids),
-            text=self.text, new_token_ids=delta.new_token_ids, new_text=delta.new_text, finished=delta.finished,
-            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, adapter=self.adapter,
-            logprobs=None if self.logprobs is None else list(self.logprobs), error=delta.error,
-            queue_time=delta.queue_time,
+            text=text, new_token_ids=new_token_ids, new_text=new_text, finished=finished, finish_reason=finish_reason,
+            stop_reason=stop_reason, adapter=self.adapter,
+            logprobs=None if self.logprobs is None else list(self.logprobs), error=error, queue_time=delta.queue_time,
         )  # fmt: skip
+
+    def _advance(self, delta: Delta, previous_text: str) -> None:
+        if delta.new_token_ids:
+            self.token_ids += delta.new_token_ids
+            if self.detokenizer is not None:
+                self.text += self.detokenizer.step(self.token_ids)
+        if delta.finished:
+            self.token_ids = delta.token_ids or []
+            if self.logprobs is not None:
+                self.logprobs = delta.logprobs or []
+            if isinstance(delta.stop_reason, str):  # the core found it in this step's text: cut where it did
+                found = find_stop(self.text, self.stops, len(previous_text))
+                if found is not None:
+                    self.text = self.text[: found[0]]
+        elif self.logprobs is not None and delta.new_logprobs:
+            self.logprobs += delta.new_logprobs
 
 
 class ProcessEngineClient(EngineClient):
-    def __init__(self, process: CoreProcess, *, max_active: int, queue_timeout_s: float, max_adapters: int) -> None:
+    def __init__(self, process: CoreProcess, tokenizer, *, max_active: int, queue_timeout_s: float,
+                 max_adapters: int) -> None:  # fmt: skip
+        """tokenizer: the server's own instance of the model's tokenizer (None: the model has none, outputs carry
+        token ids only, as the engine's do then)."""
         super().__init__(process.info, max_active=max_active, queue_timeout_s=queue_timeout_s,
                          max_adapters=max_adapters)  # fmt: skip
         self.process = process
+        self.tokenizer = tokenizer
         self.adapter_names = frozenset(process.adapter_names)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -131,7 +167,7 @@ class ProcessEngineClient(EngineClient):
         publication = None
         if request.publication is not None:
             publication = self._spec(request.adapter, request.publication)
-        self._streams[request.request_id] = _Stream(stream, request)
+        self._streams[request.request_id] = _Stream(stream, request, self.tokenizer)
         try:
             await self._call(lambda call_id: Add(call_id, request.request_id, request.prompt_token_ids,
                                                  request.params, request.adapter, request.label, publication))
@@ -189,9 +225,12 @@ class ProcessEngineClient(EngineClient):
             stream = self._streams.get(delta.request_id)
             if stream is None:
                 continue
-            if delta.finished:
+            output = stream.output(delta)
+            if output.finished:
                 del self._streams[delta.request_id]
-            stream.queue.put_nowait(stream.output(delta))
+                if not delta.finished:  # its text failed here: the core must stop generating it
+                    self._write(Abort(delta.request_id))
+            stream.queue.put_nowait(output)
 
     def _reply(self, reply: Reply) -> None:
         if reply.adapter_names is not None:

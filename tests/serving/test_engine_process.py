@@ -175,7 +175,8 @@ def _command(pid: int) -> str:
 
 
 def test_outputs_travel_as_deltas():
-    """A step's message holds only what the step added, until a request finishes."""
+    """A step's message holds only what the step added, until a request finishes, and no text (the server makes
+    it from the token ids)."""
     from kvrun.engine.core_process import Outputs, delta_of, encode
     from kvrun.engine.request import RequestOutput
 
@@ -184,6 +185,8 @@ def test_outputs_travel_as_deltas():
                             logprobs=[{1: -0.1}] * 2000)  # fmt: skip
     message = encode(Outputs([delta_of(running)]))
     assert len(message) < 100 and json.dumps(delta_of(running).new_logprobs, default=str).count("-0.1") == 1
+    assert b"word" not in message
     finished = RequestOutput("r1", [1, 2], [5, 6], "ab", [6], "b", True, "stop", stop_reason="x")
     delta = delta_of(finished)
-    assert delta.token_ids == [5, 6] and delta.text == "ab" and delta.finish_reason == "stop"
+    assert delta.token_ids == [5, 6] and delta.finish_reason == "stop" and delta.stop_reason == "x"
+    assert b"ab" not in encode(Outputs([delta]))
