@@ -1,7 +1,8 @@
 """The engine core in its own process: it loads the model, steps, and talks to the server over one socket.
 
 The server's process tokenizes, resolves adapters, fetches them and streams; this process only steps, so neither
-side's GIL stalls the other. Messages are msgspec structs encoded as MessagePack, each framed by a 4-byte length.
+side's GIL stalls the other. Messages are msgspec structs encoded as MessagePack, each framed by a 4-byte length;
+the server decodes them against their types (nothing it receives is unpickled), torch dtypes travelling by name.
 
     server → core   Add (a request, with the adapter version to publish first, if any), Abort, Publish, Remove,
                     Snapshot, Shutdown
@@ -25,7 +26,6 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
-import pickle
 import select
 import signal
 import socket
@@ -35,6 +35,7 @@ import time
 from typing import Any
 
 import msgspec
+import torch
 
 from kvrun.adapters.manager import UnknownAdapterError
 from kvrun.adapters.peft_format import AdapterError
@@ -124,7 +125,7 @@ class Expired(msgspec.Struct, tag="expired", array_like=True):
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):
-    info: bytes  # a pickled EngineInfo (once per start: it holds the model's config and torch dtypes)
+    info: EngineInfo
     adapter_names: list[str]
 
 
@@ -139,7 +140,23 @@ class Stopped(msgspec.Struct, tag="stopped", array_like=True):
 ToCore = Add | Abort | Publish | Remove | Snapshot | Shutdown
 FromCore = Reply | Outputs | Expired | Ready | StartFailed | Stopped
 
-_encoder = msgspec.msgpack.Encoder()
+
+def _encode_dtype(obj: Any) -> Any:
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")  # "bfloat16"
+    raise NotImplementedError(f"{type(obj).__name__} has no MessagePack form")
+
+
+def _decode_dtype(kind: type, obj: Any) -> Any:
+    if kind is not torch.dtype:
+        raise NotImplementedError(f"{kind} has no MessagePack form")
+    dtype = getattr(torch, obj, None) if isinstance(obj, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{obj!r} is not a torch dtype")
+    return dtype
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_encode_dtype)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -151,7 +168,7 @@ class FrameBuffer:
     """Bytes in, whole decoded messages out."""
 
     def __init__(self, message_type: Any) -> None:
-        self._decoder = msgspec.msgpack.Decoder(message_type)
+        self._decoder = msgspec.msgpack.Decoder(message_type, dec_hook=_decode_dtype)
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list:
@@ -317,7 +334,7 @@ def run_core(config: EngineConfig, sock: socket.socket, queue_timeout_s: float, 
                                  else f"{type(error).__name__}: {error}"))  # fmt: skip
         return
     core = EngineCore(engine, queue_timeout_s=queue_timeout_s, max_adapters=max_adapters)
-    channel.send(Ready(pickle.dumps(EngineInfo.of(engine)), sorted(core.adapter_names)))
+    channel.send(Ready(EngineInfo.of(engine), sorted(core.adapter_names)))
     # Steps run in a thread of their own, as they do in a server without a core process: on CPU, torch's OpenMP
     # team of the main thread spins at every op's barrier, and on a busy machine a step took 20x as long there.
     stepper = threading.Thread(target=_CoreServer(core, channel).run, name="kvrun-engine")
@@ -361,7 +378,7 @@ class CoreProcess:
             process.join(5)
             raise
         if isinstance(first, Ready):
-            core = cls(process, ours, pickle.loads(first.info), first.adapter_names)
+            core = cls(process, ours, first.info, first.adapter_names)
             atexit.register(core.close)  # before multiprocessing's own exit handler joins it
             return core
         ours.close()

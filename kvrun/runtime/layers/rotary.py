@@ -17,6 +17,9 @@ from torch import nn
 STATIC_TYPES = ("default", "linear", "llama3", "yarn")
 LENGTH_DEPENDENT_TYPES = ("dynamic", "longrope")
 ROPE_TYPES = STATIC_TYPES + LENGTH_DEPENDENT_TYPES
+# A rope parameter's value as the config gives it, a list stored as a tuple. Typed, so a spec decoded from
+# MessagePack (the engine core process sends the server its ModelConfig) has tuples where the original had them.
+RopeValue = bool | int | float | str | tuple | dict | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,8 @@ class RopeSpec:
     rotary_dim: int  # < head_dim: only the first rotary_dim features of each head rotate (partial rotary)
     max_position_embeddings: int
     rope_type: str = "default"
-    parameters: tuple = ()  # sorted (name, value) pairs: factor, low_freq_factor, ... (lists stored as tuples)
+    # sorted (name, value) pairs: factor, low_freq_factor, ... (lists stored as tuples)
+    parameters: tuple[tuple[str, RopeValue], ...] = ()
     interleaved: bool = False  # rotate pairs (x0, x1), (x2, x3) instead of the two halves (Cohere, GPT-J)
 
     def __post_init__(self) -> None:
