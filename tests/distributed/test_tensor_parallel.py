@@ -120,6 +120,19 @@ def test_dead_worker_stops_the_engine_with_a_clear_error(tmp_path):
         llm.shutdown()
 
 
+def _fail_on_worker(runner) -> None:
+    raise RuntimeError("a worker-side failure")
+
+
+def test_a_worker_that_fails_sends_its_traceback_to_rank_0(tmp_path):
+    llm = start(tiny_checkpoint(FAMILIES["llama"], tmp_path / "base"), {}, 2)
+    try:
+        with pytest.raises(WorkerDiedError, match=r"(?s)rank 1 failed:.*RuntimeError: a worker-side failure"):
+            llm.engine.runner.workers.call(_fail_on_worker)
+    finally:
+        llm.shutdown()
+
+
 def test_dora_and_lora_bias_adapters_split_over_two_ranks_match_peft(tmp_path):
     """DoRA and lora_bias on every attention and MLP module of a Llama whose projections all carry a base bias,
     beside a plain adapter and base rows: two ranks give HF + PEFT's tokens and logprobs, as one device does

@@ -24,12 +24,13 @@ from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from kvrun.config import EngineConfig
 from kvrun.runtime.distributed.group import backend_for, check_shardable, make_group
-from kvrun.runtime.distributed.worker import cpu_threads, rank_config, run_worker
+from kvrun.runtime.distributed.worker import cpu_threads, rank_config, read_answer, run_worker
 from kvrun.runtime.forward_batch import ScheduledBatch
 from kvrun.runtime.loader import read_config
 from kvrun.runtime.model_runner import ModelRunner
@@ -85,14 +86,16 @@ class Workers:
             if pipe not in ready:
                 self.raise_failure()
             try:
-                message = pipe.recv()
+                message = read_answer(pipe)
             except (EOFError, OSError):
                 self.raise_failure()
-            if message[0] == "error":
-                self._record(f"tensor-parallel worker rank {rank} failed:\n{message[1]}")
+            except msgspec.DecodeError as error:
+                self.raise_failure(f"rank {rank} sent an unreadable answer ({error})")
+            if message.kind == "error":
+                self._record(f"tensor-parallel worker rank {rank} failed:\n{message.traceback}")
                 self.raise_failure()
-            if message[0] != answer:
-                self.raise_failure(f"rank {rank} answered {message[0]!r}, expected {answer!r}")
+            if message.kind != answer:
+                self.raise_failure(f"rank {rank} answered {message.kind!r}, expected {answer!r}")
 
     def call(self, function, *args, here: Callable[[], object] | None = None):
         """function(runner, *args) on every worker, each answering when done. here: rank 0's part of the call, run
@@ -139,10 +142,10 @@ class Workers:
     def _drain(self, rank: int, pipe: Connection) -> None:
         try:
             while pipe.poll():
-                message = pipe.recv()
-                if message[0] == "error":
-                    self._record(f"tensor-parallel worker rank {rank} failed:\n{message[1]}")
-        except (EOFError, OSError):
+                message = read_answer(pipe)
+                if message.kind == "error":
+                    self._record(f"tensor-parallel worker rank {rank} failed:\n{message.traceback}")
+        except (EOFError, OSError, msgspec.DecodeError):
             pass
 
     def _died(self, rank: int, process) -> None:

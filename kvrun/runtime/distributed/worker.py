@@ -3,12 +3,15 @@
 Rank 0 runs in the engine's process and sends each worker, over its own pipe, every call that must happen on all
 ranks, in the order rank 0 makes it:
     ("execute", ScheduledBatch)   run the step's forward pass (rank 0 samples; the workers' logits are dropped)
-    ("call", function, args)      function(runner, *args), answered ("ok",): KV cache sizing, graph capture, LoRA
+    ("call", function, args)      function(runner, *args), answered "ok": KV cache sizing, graph capture, LoRA
                                   wrapping and adapter slot writes (the engine publishes a slot before the step
                                   that uses it, so every rank sees a whole adapter or none), then a DoRA
                                   adapter's norm sums (an all-reduce rank 0 joins)
     ("stop",)                     leave the loop
-A worker that fails sends ("error", traceback) and exits; one whose engine vanished (its pipe closed) exits too.
+These go pickled from parent to child, as multiprocessing's own start of the worker does. The answers go back as
+MessagePack Answers, so rank 0 never unpickles what a worker sends: "joining" (its rendezvous began), "ready" (its
+shard is loaded), "ok" (a call finished), or "error" with the traceback, after which the worker exits. One whose
+engine vanished (its pipe closed) exits too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import msgspec
 import torch
 import torch.distributed as dist
 
@@ -27,6 +31,23 @@ from kvrun.config import EngineConfig
 from kvrun.runtime.distributed.group import make_group
 
 logger = logging.getLogger(__name__)
+
+
+class Answer(msgspec.Struct, array_like=True):
+    kind: str  # "joining" | "ready" | "ok" | "error"
+    traceback: str | None = None  # with "error"
+
+
+_answer_decoder = msgspec.msgpack.Decoder(Answer)
+
+
+def read_answer(conn: Connection) -> Answer:
+    """A worker's next answer (raises EOFError once its pipe closed, msgspec.DecodeError for unreadable bytes)."""
+    return _answer_decoder.decode(conn.recv_bytes())
+
+
+def _answer(conn: Connection, kind: str, failure: str | None = None) -> None:
+    conn.send_bytes(msgspec.msgpack.encode(Answer(kind, failure)))
 
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
@@ -57,16 +78,16 @@ def run_worker(
         else:
             torch.set_num_threads(cpu_threads(size))
         store = dist.TCPStore("127.0.0.1", store_port, size, False)
-        conn.send(("joining",))
+        _answer(conn, "joining")
         tp = make_group(store, rank, size, device)
         runner = ModelRunner(model_dir, config, model_name, tp)
-        conn.send(("ready",))
+        _answer(conn, "ready")
         _serve(runner, conn)
     except EOFError:  # the engine's end of the pipe closed: nothing left to do
         os._exit(0)
     except BaseException:  # noqa: BLE001 - reported to rank 0, which takes the engine down with it
         try:
-            conn.send(("error", traceback.format_exc()))
+            _answer(conn, "error", traceback.format_exc())
         finally:
             os._exit(1)
 
@@ -80,7 +101,7 @@ def _serve(runner, conn: Connection) -> None:
         elif kind == "call":
             _, function, args = message
             function(runner, *args)
-            conn.send(("ok",))
+            _answer(conn, "ok")
         elif kind == "stop":
             return
         else:
