@@ -27,6 +27,7 @@ ALL_LINEAR = "all-linear"
 _SERVED_FIELDS = {
     "peft_type", "r", "target_modules", "exclude_modules", "lora_alpha", "use_rslora", "bias", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias", "use_dora", "alora_invocation_tokens",
+    "trainable_token_indices", "modules_to_save",
 }  # fmt: skip
 # Fields that may hold any value: bookkeeping, training-only or initialization-only settings.
 _HARMLESS_FIELDS = {
@@ -41,10 +42,8 @@ _HARMLESS_FIELDS = {
 # What PEFT can save that kvrun does not serve, each refused by name with the reason given here: the registry at push
 # and the engine at load read this one table, so both refuse with the same words.
 UNSERVED_FIELDS = {
-    "modules_to_save": "fully fine-tuned modules (modules_to_save) cannot be hot-swapped per request",
     "layer_replication": "layer_replication changes the base model's layer layout",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
-    "trainable_token_indices": "trainable token embeddings (trainable_token_indices) are not supported",
     "use_qalora": "QALoRA (use_qalora) is not supported",
     "megatron_config": "Megatron-parallel LoRA layers (megatron_config) are not supported",
     "velora_config": "the VeLoRA variant (velora_config) is not supported",
@@ -61,8 +60,11 @@ UNSERVED_BIAS = {
 }
 # target_modules leaves naming layers PEFT adapts with its embedding LoRA that kvrun does not serve: position tables.
 UNSERVED_TARGETS = dict.fromkeys(("wpe", "embed_positions"), "LoRA on a position-embedding table is not served")
-# The token embedding's and output layer's names among the families kvrun serves (an activated LoRA may not target them)
-VOCAB_LAYER_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings", "lm_head", "embed_out")
+# The token embedding's and output layer's names among the families kvrun serves (an activated LoRA may not target them;
+# trainable tokens and modules_to_save may name only them)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
+HEAD_LAYER_NAMES = ("lm_head", "embed_out")
+VOCAB_LAYER_NAMES = (*EMBEDDING_LAYER_NAMES, *HEAD_LAYER_NAMES)
 # peft_type → the method's name: every PEFT method but LoRA changes the model in ways the LoRA kernels do not compute.
 UNSERVED_PEFT_TYPES = {
     "LOHA": "LoHa (low-rank Hadamard product)", "LOKR": "LoKr (low-rank Kronecker product)",
@@ -93,10 +95,15 @@ MODULE_VECTORS = {
     "lora_magnitude_vector": ("use_dora", "a DoRA magnitude vector"),
 }
 
+# Trainable tokens (trainable_token_indices): per layer, the rows of the vocabulary matrix the adapter replaces,
+# saved as `<module>.token_adapter.trainable_tokens_delta` [len(indices), width] — the new rows themselves.
+TOKEN_ROWS_PART = "token_adapter.trainable_tokens_delta"
+# A modules_to_save layer: the adapter's whole copy of it, saved under the layer's own parameter names.
+FULL_COPY_PARTS = ("weight", "bias")
+
 # Tensors PEFT saves for the features above, for an adapter whose config does not admit to them (hand-edited, or
 # saved by an older PEFT): the pattern of the key, and what it is.
 _UNSERVED_TENSORS = (
-    (r"\.trainable_tokens_delta(\.[^.]+)?$", "a trainable-token embedding delta (trainable_token_indices)"),
     (r"\.alora_", "an activated-LoRA tensor"),
     (r"\.(hada|lokr)_", "a LoHa/LoKr weight"),
     (r"\.ia3_l", "an IA3 scaling vector"),
@@ -127,6 +134,21 @@ class LoraSettings:
     use_dora: bool = False  # DoRA: every LoRA module has a magnitude vector (`<module>.lora_magnitude_vector`)
     # Activated LoRA: the adapter applies from the last occurrence of these tokens in the prompt on (docs/adapters.md)
     invocation_tokens: tuple[int, ...] | None = None
+    # Trainable tokens: (the layer as trainable_token_indices names it, None for its list form, which means the token
+    # embedding; the vocabulary rows the adapter replaces there)
+    token_indices: tuple[tuple[str | None, tuple[int, ...]], ...] = ()
+    modules_to_save: tuple[str, ...] = ()  # layers the adapter holds whole copies of (token embedding, output layer)
+
+    def token_indices_of(self, module: str, embedding: bool) -> tuple[int, ...] | None:
+        """The vocabulary rows this adapter replaces in `module` (a token embedding when `embedding`), or None."""
+        for layer, indices in self.token_indices:
+            if embedding if layer is None else _matches((layer,), module):
+                return indices
+        return None
+
+    def saves_full(self, module: str) -> bool:
+        """Whether the adapter holds a whole copy of `module` (modules_to_save)."""
+        return _matches(self.modules_to_save, module)
 
     @property
     def module_vectors(self) -> tuple[str, ...]:
@@ -271,6 +293,11 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
         raise UnsupportedConfigError(
             f"{CONFIG_FILE}: alora_invocation_tokens with use_dora=true is a combination PEFT refuses"
         )
+    token_indices, modules_to_save = _token_indices(config), _modules_to_save(config)
+    if invocation_tokens is not None and (token_indices or modules_to_save):
+        raise UnsupportedConfigError(
+            f"{CONFIG_FILE}: alora_invocation_tokens with trainable_token_indices or modules_to_save is not served"
+        )
     base_model = config.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise AdapterConfigError(f"{CONFIG_FILE}: base_model_name_or_path must be a string")
@@ -283,10 +310,17 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
             reason = "activated LoRA (alora_invocation_tokens) on an embedding or output layer is not served"
         if reason is not None:
             raise UnsupportedConfigError(f"{CONFIG_FILE}: target_modules names {target!r}: {reason}")
+    for layer in (*modules_to_save, *(layer for layer, _ in token_indices if layer is not None)):
+        if isinstance(targets, tuple) and _matches(targets, layer):
+            raise UnsupportedConfigError(
+                f"{CONFIG_FILE}: {layer!r} is in target_modules and in modules_to_save or trainable_token_indices: "
+                "LoRA and a whole copy or trainable tokens of one layer together are not served"
+            )
     return LoraSettings(
         rank, float(alpha), targets, use_rslora, base_model or None,
         _names_or_pattern(config, "exclude_modules"), _layers(config), _patterns(config), rank_pattern,
         tuple((key, float(value)) for key, value in alpha_pattern), lora_bias, use_dora, invocation_tokens,
+        token_indices, modules_to_save,
     )  # fmt: skip
 
 
@@ -307,6 +341,53 @@ def _invocation_tokens(config: dict) -> tuple[int, ...] | None:
             f"{CONFIG_FILE}: alora_invocation_tokens must be a non-empty list of token ids, got {value!r}"
         )
     return tuple(value)
+
+
+def _token_indices(config: dict) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
+    """trainable_token_indices: a list of token ids (the token embedding's rows), or a map layer name → such a list;
+    the layers may be the token embedding and the output layer only."""
+    value = config.get("trainable_token_indices")
+    if value in (None, [], {}):
+        return ()
+    entries = value.items() if isinstance(value, dict) else [(None, value)]
+    found = []
+    for layer, indices in entries:
+        where = "trainable_token_indices" + ("" if layer is None else f"[{layer!r}]")
+        if layer is not None and (not layer or layer.rsplit(".", 1)[-1] not in VOCAB_LAYER_NAMES):
+            raise UnsupportedConfigError(
+                f"{CONFIG_FILE}: trainable_token_indices names {layer!r}: trainable tokens are served on the token "
+                f"embedding and the output layer only ({', '.join(VOCAB_LAYER_NAMES)})"
+            )
+        if not isinstance(indices, list) or not indices or not all(type(i) is int and i >= 0 for i in indices):
+            raise AdapterConfigError(f"{CONFIG_FILE}: {where} must be a non-empty list of token ids, got {indices!r}")
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        if repeated:
+            raise AdapterConfigError(f"{CONFIG_FILE}: {where} lists token id {repeated[0]} more than once")
+        found.append((layer, tuple(indices)))
+    modules_to_save = config.get("modules_to_save") or ()
+    for layer, _ in found:
+        if layer is not None and isinstance(modules_to_save, list) and layer in modules_to_save:
+            raise UnsupportedConfigError(
+                f"{CONFIG_FILE}: {layer!r} is in modules_to_save and in trainable_token_indices, a combination PEFT "
+                "refuses"
+            )
+    return tuple(found)
+
+
+def _modules_to_save(config: dict) -> tuple[str, ...]:
+    """modules_to_save: the layers the adapter holds whole copies of; the token embedding and output layer only."""
+    value = config.get("modules_to_save")
+    if value in (None, []):
+        return ()
+    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+        raise AdapterConfigError(f"{CONFIG_FILE}: modules_to_save must be a list of module names")
+    for name in value:
+        if name.rsplit(".", 1)[-1] not in VOCAB_LAYER_NAMES:
+            raise UnsupportedConfigError(
+                f"{CONFIG_FILE}: modules_to_save names {name!r}: kvrun serves whole per-adapter copies of the token "
+                f"embedding and the output layer only ({', '.join(VOCAB_LAYER_NAMES)})"
+            )
+    return tuple(sorted(set(value)))
 
 
 def _positive_number(value: object) -> bool:

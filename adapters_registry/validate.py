@@ -23,7 +23,8 @@ from adapters_registry.errors import (
     WeightMagnitudeError,
 )
 from adapters_registry.peft_config import (
-    BASE_COPIES, CONFIG_FILE, MODULE_VECTORS, LoraSettings, parse_config, unserved_tensor,
+    BASE_COPIES, CONFIG_FILE, EMBEDDING_LAYER_NAMES, FULL_COPY_PARTS, MODULE_VECTORS, TOKEN_ROWS_PART, LoraSettings,
+    parse_config, unserved_tensor,
 )  # fmt: skip
 from adapters_registry.safetensors_format import TensorInfo, check_finite, decode, find_at_least, parse_header
 
@@ -49,6 +50,10 @@ _KEY_RE = re.compile(
     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|lora_embedding_[AB]"
     r"|base_layer\.weight|base_layer\.bias)"
     r"(?:\.weight)?$"
+)
+# Trainable tokens' rows of a layer, and a modules_to_save layer's whole copy (its own weight and bias names).
+_VOCAB_KEY_RE = re.compile(
+    rf"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.(?P<part>{re.escape(TOKEN_ROWS_PART)}|weight|bias)$"
 )
 
 
@@ -117,7 +122,8 @@ def validate_adapter(files: Mapping[str, bytes], limits: Limits = DEFAULT_LIMITS
     if not tensors:
         raise TensorNameError(f"{WEIGHTS_FILE}: contains no tensors")
     parts = _module_tensors(tensors, settings)
-    dtype = _common_dtype(tensors)
+    _check_vocab_tensors_present(tensors, settings)
+    dtype = _common_dtype({key: info for key, info in tensors.items() if _vocab_part(key, settings) is None})
     pairs = {module: tuple(found[part] for part in settings.lora_pair(found)) for module, found in parts.items()}
     for module, (a, b) in sorted(pairs.items()):
         _check_pair_shapes(module, a, b, settings.rank_of(module))
@@ -170,6 +176,9 @@ def _module_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> d
     modules: dict[str, dict[str, TensorInfo]] = {}
     for key, info in tensors.items():
         match = _KEY_RE.match(key)
+        if match is None and _vocab_part(key, settings) is not None:
+            _check_vocab_tensor(info, settings)
+            continue
         if match is None:
             raise TensorNameError(_explain_bad_key(key))
         module = match["module"]
@@ -190,6 +199,43 @@ def _module_tensors(tensors: dict[str, TensorInfo], settings: LoraSettings) -> d
     return modules
 
 
+def _vocab_part(key: str, settings: LoraSettings) -> tuple[str, str] | None:
+    """(module, part) of a trainable-token or modules_to_save tensor this adapter's config declares, else None."""
+    match = _VOCAB_KEY_RE.match(key)
+    if match is None or _KEY_RE.match(key):
+        return None
+    module, part = match["module"], match["part"]
+    embedding = module.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+    if part == TOKEN_ROWS_PART and settings.token_indices_of(module, embedding) is not None:
+        return module, part
+    if part in FULL_COPY_PARTS and settings.saves_full(module):
+        return module, part
+    return None
+
+
+def _check_vocab_tensors_present(tensors: dict[str, TensorInfo], settings: LoraSettings) -> None:
+    found = [part for part in (_vocab_part(key, settings) for key in tensors) if part is not None]
+    for name in settings.modules_to_save:
+        if not any(part == "weight" and (module == name or module.endswith(f".{name}")) for module, part in found):
+            raise TensorNameError(f"modules_to_save names {name!r}, but {WEIGHTS_FILE} has no copy of it")
+    if settings.token_indices and not any(part == TOKEN_ROWS_PART for _, part in found):
+        raise TensorNameError(f"trainable_token_indices is set, but {WEIGHTS_FILE} holds no trainable-token rows")
+
+
+def _check_vocab_tensor(info: TensorInfo, settings: LoraSettings) -> None:
+    module, part = _vocab_part(info.key, settings)
+    dims = 1 if part == "bias" else 2
+    if len(info.shape) != dims or 0 in info.shape:
+        raise TensorShapeError(f"{WEIGHTS_FILE}: tensor {info.key!r} has shape {list(info.shape)}; expected {dims}-D")
+    if part == TOKEN_ROWS_PART:
+        indices = settings.token_indices_of(module, module.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+        if info.shape[0] != len(indices):
+            raise TensorShapeError(
+                f"{WEIGHTS_FILE}: tensor {info.key!r} has {info.shape[0]} rows, but trainable_token_indices lists "
+                f"{len(indices)} tokens for {module}"
+            )
+
+
 def _explain_bad_key(key: str) -> str:
     prefix = f"{WEIGHTS_FILE}: tensor {key!r}"
     if re.search(r"\.lora_[AB]\.[^.]+\.weight$", key):
@@ -197,6 +243,10 @@ def _explain_bad_key(key: str) -> str:
     what = unserved_tensor(key)
     if what is not None:
         return f"{prefix} is {what}, which kvrun does not serve"
+    if key.endswith(TOKEN_ROWS_PART):
+        return f"{prefix} holds trainable tokens of a layer that trainable_token_indices does not list"
+    if _VOCAB_KEY_RE.match(key):
+        return f"{prefix} is a whole layer's weight, but adapter_config.json's modules_to_save does not name that layer"
     return f"{prefix} is not a PEFT LoRA weight (expected base_model.model.<module>.lora_A.weight / lora_B.weight)"
 
 

@@ -33,10 +33,18 @@ class LoRAConfig:
     max_loras: int | None = None  # adapter slots resident in the model at once; 0: LoRA off; None: memory plan
     max_lora_rank: int = 64
     max_cpu_loras: int = 64  # parsed adapters kept in host memory (raised to max_loras when that is larger)
+    # per adapter slot and vocabulary role, the token rows an adapter's trainable tokens may replace (PEFT's
+    # trainable_token_indices); 0: adapters with trainable tokens are refused
+    max_trainable_tokens: int = 64
+    # whole per-adapter copies of the token embedding and output layer (PEFT's modules_to_save), in slots of their own
+    # (one copy of each layer per slot); 0: adapters with modules_to_save are refused
+    max_full_module_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.max_loras is not None and self.max_loras < 0:
             raise ValueError("max_loras must be >= 0")
+        if not 0 <= self.max_trainable_tokens <= 65536 or self.max_full_module_slots < 0:
+            raise ValueError("max_trainable_tokens must be in 0..65536 and max_full_module_slots >= 0")
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError("max_lora_rank must be in 1..1024")
         if self.max_cpu_loras < (self.max_loras or 0):

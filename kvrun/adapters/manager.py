@@ -60,10 +60,13 @@ class LoRAManager:
         self.device, self.dtype = weight.device, weight.dtype
         self.ops = select_ops(self.device)
         self.slots = SlotPool(config.max_loras)
+        self.copy_slots = SlotPool(config.max_full_module_slots)  # whole vocabulary-layer copies (modules_to_save)
         self.host = HostCache(config.max_cpu_loras)
         self._aliases: dict[str, AdapterRef] = {}
         self._sources: dict[AdapterRef, Callable[[], ParsedAdapter]] = {}
         self._holds: dict[AdapterRef, int] = {}  # live requests per version, running or waiting
+        self._copied: dict[AdapterRef, frozenset[str]] = {}  # versions with whole layer copies → their modules
+        self._slots_with_copies: set[int] = set()  # adapter slots whose adapter's copies are mapped for the step
         self._wrappers = self._wrap_projections(model)
         self.replicas = replicas
         if replicas is not None:
@@ -88,20 +91,22 @@ class LoRAManager:
         """Wrap every vocabulary matrix (found by type) with the LoRA of the roles it plays, and index its checkpoint
         module names: the token embedding's and the output layer's."""
         layers = vocab_layers(model)
-        self._vocab: dict[str, VocabWithLoRA] = {}
+        self._vocab: dict[str, tuple[VocabWithLoRA, str]] = {}  # checkpoint module → (its wrapper, its role there)
         parts = []
         for path in dict.fromkeys(path for path, _ in layers.values()):
             base = model.get_submodule(path)
             assert isinstance(base, VocabParallelEmbedding)
             roles = {role for where, role in layers.values() if where == path}
             wrapper = VocabWithLoRA(base, self.config.max_loras, self.config.max_lora_rank, self.ops,
-                                    embedding=EMBEDDING in roles, head=HEAD in roles)  # fmt: skip
+                                    embedding=EMBEDDING in roles, head=HEAD in roles,
+                                    max_tokens=self.config.max_trainable_tokens,
+                                    num_copies=self.config.max_full_module_slots)  # fmt: skip
             parent, _, attribute = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attribute, wrapper)
             for module, (where, role) in layers.items():
                 if where == path:
                     self._targets[module] = (wrapper.embedding if role == EMBEDDING else wrapper.head, role)
-                    self._vocab[module] = wrapper
+                    self._vocab[module] = (wrapper, role)
             parts.extend(part for part in (wrapper.embedding, wrapper.head) if part is not None)
         return parts
 
@@ -151,16 +156,50 @@ class LoRAManager:
         parsed = load_peft_adapter(path, name, self.model_config, self.config.max_lora_rank, self.dtype, version)
         for (module, part), copy in parsed.base_copies.items():
             # PEFT's load writes the saved copy into the model: served only where that changes nothing.
-            if not self._vocab[module].holds(part.rpartition(".")[2], copy):
+            if not self._vocab[module][0].holds(part.rpartition(".")[2], copy):
                 raise AdapterError(
                     f"adapter {name!r}: adapter_model.safetensors holds {module}.{part}, which differs from the base "
                     "model's (a resized or retrained layer); kvrun does not serve that"
                 )
         return dataclasses.replace(parsed, base_copies={}) if parsed.base_copies else parsed
 
+    def _check_vocab_features(self, name: str, parsed: ParsedAdapter) -> None:
+        """Refuse trainable tokens and whole layer copies this engine cannot hold or PEFT would compute otherwise."""
+        def fail(message: str) -> AdapterError:
+            return AdapterError(f"adapter {name!r}: {message}")
+
+        if parsed.full_copies and not self.config.max_full_module_slots:
+            raise fail(
+                f"modules_to_save ({', '.join(sorted(parsed.full_copies))}) needs a whole copy of the layer per "
+                "adapter, and this engine has no full-module slots: start it with --max-full-module-slots N "
+                "(LLM(max_full_module_slots=N))"
+            )
+        for module, copy in parsed.full_copies.items():
+            has_bias = self._vocab[module][0].base.bias is not None
+            if has_bias != ("bias" in copy):
+                raise fail(f"the saved copy of {module} {'lacks' if has_bias else 'has'} a bias, which the base "
+                           f"model's {'has' if has_bias else 'lacks'}")  # fmt: skip
+        adapted = {(id(wrapper), role) for module in parsed.weights if module in self._vocab
+                   for wrapper, role in [self._vocab[module]]}  # fmt: skip
+        for module, (ids, _) in parsed.token_rows.items():
+            wrapper, role = self._vocab[module]
+            if len(ids) > self.config.max_trainable_tokens:
+                raise fail(f"trainable_token_indices lists {len(ids)} tokens for {module}; this engine serves up to "
+                           f"{self.config.max_trainable_tokens} per layer (--max-trainable-tokens, "
+                           "LLM(max_trainable_tokens=N))")  # fmt: skip
+            if (id(wrapper), role) in adapted:
+                raise fail(f"trainable tokens and LoRA on {module} (one vocabulary matrix, tied embeddings "
+                           "included) together are not served")  # fmt: skip
+            if role == HEAD and wrapper.base.bias is not None:
+                raise fail(f"trainable tokens on {module}, an output layer with a bias, are not served (PEFT "
+                           "computes that layer without its bias then)")  # fmt: skip
+
     def add(self, parsed: ParsedAdapter, source: Callable[[], ParsedAdapter]) -> None:
         """Point parsed.ref.name at this version; requests already running keep the version they started with."""
+        self._check_vocab_features(parsed.ref.name, parsed)
         self._sources[parsed.ref] = source
+        if parsed.full_copies:
+            self._copied[parsed.ref] = frozenset(parsed.full_copies)
         self.host.put(parsed, keep=self._in_use)
         previous = self._aliases.get(parsed.ref.name)
         self._aliases[parsed.ref.name] = parsed.ref
@@ -201,48 +240,117 @@ class LoRAManager:
 
     # -- slots ---------------------------------------------------------------------------------------------------
     def acquire(self, ref: AdapterRef) -> int | None:
-        """Pin ref into a slot, loading its weights if needed; None when every slot is pinned by running requests."""
+        """Pin ref into a slot (and its whole layer copies into a full-module slot), loading its weights if needed;
+        None when every slot it needs is pinned by running requests."""
+        copy = None
+        if ref in self._copied:
+            copy = self._acquire_copy(ref)
+            if copy is None:
+                return None
         placed = self.slots.acquire(ref)
         if placed is None:
+            if copy is not None:
+                self.copy_slots.release(ref)
             return None
         slot, evicted, needs_load = placed
         if evicted is not None:
             self._forget_if_idle(evicted)
-        if needs_load:
-            try:
-                parsed = self.host.get(ref, self._sources[ref], keep=self._in_use)
-                self._write_slot(slot, parsed)
-            except Exception as error:
-                self.slots.release(ref)
-                self.slots.discard(ref)
-                raise AdapterLoadError(f"adapter {ref} could not be loaded into a slot: {error}") from error
+        try:
+            if needs_load:
+                self._write_slot(slot, self.host.get(ref, self._sources[ref], keep=self._in_use))
+            if copy is not None:
+                self._map_copies(slot, copy, self._copied[ref])
+        except Exception as error:
+            self.slots.release(ref)
+            self.slots.discard(ref)
+            if copy is not None:
+                self.copy_slots.release(ref)
+            raise AdapterLoadError(f"adapter {ref} could not be loaded into a slot: {error}") from error
         return slot
 
     def release(self, ref: AdapterRef) -> None:
         self.slots.release(ref)
+        if ref in self._copied:
+            self.copy_slots.release(ref)
+
+    def has_full_copies(self, slot: int) -> bool:
+        """Whether the adapter in slot reads whole layer copies (its steps run eagerly: LoRABatchInfo.full_copies)."""
+        return slot in self._slots_with_copies
+
+    def _acquire_copy(self, ref: AdapterRef) -> int | None:
+        placed = self.copy_slots.acquire(ref)
+        if placed is None:
+            return None
+        copy, _, needs_load = placed  # an evicted owner's adapter slot is remapped when it next runs
+        if needs_load:
+            try:
+                copies = self.host.get(ref, self._sources[ref], keep=self._in_use).full_copies
+                self.write_copies(copy, copies)
+                if self.replicas is not None:
+                    host = {module: {part: tensor.cpu() for part, tensor in parts.items()}
+                            for module, parts in copies.items()}  # fmt: skip
+                    self.replicas.call(write_worker_copies, copy, host)
+            except Exception as error:
+                self.copy_slots.release(ref)
+                self.copy_slots.discard(ref)
+                raise AdapterLoadError(f"adapter {ref}'s layer copies could not be loaded: {error}") from error
+        return copy
+
+    def write_copies(self, copy: int, copies: dict[str, dict[str, torch.Tensor]]) -> None:
+        for module, parts in copies.items():
+            wrapper, role = self._vocab[module]
+            wrapper.copies[role].write(copy, parts)
+
+    def _map_copies(self, slot: int, copy: int, modules: frozenset[str]) -> None:
+        self.map_copies(slot, copy, modules)
+        if self.replicas is not None:
+            self.replicas.call(map_worker_copies, slot, copy, modules)
+
+    def map_copies(self, slot: int, copy: int, modules: frozenset[str]) -> None:
+        """Point adapter slot at full-module slot copy in the roles of `modules`, at none in the others."""
+        roles = {(id(wrapper), role) for module in modules for wrapper, role in [self._vocab[module]]}
+        for wrapper in self._vocab_wrappers():
+            for role, copies in wrapper.copies.items():
+                copies.of_slot[slot] = copy if (id(wrapper), role) in roles else -1
+        self._slots_with_copies.add(slot)
+
+    def _vocab_wrappers(self) -> list[VocabWithLoRA]:
+        return list({id(wrapper): wrapper for wrapper, _ in self._vocab.values()}.values())
 
     def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
         weights = {
             module: SliceWeights(a, b, parsed.scaling(module), parsed.biases.get(module), parsed.magnitudes.get(module))
             for module, (a, b) in parsed.weights.items()
         }
-        self.write_slot(slot, weights)
+        self.write_slot(slot, weights, parsed.token_rows)
         if self.replicas is None:
             return
         # Then every rank takes its shard of the same full weights, before the next step: an adapter rank 0 cannot
         # place fails its requests alone and never reaches the workers. What needs every rank at once comes last.
-        self.replicas.call(write_worker_slot, slot, {module: _on_host(entry) for module, entry in weights.items()})
+        host_rows = {module: (ids, rows.cpu()) for module, (ids, rows) in parsed.token_rows.items()}
+        self.replicas.call(write_worker_slot, slot, {module: _on_host(entry) for module, entry in weights.items()},
+                           host_rows)  # fmt: skip
         if any(entry.magnitude is not None for entry in weights.values()):
             self.replicas.call(finish_worker_slot, slot, here=lambda: self.finish_slot(slot))
 
-    def write_slot(self, slot: int, weights: dict[str, SliceWeights]) -> None:
-        """Place one adapter's full weights per checkpoint module in slot (each wrapper keeps its shard)."""
+    def write_slot(self, slot: int, weights: dict[str, SliceWeights], token_rows: dict | None = None) -> None:
+        """Place one adapter's full weights per checkpoint module in slot (each wrapper keeps its shard), and its
+        trainable tokens' rows (ParsedAdapter.token_rows) per vocabulary role; its layer copies are unmapped until
+        map_copies."""
         per_wrapper: dict[int, dict[str, SliceWeights]] = {}
         for module, entry in weights.items():
             wrapper, slice_name = self._targets[module]
             per_wrapper.setdefault(id(wrapper), {})[slice_name] = entry
         for wrapper in self._wrappers:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
+        rows = {(id(wrapper), role): entry for module, entry in (token_rows or {}).items()
+                for wrapper, role in [self._vocab[module]]}  # fmt: skip
+        for wrapper in self._vocab_wrappers():
+            for role, tokens in wrapper.tokens.items():
+                tokens.set_slot(slot, rows.get((id(wrapper), role)))
+            for copies in wrapper.copies.values():
+                copies.of_slot[slot] = -1
+        self._slots_with_copies.discard(slot)
 
     def finish_slot(self, slot: int) -> None:
         """Sum the row-parallel DoRA norms of the adapter just written into slot over the ranks (one all-reduce
@@ -265,6 +373,8 @@ class LoRAManager:
         if ref in self._aliases.values() or self._in_use(ref):
             return
         self.slots.discard(ref)
+        if self._copied.pop(ref, None) is not None:
+            self.copy_slots.discard(ref)
         self.host.drop(ref)
         self._sources.pop(ref, None)
 
@@ -274,8 +384,16 @@ def install_worker_lora(runner, model_config: ModelConfig, config: LoRAConfig) -
     runner.lora = LoRAManager(runner.model, model_config, config)
 
 
-def write_worker_slot(runner, slot: int, weights: dict[str, SliceWeights]) -> None:
-    runner.lora.write_slot(slot, weights)
+def write_worker_slot(runner, slot: int, weights: dict[str, SliceWeights], token_rows: dict) -> None:
+    runner.lora.write_slot(slot, weights, token_rows)
+
+
+def write_worker_copies(runner, copy: int, copies: dict[str, dict[str, torch.Tensor]]) -> None:
+    runner.lora.write_copies(copy, copies)
+
+
+def map_worker_copies(runner, slot: int, copy: int, modules: frozenset[str]) -> None:
+    runner.lora.map_copies(slot, copy, modules)
 
 
 def finish_worker_slot(runner, slot: int) -> None:

@@ -146,6 +146,9 @@ def _check_mergeable(component: ParsedAdapter, label: str) -> None:
                          "merged with other adapters")  # fmt: skip
     if component.biases:
         raise MergeError(f"adapter {label!r} has LoRA biases (lora_bias); merging them is not supported")
+    if component.token_rows or component.full_copies:
+        raise MergeError(f"adapter {label!r} has trainable tokens or whole layer copies (trainable_token_indices, "
+                         "modules_to_save); merging them is not supported")  # fmt: skip
     if component.ref.invocation_tokens is not None:
         raise MergeError(f"adapter {label!r} is an activated LoRA (alora_invocation_tokens), which applies from its "
                          "invocation tokens on; merging it with other adapters is not supported")  # fmt: skip

@@ -23,7 +23,8 @@ from safetensors.torch import load
 from adapters_registry import check_lora_magnitude
 from adapters_registry.errors import ValidationError
 from adapters_registry.peft_config import (
-    BASE_COPIES, EMBEDDING_PARTS, LORA_PARTS, MODULE_VECTORS, check_config, unserved_tensor,
+    BASE_COPIES, EMBEDDING_PARTS, FULL_COPY_PARTS, LORA_PARTS, MODULE_VECTORS, TOKEN_ROWS_PART, LoraSettings,
+    check_config, unserved_tensor,
 )  # fmt: skip
 from kvrun.adapters.ref import AdapterRef
 from kvrun.runtime.models.manifest import lora_targets
@@ -42,6 +43,10 @@ _KEY = re.compile(
     r"(?:\.(?P<kind>weight|bias))?$"
 )
 _UNSUFFIXED = ("lora_magnitude_vector", *EMBEDDING_PARTS)  # saved parameters, not a layer's weight or bias
+# Trainable tokens' rows of a vocabulary layer, and a modules_to_save layer's whole copy under its own parameter names.
+_VOCAB_KEY = re.compile(
+    rf"^(?:base_model\.model\.)?(?P<module>[\w.]+)\.(?P<part>{re.escape(TOKEN_ROWS_PART)}|weight|bias)$"
+)
 
 
 class AdapterError(ValueError):
@@ -62,13 +67,21 @@ class ParsedAdapter:
     # (module, part) → the base weight or bias PEFT saved beside a targeted embedding or output layer's LoRA
     # (BASE_COPIES), as saved; the engine checks them against its own and drops them (LoRAManager.parse_path)
     base_copies: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    # vocabulary module (the token embedding's or the output layer's checkpoint name) → (token ids, the rows that
+    # replace the matrix's own for them [len(ids), width], model dtype): PEFT's trainable tokens. With tied
+    # embeddings the output layer's entry repeats the embedding's where PEFT ties them.
+    token_rows: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
+    # vocabulary module → its whole copy {"weight": [vocab, width], "bias": [vocab] where the layer has one}, model
+    # dtype: PEFT's modules_to_save
+    full_copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def scaling(self, module: str) -> float:
         return self.scalings.get(module, self.ref.scaling)
 
     @property
     def num_bytes(self) -> int:
-        vectors = (*self.biases.values(), *self.magnitudes.values())
+        vectors = (*self.biases.values(), *self.magnitudes.values(), *(rows for _, rows in self.token_rows.values()))
+        vectors += tuple(tensor for copy in self.full_copies.values() for tensor in copy.values())
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values()) + sum(v.nbytes for v in vectors)
 
 
@@ -129,12 +142,27 @@ def parse_adapter(
         tensors = load(data)
     except (SafetensorError, ValueError) as error:
         raise AdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({error})") from None
-    parts = _module_tensors(name, tensors, targets, settings)
-    if config.get("ensure_weight_tying") is True and model.tie_word_embeddings and targets.vocab.intersection(parts):
+    parts, extras = _module_tensors(name, tensors, targets, settings)
+    tied_vocab = targets.vocab.intersection(parts) or any(settings.saves_full(module) for module in targets.vocab)
+    if config.get("ensure_weight_tying") is True and model.tie_word_embeddings and tied_vocab:
         raise AdapterError(
-            f"adapter {name!r}: {CONFIG_FILE}: ensure_weight_tying=true with LoRA on the tied embedding or output "
-            f"layer of {targets.architecture} (PEFT then applies the embedding's LoRA to the output layer too) is not "
+            f"adapter {name!r}: {CONFIG_FILE}: ensure_weight_tying=true with LoRA or modules_to_save on the tied "
+            f"embedding or output layer of {targets.architecture} (PEFT then ties the adapter's layers too) is not "
             "served"
+        )
+    token_rows = _token_rows(name, extras, targets, settings, model, dtype)
+    full_copies = {module: {part: tensor.to(dtype) for part, tensor in found.items()}
+                   for module, found in extras.items() if TOKEN_ROWS_PART not in found}  # fmt: skip
+    for module in [module for module in targets.vocab if settings.saves_full(module)]:
+        if module not in full_copies and not _aliased(module, full_copies, targets):
+            raise AdapterError(
+                f"adapter {name!r}: modules_to_save names {module!r}, but {WEIGHTS_FILE} has no copy of it"
+            )
+    doubled = [module for module in full_copies if module in parts or module in token_rows]
+    if doubled:
+        raise AdapterError(
+            f"adapter {name!r}: {doubled[0]} has a whole copy (modules_to_save) and LoRA weights or trainable tokens; "
+            "PEFT would serve the copy alone"
         )
     weights = {}
     for module, found in parts.items():
@@ -152,18 +180,75 @@ def parse_adapter(
                      settings.use_rslora, digest, settings.invocation_tokens)  # fmt: skip
     scalings = {module: settings.scaling_of(module) for module in weights}
     scalings = {m: s for m, s in scalings.items() if s != ref.scaling}
-    return ParsedAdapter(ref, weights, scalings, biases, magnitudes, base_copies)
+    return ParsedAdapter(ref, weights, scalings, biases, magnitudes, base_copies, token_rows, full_copies)
 
 
-def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, dict[str, torch.Tensor]]:
-    """module → {"lora_A.weight": [rank, in], "lora_B.weight": [out, rank], and each of the settings' module vectors
-    (adapters_registry.peft_config.MODULE_VECTORS): [out]}."""
+def _aliased(module: str, found: dict, targets) -> bool:
+    """Whether another name of the same output layer (lm_head / embed_out) is in found."""
+    heads = targets.vocab - targets.embeddings
+    return module in heads and any(other in found for other in heads)
+
+
+def _token_rows(name: str, extras: dict, targets, settings: LoraSettings, model: ModelConfig, dtype: torch.dtype):
+    """PEFT's trainable tokens per vocabulary module: the rows saved for each layer trainable_token_indices names
+    (its list form names the token embedding); with tied embeddings, the output layer takes the embedding's rows
+    unless it has its own (PEFT ties the two layers' rows when their indices agree, saving the embedding's alone)."""
+    def fail(message: str) -> AdapterError:
+        return AdapterError(f"adapter {name!r}: {message}")
+
+    for layer, _ in settings.token_indices:
+        if not any(layer is None and module in targets.embeddings or layer is not None and
+                   (module == layer or module.endswith(f".{layer}")) for module in targets.vocab):  # fmt: skip
+            raise fail(f"{CONFIG_FILE}: trainable_token_indices names {layer or 'the token embedding'!r}, which is no "
+                       f"layer of {targets.architecture} ({', '.join(sorted(targets.vocab))})")  # fmt: skip
+    heads = sorted(targets.vocab - targets.embeddings)
+    rows = {}
+    for module in sorted(targets.vocab):
+        indices = settings.token_indices_of(module, module in targets.embeddings)
+        if indices is None:
+            continue
+        saved = extras.get(module, {}).get(TOKEN_ROWS_PART)
+        if saved is None:
+            # an output layer tied to the embedding (below), or a head saved under its other name (lm_head/embed_out)
+            aliased = any(TOKEN_ROWS_PART in extras.get(head, {}) for head in heads)
+            if module in heads and (model.tie_word_embeddings or aliased):
+                continue
+            raise fail(f"trainable_token_indices lists tokens for {module}, but {WEIGHTS_FILE} has no "
+                       f"{module}.{TOKEN_ROWS_PART}")  # fmt: skip
+        if max(indices) >= model.vocab_size:
+            raise fail(f"{CONFIG_FILE}: trainable_token_indices for {module} lists token id {max(indices)}, outside "
+                       f"the vocabulary of {model.vocab_size} tokens")  # fmt: skip
+        if saved.shape[0] != len(indices):
+            raise fail(f"{WEIGHTS_FILE}: {module}.{TOKEN_ROWS_PART} has {saved.shape[0]} rows, but "
+                       f"trainable_token_indices lists {len(indices)} tokens for it")  # fmt: skip
+        rows[module] = (indices, saved.to(dtype).contiguous())
+    embedding = next((module for module in rows if module in targets.embeddings), None)
+    if model.tie_word_embeddings and embedding is not None and not any(head in rows for head in heads):
+        rows.update(dict.fromkeys(heads, rows[embedding]))
+    return rows
+
+
+def _module_tensors(name: str, tensors: dict, targets, settings) -> tuple[dict, dict]:
+    """(module → {"lora_A.weight": [rank, in], "lora_B.weight": [out, rank], and each of the settings' module vectors
+    (adapters_registry.peft_config.MODULE_VECTORS): [out]}, vocabulary module → {TOKEN_ROWS_PART: [n, width]} or its
+    whole copy {"weight": ..., "bias": ...})."""
     def fail(message: str) -> AdapterError:
         return AdapterError(f"adapter {name!r}: {message}")
 
     sides: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
+        try:
+            vocab = _vocab_tensor(key, tensor, targets, settings) if match is None else None
+        except AdapterError as error:
+            raise fail(str(error)) from None
+        if vocab is not None:
+            problem = _tensor_problem(key, tensor)
+            if problem is not None:
+                raise fail(problem)
+            extras.setdefault(vocab[0], {})[vocab[1]] = tensor
+            continue
         if match is None:
             what = unserved_tensor(key)
             if what is not None:
@@ -186,8 +271,9 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
         problem = settings.vector_problem(key, part) if part in MODULE_VECTORS else None
         if problem is not None:
             raise fail(f"{WEIGHTS_FILE}: {problem}")
-        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise fail(f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)")
+        problem = _tensor_problem(key, tensor, values=False)
+        if problem is not None:
+            raise fail(problem)
         problem = _kind_problem(module, part, targets, settings)
         if problem is not None:
             raise fail(f"{WEIGHTS_FILE}: tensor {key!r}: {problem}")
@@ -200,20 +286,57 @@ def _module_tensors(name: str, tensors: dict, targets, settings) -> dict[str, di
         expected = shapes.get(part, (out_features,))
         if tuple(tensor.shape) != expected:
             raise fail(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected} (rank {rank}, {module})")
-        if not torch.isfinite(tensor).all():
-            raise fail(f"tensor {key!r} contains NaN or Inf")
-        try:
-            check_lora_magnitude(key, float(tensor.abs().max()) if tensor.numel() else 0.0)
-        except ValidationError as error:
-            raise fail(str(error)) from None
+        problem = _tensor_problem(key, tensor, dtype=False)
+        if problem is not None:
+            raise fail(problem)
         sides.setdefault(module, {})[part] = tensor
-    if not sides:
+    if not sides and not extras:
         raise fail(f"{WEIGHTS_FILE} holds no LoRA weights")
     for module, found in sides.items():
         problem = settings.module_problem(module, found)
         if problem is not None:
             raise fail(problem)
-    return sides
+    return sides, extras
+
+
+def _tensor_problem(key: str, tensor: torch.Tensor, dtype: bool = True, values: bool = True) -> str | None:
+    if dtype and tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"tensor {key!r} has dtype {tensor.dtype} (fp32/fp16/bf16 only)"
+    if not values:
+        return None
+    if not torch.isfinite(tensor).all():
+        return f"tensor {key!r} contains NaN or Inf"
+    try:
+        check_lora_magnitude(key, float(tensor.abs().max()) if tensor.numel() else 0.0)
+    except ValidationError as error:
+        return str(error)
+    return None
+
+
+def _vocab_tensor(key: str, tensor: torch.Tensor, targets, settings: LoraSettings) -> tuple[str, str] | None:
+    """(module, part) of a trainable-token or modules_to_save tensor its config declares; None for any other key.
+    Raises AdapterError when such a tensor does not fit the layer."""
+    match = _VOCAB_KEY.match(key)
+    if match is None:
+        return None
+    module, part = match["module"], match["part"]
+    if part == TOKEN_ROWS_PART:
+        declared = settings.token_indices_of(module, module in targets.embeddings) is not None
+    else:
+        declared = settings.saves_full(module)
+    if not declared:
+        return None
+    if module not in targets.vocab:
+        raise AdapterError(
+            f"tensor {key!r} is for module {module!r}, which is not a token embedding or output layer of "
+            f"{targets.architecture} ({', '.join(sorted(targets.vocab))})"
+        )
+    in_features, out_features = targets.modules[module]
+    vocab, width = (in_features, out_features) if module in targets.embeddings else (out_features, in_features)
+    expected = {"weight": (vocab, width), "bias": (vocab,)}.get(part, (tensor.shape[0] if tensor.dim() else 0, width))
+    if tuple(tensor.shape) != expected:
+        raise AdapterError(f"{WEIGHTS_FILE}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
+    return module, part
 
 
 def _kind_problem(module: str, part: str, targets, settings) -> str | None:

@@ -30,6 +30,8 @@ class LLM:
         max_loras: int | None = _default(LoRAConfig, "max_loras"),
         max_lora_rank: int = _default(LoRAConfig, "max_lora_rank"),
         max_cpu_loras: int = _default(LoRAConfig, "max_cpu_loras"),
+        max_trainable_tokens: int = _default(LoRAConfig, "max_trainable_tokens"),
+        max_full_module_slots: int = _default(LoRAConfig, "max_full_module_slots"),
         dtype: str = _default(EngineConfig, "dtype"),
         device: str = _default(EngineConfig, "device"),
         block_size: int = _default(CacheConfig, "block_size"),
@@ -55,7 +57,8 @@ class LLM:
             cache=CacheConfig(
                 block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching, gpu_memory_utilization
             ),
-            lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras or 0)),
+            lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras or 0), max_trainable_tokens,
+                            max_full_module_slots),  # fmt: skip
             scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         )
         self.engine = LLMEngine(config)

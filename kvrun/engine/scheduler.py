@@ -261,7 +261,9 @@ class Scheduler:
                 )
             )
         is_prefill = any(len(row.token_ids) > 1 or not row.samples for row in scheduled)
-        return ScheduledBatch(is_prefill=is_prefill, requests=scheduled)
+        adapters = self.adapters
+        full_copies = adapters is not None and any(adapters.has_full_copies(row.adapter_slot) for row in scheduled)
+        return ScheduledBatch(is_prefill=is_prefill, requests=scheduled, full_copies=full_copies)
 
 
 def _adapter_root(request: Request, base_prefix_key: bytes) -> bytes:

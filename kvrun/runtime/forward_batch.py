@@ -34,6 +34,7 @@ class ScheduledRequest:
 class ScheduledBatch:
     is_prefill: bool  # False only when every row is one token that samples (a pure decode step: CUDA graphs)
     requests: list[ScheduledRequest]  # grouped by adapter_slot, so LoRA segments are contiguous
+    full_copies: bool = False  # a row's adapter has a whole copy of a vocabulary layer (runs eagerly, no graph)
 
     @property
     def num_tokens(self) -> int:
@@ -55,12 +56,19 @@ class LoRABatchInfo:
 
     seg_indptr: torch.Tensor  # [num_segments + 1] int32, token offsets of runs of one slot
     seg_slots: torch.Tensor  # [num_segments] int32, -1 = base model
+    # Whether a row uses an adapter's whole copy of a vocabulary layer (modules_to_save): such steps run eagerly
+    full_copies: bool = False
 
     def for_rows(self, rows: torch.Tensor) -> LoRABatchInfo:
         """The same segments over a subset of the step's tokens, `rows` [n] int64 ascending (the rows whose logits
         are computed, for the output layer's LoRA): segment g keeps the rows inside its token range. Computed on the
         device, so a CUDA graph replays it."""
-        return LoRABatchInfo(torch.searchsorted(rows, self.seg_indptr.long()).int(), self.seg_slots)
+        return LoRABatchInfo(torch.searchsorted(rows, self.seg_indptr.long()).int(), self.seg_slots, self.full_copies)
+
+    def token_slots(self, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] each token's slot (-1: base)."""
+        lengths = self.seg_indptr[1:] - self.seg_indptr[:-1]
+        return torch.repeat_interleave(self.seg_slots, lengths, output_size=num_tokens)
 
 
 @dataclass(slots=True)

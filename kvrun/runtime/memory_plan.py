@@ -9,9 +9,10 @@ On GPU the engine asks for `gpu_memory_utilization` (vLLM's name, default 0.9) o
              + memory outside torch's allocator (CUDA context, cuBLAS workspaces)
     left   = budget − fixed, shared by the LoRA slots and the KV cache
 
-max_loras, when the user leaves it unset: as many slots as fit in LORA_SHARE (a quarter) of `left`, at least 1, at
-most max_num_seqs (more slots than rows can never be used in one step) and MAX_AUTO_LORAS; fewer if the KV cache would
-otherwise not hold one max_model_len sequence. The KV cache takes everything else, in whole blocks. Start-up is
+The full-module slots (max_full_module_slots: whole per-adapter copies of the vocabulary layers) count as LoRA
+memory. max_loras, when the user leaves it unset: as many slots as fit in LORA_SHARE (a quarter) of `left`, at least
+1, at most max_num_seqs (more slots than rows can never be used in one step) and MAX_AUTO_LORAS; fewer if the KV cache
+would otherwise not hold one max_model_len sequence. The KV cache takes everything else, in whole blocks. Start-up is
 refused, with these numbers, when the KV cache cannot hold one sequence of max_model_len tokens.
 
 On CPU nothing is measured: the KV cache is a fixed CPU_KV_CACHE_BYTES and the other defaults are fixed too. An
@@ -89,6 +90,7 @@ class PlanInputs:
     graph_batch_sizes: tuple[int, ...]  # () when decode steps are not captured
     graphs_with_lora: bool  # each batch size holds a LoRA and a LoRA-free graph
     graph_buffer_bytes: int = 0  # what the attention backend allocates per captured batch size (its plan buffers)
+    full_module_bytes: int = 0  # every full-module slot's copies of the vocabulary layers (modules_to_save)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,7 @@ class MemoryPlan:
     graphs: int
     non_torch: int
     max_loras: int
-    lora: int  # slots + workspace
+    lora: int  # slots + workspace + full-module slots
     kv_cache: int  # num_blocks × block bytes
     num_blocks: int
     block_size: int
@@ -148,6 +150,7 @@ def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
     sequence_kv = -(-inputs.max_model_len // inputs.block_size) * inputs.kv_bytes_per_block
     max_loras = _choose_max_loras(inputs, left, sequence_kv)
     lora = max_loras * inputs.lora_slot_bytes + (inputs.lora_workspace_bytes if max_loras else 0)
+    lora += inputs.full_module_bytes if max_loras else 0
     num_blocks = max(0, (left - lora) // inputs.kv_bytes_per_block)
     if num_blocks * inputs.kv_bytes_per_block < sequence_kv:
         fitting_tokens = num_blocks * inputs.block_size
@@ -172,7 +175,8 @@ def _choose_max_loras(inputs: PlanInputs, left: int, sequence_kv: int) -> int:
         return inputs.max_loras
     slot = inputs.lora_slot_bytes
     by_share = int(LORA_SHARE * max(0, left) // slot)
-    by_kv = (left - inputs.lora_workspace_bytes - sequence_kv) // slot  # slots that still leave one sequence's KV
+    # slots that still leave one sequence's KV
+    by_kv = (left - inputs.lora_workspace_bytes - inputs.full_module_bytes - sequence_kv) // slot
     return max(1, min(by_share, by_kv, inputs.max_num_seqs, MAX_AUTO_LORAS))
 
 

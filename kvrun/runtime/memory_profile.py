@@ -111,7 +111,8 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
         block_size=config.cache.block_size,
         kv_bytes_per_block=block_bytes,
         max_loras=lora.max_loras,
-        lora_slot_bytes=lora_slot_bytes(runner.model, lora.max_lora_rank, element),
+        lora_slot_bytes=lora_slot_bytes(runner.model, lora.max_lora_rank, element, lora.max_trainable_tokens),
+        full_module_bytes=full_module_slot_bytes(runner.model, element) * lora.max_full_module_slots,
         lora_workspace_bytes=lora_workspace_bytes(runner.model, step_tokens, lora.max_lora_rank),
         vocab_size=runner.model_config.vocab_size,
         logits_element_bytes=element,
@@ -122,9 +123,10 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
     return memory_plan.plan_gpu_memory(measured, inputs)
 
 
-def lora_slot_bytes(model: torch.nn.Module, max_rank: int, element_bytes: int) -> int:
+def lora_slot_bytes(model: torch.nn.Module, max_rank: int, element_bytes: int, max_tokens: int = 0) -> int:
     """One adapter slot: an A [max_rank, in] per output slice and a B [width, max_rank] per slice, every projection,
-    and per output feature the expand epilogue's fp32 scale and model-dtype shift (lora_bias, DoRA)."""
+    and per output feature the expand epilogue's fp32 scale and model-dtype shift (lora_bias, DoRA); per role of
+    each vocabulary matrix, max_tokens trainable-token rows and their int64 ids."""
     projections = [module for module in model.modules() if isinstance(module, Projection)]
     total = sum(
         max_rank * (len(module.output_slices) * module.in_features + module.out_features) * element_bytes
@@ -140,7 +142,19 @@ def lora_slot_bytes(model: torch.nn.Module, max_rank: int, element_bytes: int) -
                 total += max_rank * (module.vocab_size + width) * element_bytes
             if HEAD in module.roles:
                 total += max_rank * (width + module.num_local) * element_bytes + module.num_local * (4 + element_bytes)
+            total += len(module.roles) * max_tokens * (width * element_bytes + 8)
     return total
+
+
+def full_module_slot_bytes(model: torch.nn.Module, element_bytes: int) -> int:
+    """One full-module slot (modules_to_save): a copy of this rank's rows of each vocabulary matrix (and its bias)
+    per role it plays."""
+    return sum(
+        len(module.roles) * (module.weight.numel() + (module.bias.numel() if module.bias is not None else 0))
+        * element_bytes
+        for module in model.modules()
+        if isinstance(module, VocabParallelEmbedding)
+    )  # fmt: skip
 
 
 def lora_workspace_bytes(model: torch.nn.Module, num_tokens: int, max_rank: int) -> int:

@@ -89,7 +89,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """[len(batch.sampling_requests()), vocab]: the last-token logits of each row that samples, in batch order."""
-        if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
+        graphed = not batch.is_prefill and not batch.full_copies
+        if self.graphs is not None and graphed and self.graphs.bucket_for(len(batch.requests)):
             return self.graphs.run(batch)
         forward_batch = self.prepare(batch)
         self.attention.plan(forward_batch.attention)
@@ -106,8 +107,8 @@ class ModelRunner:
             positions=tensor(layout.positions),
             attention=attention_metadata(layout, batch.is_prefill, self.block_size, tensor(layout.slot_mapping)),
             logits_indices=tensor(layout.logits_indices),
-            lora=LoRABatchInfo(tensor(layout.seg_indptr, torch.int32), tensor(layout.seg_slots, torch.int32))
-            if layout.uses_lora else None,
+            lora=LoRABatchInfo(tensor(layout.seg_indptr, torch.int32), tensor(layout.seg_slots, torch.int32),
+                               batch.full_copies) if layout.uses_lora else None,
             token_seq_lens=tensor(layout.token_seq_lens) if self.needs_token_seq_lens else None,
         )  # fmt: skip
 

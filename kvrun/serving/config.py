@@ -23,6 +23,8 @@ class ServerConfig:
     max_loras: int | None = None  # adapter slots in the model; None: chosen at start-up (kvrun.runtime.memory_plan)
     max_lora_rank: int = 64
     max_cpu_loras: int = 32  # parsed adapters kept in host memory, and adapter versions known to the engine
+    max_trainable_tokens: int = 64  # token rows an adapter's trainable tokens may replace, per vocabulary role
+    max_full_module_slots: int = 0  # whole per-adapter embedding/output-layer copies (modules_to_save); 0: refused
     max_num_seqs: int | None = None  # None: 256 on GPU, 64 on CPU
     max_num_batched_tokens: int | None = None  # tokens in one step; None: 512 on GPU, 256 on CPU
     max_model_len: int | None = None
@@ -48,6 +50,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.max_cpu_loras < (self.max_loras or 0):
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
+        if not 0 <= self.max_trainable_tokens <= 65536:
+            raise ValueError(f"--max-trainable-tokens must be in 0..65536, got {self.max_trainable_tokens}")
+        if self.max_full_module_slots < 0:
+            raise ValueError(f"--max-full-module-slots must be >= 0, got {self.max_full_module_slots}")
         if self.max_queue < 0:
             raise ValueError("--max-queue must be >= 0")
         if self.queue_timeout_s <= 0:
@@ -71,7 +77,8 @@ class ServerConfig:
             tensor_parallel_size=self.tensor_parallel_size,
             cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching,
                               self.gpu_memory_utilization),
-            lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras),
+            lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras, self.max_trainable_tokens,
+                            self.max_full_module_slots),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
                                       self.enable_chunked_prefill, online=True),
         )  # fmt: skip

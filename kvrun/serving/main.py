@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-lora-rank", type=int, default=defaults.max_lora_rank, help="adapters of a higher rank are refused")
     add("--max-cpu-loras", type=int, default=defaults.max_cpu_loras,
         help="parsed adapters kept in host memory (and adapter versions the engine keeps loaded)")
+    add("--max-trainable-tokens", type=int, default=defaults.max_trainable_tokens,
+        help="token rows an adapter's trainable tokens (trainable_token_indices) may replace; 0 refuses them")
+    add("--max-full-module-slots", type=int, default=defaults.max_full_module_slots,
+        help="adapters with their own copy of the token embedding / output layer (modules_to_save) resident at once; "
+             "each slot holds a copy of both layers (default 0: such adapters are refused)")  # fmt: skip
     add("--max-num-seqs", type=int, default=defaults.max_num_seqs,
         help="requests in one batch (default: 256 on GPU, 64 on CPU)")
     add("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
@@ -165,6 +170,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
             max_cpu_loras=max(args.max_cpu_loras, args.max_loras or 0),
+            max_trainable_tokens=args.max_trainable_tokens,
+            max_full_module_slots=args.max_full_module_slots,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,

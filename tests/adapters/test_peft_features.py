@@ -14,7 +14,7 @@ from kvrun import LLM
 from kvrun.runtime.models.manifest import manifest
 from kvrun.runtime.models.registry import read_model_config
 from tests.adapters.peft_extras import with_trained_magnitudes
-from tests.models.families import FAMILIES, CachedReference, PeftSpec, make_peft_adapter, tiny_checkpoint
+from tests.models.families import FAMILIES, PeftSpec, SoloReferences, make_peft_adapter, tiny_checkpoint
 from tests.models.test_families import assert_rows_match, generate, rows_for
 
 PLAIN = "plain"
@@ -43,7 +43,7 @@ class FeatureModel:
             for name, directory in served.items():
                 llm.load_adapter(name, directory)
             rows = rows_for(list(served))
-            assert_rows_match(generate(llm, rows), rows, CachedReference(self.base, served))
+            assert_rows_match(generate(llm, rows), rows, SoloReferences(self.base, served))
         finally:
             llm.shutdown()  # tensor-parallel workers stop with it
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from adapters_registry import errors, open_store
-from adapters_registry.peft_config import UNSERVED_BIAS, UNSERVED_FIELDS, UNSERVED_PEFT_TYPES
+from adapters_registry.peft_config import UNSERVED_BIAS, UNSERVED_PEFT_TYPES
 from kvrun import LLM
 from kvrun.adapters import AdapterError
 from tests.models.families import FAMILIES, tiny_checkpoint
@@ -36,8 +36,14 @@ CASES = {
     "oft": (lambda: _method("OFTConfig", r=4, oft_block_size=0), f"peft_type is 'OFT' ({UNSERVED_PEFT_TYPES['OFT']})"),
     "bias all": (lambda: _lora(bias="all"), UNSERVED_BIAS["all"]),
     "bias lora_only": (lambda: _lora(bias="lora_only"), UNSERVED_BIAS["lora_only"]),
-    "modules_to_save": (lambda: _lora(modules_to_save=["lm_head"]), UNSERVED_FIELDS["modules_to_save"]),
-    "trainable tokens": (lambda: _lora(trainable_token_indices=[3, 4]), UNSERVED_FIELDS["trainable_token_indices"]),
+    "modules_to_save of a norm": (
+        lambda: _lora(modules_to_save=["post_attention_layernorm"]),
+        "kvrun serves whole per-adapter copies of the token embedding and the output layer only",
+    ),
+    "trainable tokens of an activated LoRA": (
+        lambda: _lora(alora_invocation_tokens=[5], trainable_token_indices=[3, 4]),
+        "alora_invocation_tokens with trainable_token_indices or modules_to_save is not served",
+    ),
 }
 
 

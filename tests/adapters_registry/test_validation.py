@@ -106,7 +106,29 @@ MALFORMED: dict[str, tuple[Callable[[Path], None], type[errors.ValidationError],
         E.TensorNameError,
         "has no lora_magnitude_vector (adapter_config.json sets use_dora=true)",
     ),
-    "modules_to_save": (edit_config(modules_to_save=["lm_head"]), E.UnsupportedConfigError, "modules_to_save"),
+    "modules_to_save without the copy": (
+        edit_config(modules_to_save=["lm_head"]),
+        E.TensorNameError,
+        "modules_to_save names 'lm_head', but adapter_model.safetensors has no copy of it",
+    ),
+    "modules_to_save of another layer": (
+        edit_config(modules_to_save=["score"]),
+        E.UnsupportedConfigError,
+        "kvrun serves whole per-adapter copies of the token embedding and the output layer only",
+    ),
+    "trainable token twice": (
+        edit_config(trainable_token_indices=[3, 3]), E.AdapterConfigError, "lists token id 3 more than once"
+    ),
+    "trainable tokens of a projection": (
+        edit_config(trainable_token_indices={"q_proj": [3]}),
+        E.UnsupportedConfigError,
+        "trainable tokens are served on the token embedding and the output layer only",
+    ),
+    "trainable tokens without their rows": (
+        edit_config(trainable_token_indices=[3, 4]),
+        E.TensorNameError,
+        "trainable_token_indices is set, but adapter_model.safetensors holds no trainable-token rows",
+    ),
     "alora with dora": (
         edit_config(use_dora=True, alora_invocation_tokens=[5, 6]),
         E.UnsupportedConfigError,

@@ -149,3 +149,16 @@ def test_dora_and_lora_bias_adapters_split_over_two_ranks_match_peft(tmp_path):
     with_trained_magnitudes(model.base, model.adapters[dora], seed=5)
     bias = model.add(PeftSpec("lora-bias", 4, targets, alpha=8.0, extra={"lora_bias": True}))
     model.check_mixed_batch(dora, bias, tensor_parallel_size=2)
+
+
+def test_trainable_tokens_and_layer_copies_split_over_two_ranks_match_peft(tmp_path):
+    """Trainable tokens (tied embeddings: the output layer's rows too) and whole copies of the embedding and output
+    layer (each rank holds its vocabulary rows of a copy; an odd vocabulary pads rank 1) over two ranks give HF +
+    PEFT's tokens and logprobs."""
+    from tests.adapters.test_peft_features import FeatureModel
+    from tests.adapters.test_vocab_features import TOKENS
+
+    model = FeatureModel("llama", tmp_path, tie_word_embeddings=True, vocab_size=257)
+    tokens = model.add(PeftSpec("tokens", 4, ["q_proj"], extra={"trainable_token_indices": TOKENS}))
+    copies = model.add(PeftSpec("copies", 4, ["v_proj"], extra={"modules_to_save": ["embed_tokens", "lm_head"]}))
+    model.check_mixed_batch(tokens, copies, tensor_parallel_size=2, max_full_module_slots=1)

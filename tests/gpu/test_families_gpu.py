@@ -68,11 +68,13 @@ def family_checkpoint(name: str, root, **overrides):
 
 
 def check_bf16_against_hf_peft(
-    base, adapters: dict, reference: tuple | None = None, batch: list | None = None, **llm_options
-) -> None:
+    base, adapters: dict, reference: tuple | None = None, batch: list | None = None, solo: bool = False,
+    **llm_options,
+) -> None:  # fmt: skip
     """kvrun in bf16 on the card, every adapter and base rows in one batch, against HF + PEFT teacher-forced in fp32
     (and HF + PEFT's own bf16 error, which bounds kvrun's). reference: (base, adapters) HF + PEFT runs instead, for a
-    family transformers has no class for. batch: (prompt, adapter) rows instead of random prompts."""
+    family transformers has no class for. batch: (prompt, adapter) rows instead of random prompts. solo: HF + PEFT
+    with each row's adapter alone (PEFT cannot hold a second adapter beside one with trainable tokens)."""
     from kvrun import LLM, SamplingParams
 
     llm = LLM(str(base), dtype="bfloat16", max_loras=len(adapters), max_num_seqs=16, gpu_memory_utilization=0.1,
@@ -90,9 +92,15 @@ def check_bf16_against_hf_peft(
     references = {}
     reference_base, reference_adapters = reference or (base, adapters)
     for dtype in (torch.float32, torch.bfloat16):
-        peft = hf_peft(reference_base, reference_adapters, dtype)
-        references[dtype] = [teacher_forced(peft, p, a, o.token_ids) for o, (p, a) in zip(outputs, batch)]
-        del peft
+        groups = {name: {name: path} for name, path in reference_adapters.items()} if solo else {"": reference_adapters}
+        references[dtype] = [None] * len(batch)
+        for group, served in groups.items():
+            peft = hf_peft(reference_base, served, dtype)
+            for row, (output, (prompt, adapter)) in enumerate(zip(outputs, batch)):
+                # every row in one model, or each adapter's rows in its own (base rows in the first, adapter disabled)
+                if references[dtype][row] is None and (not solo or adapter in (group, None)):
+                    references[dtype][row] = teacher_forced(peft, prompt, adapter, output.token_ids)
+            del peft
     exact = near = total = 0
     ours_errors, hf_errors = [], []
     for row, (output, (_, adapter)) in enumerate(zip(outputs, batch)):

@@ -97,3 +97,21 @@ def vocab_model(request, tmp_path_factory):
 def test_embedding_and_output_layer_lora_bf16_match_hf_peft(vocab_model, cuda_graphs):
     base, adapters = vocab_model
     check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=cuda_graphs)
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_tokens_and_layer_copies_bf16_match_hf_peft(tied, cuda_graphs, tmp_path):
+    """Trainable tokens (fixed-shape gathers inside the CUDA graph; tied: the output layer's rows too) and whole copies
+    of the embedding and output layer (their steps run eagerly) beside plain LoRA and base rows."""
+    family = FAMILIES["llama"]
+    base = tiny_checkpoint(family, tmp_path / "base", seed=1, std=0.02, tie_word_embeddings=tied, **GPU_SHAPE)
+    targets = [*family.attention, *family.mlp]
+    specs = [
+        PeftSpec("plain", 8, targets),
+        PeftSpec("tokens", 8, targets, extra={"trainable_token_indices": list(range(3, 1000, 17))}),
+        PeftSpec("copies", 8, family.attention, extra={"modules_to_save": ["embed_tokens", "lm_head"]}),
+    ]
+    adapters = {spec.name: make_peft_adapter(base, spec, tmp_path / spec.name, seed=i) for i, spec in enumerate(specs, 1)}
+    check_bf16_against_hf_peft(base, adapters, max_lora_rank=16, cuda_graphs=cuda_graphs, solo=True,
+                               max_full_module_slots=1)  # fmt: skip

@@ -127,8 +127,24 @@ def make_peft_adapter(base_dir: Path, spec: PeftSpec, out_dir: Path, seed: int) 
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.normal_(0.0, 0.05)
+            elif "trainable_tokens_delta" in name or "modules_to_save" in name:  # trained away from the base copy
+                param.add_(torch.randn_like(param), alpha=0.05)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+class SoloReferences:
+    """HF + PEFT with one adapter loaded at a time (PEFT cannot load a second adapter with trainable tokens into one
+    model): each row's reference is the base model with its adapter alone."""
+
+    def __init__(self, base_dir: Path, adapter_dirs: dict[str, Path]) -> None:
+        self.base_dir, self.adapter_dirs, self.loaded = base_dir, adapter_dirs, {}
+
+    def greedy(self, prompt: list[int], adapter: str | None, max_tokens: int):
+        if adapter not in self.loaded:
+            dirs = {} if adapter is None else {adapter: self.adapter_dirs[adapter]}
+            self.loaded[adapter] = CachedReference(self.base_dir, dirs)
+        return self.loaded[adapter].greedy(prompt, adapter, max_tokens)
 
 
 class CachedReference:

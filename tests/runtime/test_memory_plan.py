@@ -48,6 +48,19 @@ def test_kv_cache_gets_what_the_budget_leaves():
         assert figure in line
 
 
+def test_full_module_slots_are_lora_memory_taken_from_the_kv_cache():
+    """Two full-module slots of an 8B model's embedding and output layer (2 x 2 x 1 GiB in bf16) are counted with the
+    LoRA slots, before the KV cache takes the rest."""
+    without = plan_gpu_memory(h100(), inputs(max_loras=8))
+    copies = 2 * 2 * VOCAB * 4096 * 2
+    plan = plan_gpu_memory(h100(), inputs(max_loras=8, full_module_bytes=copies))
+    assert plan.lora == without.lora + copies
+    left = plan.budget - plan.weights - plan.activations - plan.sampler - plan.graphs - plan.non_torch
+    left -= memory_plan.ALLOCATOR_SLACK
+    assert without.num_blocks == (left - without.lora) // BLOCK_BYTES
+    assert plan.num_blocks == (left - plan.lora) // BLOCK_BYTES
+
+
 def test_auto_max_loras_stays_within_rows_and_the_cap():
     assert plan_gpu_memory(h100(), inputs(max_num_seqs=16, graph_batch_sizes=())).max_loras == 16
     assert plan_gpu_memory(h100(), inputs(lora_slot_bytes=20 * MIB)).max_loras == memory_plan.MAX_AUTO_LORAS
@@ -126,13 +139,24 @@ def test_slot_arithmetic_matches_the_buffers_lora_allocates(tiny_gqa):
     from kvrun import LLM
     from kvrun.runtime.memory_profile import lora_slot_bytes
 
-    llm = LLM(str(tiny_gqa[0]), max_loras=3, max_lora_rank=8, num_blocks=16)
+    from kvrun.adapters.vocab_layers import VocabWithLoRA
+    from kvrun.runtime.memory_profile import full_module_slot_bytes
+
+    def size(tensors) -> int:
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+    llm = LLM(str(tiny_gqa[0]), max_loras=3, max_lora_rank=8, num_blocks=16, max_trainable_tokens=5,
+              max_full_module_slots=2)  # fmt: skip
     allocated = 0
     for wrapper in llm.engine.adapters._wrappers:  # projections, and the embedding's and output layer's LoRA
         epilogue = getattr(wrapper, "epilogue", None)
         extras = (*epilogue.scale, *epilogue.shift) if epilogue is not None else ()
-        allocated += sum(tensor.numel() * tensor.element_size() for tensor in (*wrapper.lora_a, *wrapper.lora_b, *extras))
-    assert allocated == 3 * lora_slot_bytes(llm.engine.runner.model, 8, 4)
+        allocated += size((*wrapper.lora_a, *wrapper.lora_b, *extras))
+    vocab = [module for module in llm.engine.runner.model.modules() if isinstance(module, VocabWithLoRA)]
+    allocated += sum(size((rows.ids, rows.rows)) for wrapper in vocab for rows in wrapper.tokens.values())
+    assert allocated == 3 * lora_slot_bytes(llm.engine.runner.model, 8, 4, max_tokens=5)
+    copies = sum(size((copy.weights,)) for wrapper in vocab for copy in wrapper.copies.values())
+    assert copies > 0 and copies == 2 * full_module_slot_bytes(llm.engine.runner.model, 4)
 
 
 def test_profile_batch_is_a_full_step_every_row_samples(tiny_gqa):

@@ -253,7 +253,7 @@ class TensorParallelRunner(ModelRunner):
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         # Workers need the step's layout only; sampling state (generators) stays with rank 0.
         rows = [replace(request, generator=None) for request in batch.requests]
-        self.workers.send(("execute", ScheduledBatch(batch.is_prefill, rows)))
+        self.workers.send(("execute", replace(batch, requests=rows)))
         return self.workers.guarded(super().execute, batch)
 
     def shutdown(self) -> None:
