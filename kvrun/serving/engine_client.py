@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -299,11 +300,19 @@ class ThreadEngineClient(EngineClient):
 
 
 class RequestStream:
-    """One request's outputs, in order; `close()` (always call it) aborts the request if it has not finished."""
+    """One request's outputs, in order; `close()` (always call it) aborts the request if it has not finished.
+
+    coalesce: when several outputs wait because the consumer fell behind (a busy event loop, a slow client), hand
+    them out as one, with the new token ids and text of all of them (vLLM's RequestOutputCollector). For consumers
+    that may send several tokens in one event (OpenAI's deltas) or need only the last output; a consumer that keeps
+    up sees every output as the engine made it. An output that ends the request with an error is never merged into
+    (the outputs before it still reach the client as they would have).
+    """
 
     def __init__(self, client: EngineClient, request_id: str) -> None:
         self.client = client
         self.request_id = request_id
+        self.coalesce = False
         self.outputs: asyncio.Queue = asyncio.Queue()
         self.finished = False
         self._closed = False
@@ -312,8 +321,17 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        pending = None  # taken off the queue while coalescing, not merged: handed out next
         while not self.finished:
-            output = await self.outputs.get()  # the engine thread bounds the wait to be scheduled
+            # The engine side bounds the wait to be scheduled.
+            output = pending if pending is not None else await self.outputs.get()
+            pending = None
+            while self.coalesce and isinstance(output, RequestOutput) and not output.finished and self.outputs.qsize():
+                following = self.outputs.get_nowait()
+                if isinstance(following, BaseException) or following.finish_reason == "error":
+                    pending = following
+                    break
+                output = merged(output, following)
             if isinstance(output, BaseException):
                 self.finished = True
                 raise output
@@ -328,6 +346,14 @@ class RequestStream:
     def __del__(self) -> None:
         # Backstop for a response body that was never iterated (client gone before streaming began).
         self.close()
+
+
+def merged(first: RequestOutput, then: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the state after `then`, with what both added."""
+    return replace(
+        then, new_token_ids=first.new_token_ids + then.new_token_ids, new_text=first.new_text + then.new_text,
+        queue_time=first.queue_time if first.queue_time is not None else then.queue_time,
+    )  # fmt: skip
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, object]]) -> None:

@@ -26,6 +26,7 @@ from kvrun.serving.engine_client import (
     QueueFullError,
     QueueTimeoutError,
     RequestStream,
+    merged,
 )
 from kvrun.serving.metrics import ServingMetrics
 
@@ -58,8 +59,10 @@ class TrackedStream:
                         self.metrics.first_token(now - self.arrival)
                         if output.queue_time is not None:
                             self.metrics.queued(output.queue_time)
-                    else:
-                        self.metrics.inter_token((now - previous) / len(output.new_token_ids))
+                    else:  # one gap per token, also for the tokens of coalesced outputs
+                        gap = (now - previous) / len(output.new_token_ids)
+                        for _ in output.new_token_ids:
+                            self.metrics.inter_token(gap)
                     previous = now
                 self.num_tokens = len(output.token_ids)
                 self.last = output
@@ -134,7 +137,9 @@ class GenerationService:
         prompt_token_ids: list[int],
         params: SamplingParams,
         overload_status: int = 503,
+        coalesce: bool = False,
     ) -> TrackedStream:
+        """coalesce: outputs that wait for a consumer that fell behind come as one (RequestStream)."""
         arrival = time.monotonic()
         request = EngineRequest(request_id, prompt_token_ids, params, resolution.adapter, resolution.label)
         try:
@@ -145,6 +150,7 @@ class GenerationService:
         except QueueFullError as error:
             self.metrics.rejected.inc(1, endpoint, str(overload_status))
             raise errors.overloaded(f"The server is overloaded: {error}. Retry shortly.", status=overload_status)
+        stream.coalesce = coalesce
         return TrackedStream(stream, self.metrics, endpoint, resolution.label, len(prompt_token_ids), arrival)
 
     async def _submit(self, request: EngineRequest, resolution: Resolution) -> RequestStream:
@@ -184,7 +190,8 @@ class GenerationService:
 
 
 async def merge(streams: list[TrackedStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several streams (the n choices of one call) as they come, tagged with the stream's index."""
+    """Outputs of several streams (the n choices of one call) as they come, tagged with the stream's index. Streams
+    that coalesce (RequestStream.coalesce) have the outputs that waited here merged per choice, too."""
     if len(streams) == 1:
         async for output in streams[0]:
             yield 0, output
@@ -200,16 +207,39 @@ async def merge(streams: list[TrackedStream]) -> AsyncIterator[tuple[int, Reques
         items.put_nowait((index, None))
 
     tasks = [asyncio.ensure_future(pump(index, stream)) for index, stream in enumerate(streams)]
+    coalesce = all(stream.stream.coalesce for stream in streams)
     try:
         remaining = len(streams)
         while remaining:
-            index, item = await items.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
+            waiting = [await items.get()]
+            while coalesce and not items.empty():
+                waiting.append(items.get_nowait())
+            for index, item in _per_choice(waiting) if coalesce else waiting:
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield index, item
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _per_choice(waiting: list[tuple[int, object]]) -> list[tuple[int, object]]:
+    """Each choice's consecutive outputs merged into its first; nothing merges across an error or a stream's end."""
+    result: list[tuple[int, object]] = []
+    latest: dict[int, int] = {}  # choice → where its output that may still take more sits in result
+    for index, item in waiting:
+        at = latest.get(index)
+        if isinstance(item, RequestOutput) and at is not None:
+            result[at] = (index, merged(result[at][1], item))
+            continue
+        if isinstance(item, RequestOutput) and not item.finished:
+            latest[index] = len(result)
+        elif isinstance(item, Exception):
+            latest.clear()
+        else:
+            latest.pop(index, None)
+        result.append((index, item))
+    return result

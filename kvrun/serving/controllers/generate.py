@@ -54,7 +54,7 @@ class GenerateController(Controller):
     guards = [require_api_key]
     tags = ["TGI / LoRAX"]
 
-    async def _start(self, request: Request, data: GenerateRequest):
+    async def _start(self, request: Request, data: GenerateRequest, streaming: bool):
         serving: Serving = request.app.state.serving
         service = serving.service
         parameters = data.parameters
@@ -75,7 +75,9 @@ class GenerateController(Controller):
         service.check_length(len(token_ids), max_new_tokens, "inputs", "parameters.max_new_tokens")
         params = sampling(parameters, max_new_tokens)
         call_id = f"gen-{uuid.uuid4().hex}"
-        streams = await start_all(service, "generate", resolution, call_id, [(token_ids, params)], OVERLOADED)
+        # TGI streams one event per token, each with its own text; a whole answer needs only the last output.
+        streams = await start_all(service, "generate", resolution, call_id, [(token_ids, params)], OVERLOADED,
+                                  coalesce=not streaming)  # fmt: skip
         headers = resolution.headers()
         special = set(getattr(serving.tokenizer, "all_special_ids", ()) or ())
         renderer = TokenRenderer(serving.token_text, special, parameters)
@@ -101,7 +103,7 @@ class GenerateController(Controller):
         return await self._stream(request, decode(await request.body(), GenerateRequest))
 
     async def _generate(self, request: Request, data: GenerateRequest) -> Response[GenerateResponse]:
-        streams, params, prompt, headers, renderer = await self._start(request, data)
+        streams, params, prompt, headers, renderer = await self._start(request, data, streaming=False)
         output = (await collect(request, streams))[0]
         parameters = data.parameters
         text = data.inputs + output.text if parameters.return_full_text else output.text
@@ -116,7 +118,7 @@ class GenerateController(Controller):
         return Response(GenerateResponse(text, details), headers=headers)
 
     async def _stream(self, request: Request, data: GenerateRequest) -> Stream:
-        streams, params, prompt, headers, renderer = await self._start(request, data)
+        streams, params, prompt, headers, renderer = await self._start(request, data, streaming=True)
         parameters = data.parameters
         prefix = data.inputs if parameters.return_full_text else ""
 

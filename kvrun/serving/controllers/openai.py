@@ -112,7 +112,8 @@ class OpenAIController(Controller):
         resolution = await _resolve(serving, data)
         jobs, prompt_tokens, prompt_texts = _completion_jobs(serving, data)
         call_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await start_all(service, "completions", resolution, call_id, jobs)
+        # OpenAI's chunks may carry several tokens: a stream that fell behind catches up in fewer, larger chunks.
+        streams = await start_all(service, "completions", resolution, call_id, jobs, coalesce=True)
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
         offsets = [0] * len(streams)
 
@@ -175,7 +176,7 @@ class OpenAIController(Controller):
                                             "tool_choice" if constraint else None))
                 for choice in range(data.n)]  # fmt: skip
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await start_all(service, "chat", resolution, call_id, jobs)
+        streams = await start_all(service, "chat", resolution, call_id, jobs, coalesce=True)
         logprobs_of: Callable = lambda ids, entries: (  # noqa: E731
             chat_logprobs(ids, entries, top, serving.token_text) if top is not None else None
         )

@@ -30,8 +30,11 @@ async def start_all(
     call_id: str,
     jobs: list[tuple[list[int], SamplingParams]],
     overload_status: int = 503,
+    coalesce: bool = False,
 ) -> list[TrackedStream]:
-    """One engine request per (prompt, params); if one is refused, the ones already queued are aborted."""
+    """One engine request per (prompt, params); if one is refused, the ones already queued are aborted.
+    coalesce: a consumer that fell behind gets the outputs waiting for it as one (for answers that allow several
+    tokens in one event, or need only the last output)."""
     try:
         service.client.check_fits(len(jobs))
     except NeverFitsError as error:
@@ -40,7 +43,8 @@ async def start_all(
     try:
         for index, (token_ids, params) in enumerate(jobs):
             request_id = f"{call_id}-{index}"
-            streams.append(await service.start(endpoint, resolution, request_id, token_ids, params, overload_status))
+            streams.append(await service.start(endpoint, resolution, request_id, token_ids, params, overload_status,
+                                               coalesce))  # fmt: skip
     except BaseException:
         for stream in streams:
             stream.close()
