@@ -47,7 +47,7 @@ from kvrun.runtime.models.spec import ModelConfig
 from kvrun.serving import errors
 from kvrun.serving.adapter_names import engine_name, held_digests, parse_engine_name
 from kvrun.serving.engine_client import AdapterPublication, EngineClient
-from kvrun.serving.registry_client import FETCH_TIMEOUT_S, RETRY_AFTER_S, RegistryClient, RegistryUnavailable
+from kvrun.serving.registry_client import RETRY_AFTER_S, RegistryClient, RegistryUnavailable
 from kvrun.serving.spill import SpillDirectory
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class AdapterResolver:
         name = engine_name(record)
         future = self._fetches.get(name)
         if future is None:
-            future = asyncio.ensure_future(self.registry.call(self._fetch_and_parse, record, timeout_s=FETCH_TIMEOUT_S))
+            future = asyncio.ensure_future(self.registry.fetch(self._fetch_and_parse, record))
             self._fetches[name] = future
             future.add_done_callback(lambda _: self._fetches.pop(name, None))
         try:

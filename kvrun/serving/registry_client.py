@@ -1,6 +1,6 @@
 """The serving side's one door to the adapter registry, and its record of whether the registry answers.
 
-Every blocking registry call (resolve, list, fetch) runs on a small thread pool of its own with a deadline, so a
+Every blocking registry call (resolve, list; fetches on a pool apart) runs on a small thread pool with a deadline, so a
 slow, frozen or unreachable registry never holds up the event loop, the API-key check, base-model requests, the
 engine thread or the default executor: the caller gets RegistryUnavailable in bounded time and decides what to do
 (serve the last known resolution of an adapter the engine holds, or answer 503 with Retry-After).
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 
-WORKERS = 4  # registry calls in progress at once; more wait their turn (each still bounded by its deadline)
+WORKERS = 4  # registry calls (and, apart, fetches) in progress at once; more wait their turn within their deadline
 CALL_TIMEOUT_S = 2.0  # a resolve or list slower than this counts as the registry being down
 FETCH_TIMEOUT_S = 120.0  # downloading a large adapter's files may take a while
 STALL_S = 5.0  # the watcher reports every 0.5 s; this long without any answer means the registry is unreachable
@@ -46,6 +46,9 @@ class RegistryClient:
         self.url = redact_url(store.url)  # what is printed and returned: passwords and tokens masked
         self.timeout_s = timeout_s
         self._pool = _DaemonPool(workers, "kvrun-registry")
+        # Fetches (an adapter's files, parsed: seconds for a large one) have workers of their own, so a burst of
+        # first requests for many adapters never makes a resolve wait past its deadline behind them.
+        self._fetch_pool = _DaemonPool(workers, "kvrun-registry-fetch")
         # Written by the event loop and the watcher thread; single assignments, read as a consistent-enough pair.
         self._last_contact = time.monotonic()
         self._error: str | None = None
@@ -82,12 +85,19 @@ class RegistryClient:
         return {"url": self.url, "reachable": reachable, "error": None if reachable else error, "down_since": since}
 
     # -- calls --------------------------------------------------------------------------------------------------
-    async def call(self, function: Callable[..., Result], *args: object, timeout_s: float | None = None) -> Result:
-        """function(*args) on the registry pool. NotFoundError and UsageError pass through (the registry answered);
-        a timeout or any other registry failure raises RegistryUnavailable."""
-        timeout_s = timeout_s or self.timeout_s
+    async def call(self, function: Callable[..., Result], *args: object) -> Result:
+        """function(*args) on the registry pool, within the call deadline. NotFoundError and UsageError pass through
+        (the registry answered); a timeout or any other registry failure raises RegistryUnavailable."""
+        return await self._run(self._pool, partial(function, *args), self.timeout_s)
+
+    async def fetch(self, function: Callable[..., Result], *args: object) -> Result:
+        """function(*args), a download (and parse) of an adapter's files, on the fetch pool within FETCH_TIMEOUT_S;
+        failures as for call()."""
+        return await self._run(self._fetch_pool, partial(function, *args), FETCH_TIMEOUT_S)
+
+    async def _run(self, pool: _DaemonPool, function: Callable[[], Result], timeout_s: float) -> Result:
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(self._pool.submit(partial(function, *args))), timeout_s)
+            result = await asyncio.wait_for(asyncio.wrap_future(pool.submit(function)), timeout_s)
         except TimeoutError:
             self.failure(f"no answer within {timeout_s:g}s")
             raise RegistryUnavailable(f"the adapter registry did not answer within {timeout_s:g}s") from None
@@ -102,6 +112,7 @@ class RegistryClient:
 
     def close(self) -> None:
         self._pool.shutdown()
+        self._fetch_pool.shutdown()
 
 
 class _DaemonPool:
