@@ -42,6 +42,8 @@ class VersionRecord(msgspec.Struct, frozen=True):
     pushed_by: str
     description: str = ""
     token_id: str | None = None  # the token that authorized the push, when the registry has tokens
+    # layers the adapter holds whole copies of (PEFT's modules_to_save): a server needs full-module slots for them
+    modules_to_save: list[str] = msgspec.field(default_factory=list)
 
     @property
     def ref(self) -> str:

@@ -158,7 +158,7 @@ class AdapterStore:
                 base_model=base_model, rank=settings.rank, alpha=settings.alpha,
                 target_modules=settings.target_list, dtype=adapter.dtype, use_rslora=settings.use_rslora,
                 created_at=utc_now(), pushed_by=pushed_by or _default_pusher(), description=description,
-                token_id=token.id if token else None,
+                token_id=token.id if token else None, modules_to_save=list(settings.modules_to_save),
             )  # fmt: skip
             record = self._publish(draft, tags, upload)
             succeeded = True

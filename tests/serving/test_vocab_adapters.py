@@ -66,3 +66,7 @@ def test_copies_on_a_server_without_full_module_slots_are_refused_by_name(serve,
         assert status == 422
         base = http.get("/v1/models").json()["data"][0]["id"]
         assert _completion(http, base)[0] == 200
+        # listed with the reason, as an adapter of too high a rank is, and left out of /v1/models
+        listed = {entry["id"]: entry for entry in http.get("/v1/adapters").json()["data"]}
+        assert "--max-full-module-slots" in listed["team/with-copy"]["why_not_servable"]
+        assert "team/with-copy" not in {card["id"] for card in http.get("/v1/models").json()["data"]}

@@ -43,6 +43,9 @@ def why_not_servable(serving: Serving, record: VersionRecord) -> str | None:
     config = serving.config
     if record.rank > config.max_lora_rank:
         return f"rank {record.rank} exceeds this server's --max-lora-rank {config.max_lora_rank}"
+    if record.modules_to_save and not config.max_full_module_slots:
+        return (f"holds whole copies of {', '.join(record.modules_to_save)} (modules_to_save); this server has no "
+                "--max-full-module-slots")  # fmt: skip
     # Names of one model differ by where it lives (`org/Model` on a hub, `/models/Model` here): compare last parts.
     bases = {_last_part(name) for name in (*serving.resolver.base_names, config.model or "")}
     if record.base_model and _last_part(record.base_model) not in bases:
