@@ -10,7 +10,9 @@ text: turning one step's deltas back into outputs, as kvrun.serving.process_clie
 Modes, alternated `--repeat` times (medians of the per-run medians):
 - text in the core: `LLMEngine(detokenize=True)`, what the core did before the server made the text;
 - token ids only: `LLMEngine(detokenize=False)`, the core of `kvrun serve`;
-- token ids only, every request with a stop string: those are still detokenized in the core.
+- token ids only, every request with a stop string: those are still detokenized in the core;
+- token ids only, the server calling transformers' `decode`: the server's text as it was made before it called the
+  Rust tokenizer's decode directly (the core as in the second mode).
 
     .venv/bin/python benchmarks/core_step_host.py [--streams 64] [--new-tokens 128] [--repeat 3]
 """
@@ -29,6 +31,7 @@ MODES = {
     "text in the core (before)": dict(detokenize=True, stop=()),
     "token ids only (kvrun serve)": dict(detokenize=False, stop=()),
     "token ids only, all with a stop string": dict(detokenize=False, stop=("never appears in random text",)),
+    "token ids only, server calling transformers' decode": dict(detokenize=False, stop=(), wrapper=True),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -54,7 +57,14 @@ def tiny_model(directory: Path) -> Path:
     return directory
 
 
-def run_mode(engine, args, detokenize: bool, stop: tuple[str, ...]) -> dict[str, float]:
+class TransformersDecode:
+    """Only the tokenizer's `decode`: not a transformers tokenizer, so the detokenizer calls it as it is."""
+
+    def __init__(self, tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+def run_mode(engine, args, detokenize: bool, stop: tuple[str, ...], wrapper: bool = False) -> dict[str, float]:
     """Median milliseconds per decode step of each part."""
     import kvrun.engine.engine as engine_module
     from kvrun import SamplingParams
@@ -67,8 +77,9 @@ def run_mode(engine, args, detokenize: bool, stop: tuple[str, ...]) -> dict[str,
     prompts = [[100 + (7 * index + position) % 40000 for position in range(args.prompt)]
                for index in range(args.streams)]  # fmt: skip
     requests = [engine.add_request(prompt, params) for prompt in prompts]
+    tokenizer = TransformersDecode(engine.tokenizer) if wrapper else engine.tokenizer
     streams = {request.request_id: _Stream(None, EngineRequest(request.request_id, request.prompt_token_ids, params),
-                                           engine.tokenizer) for request in requests}  # fmt: skip
+                                           tokenizer) for request in requests}  # fmt: skip
     device_s = [0.0]
     execute, sample = engine.runner.execute, engine_module.sample
 
