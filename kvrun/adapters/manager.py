@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kvrun.adapters.host_cache import HostCache
+from kvrun.adapters.layer_copies import LayerCopies
 from kvrun.adapters.layers import LinearWithLoRA, SliceWeights
 from kvrun.adapters.merge import MergeSpec, merge_adapters
 from kvrun.adapters.peft_format import (
@@ -60,14 +61,12 @@ class LoRAManager:
         self.device, self.dtype = weight.device, weight.dtype
         self.ops = select_ops(self.device)
         self.slots = SlotPool(config.max_loras)
-        self.copy_slots = SlotPool(config.max_full_module_slots)  # whole vocabulary-layer copies (modules_to_save)
         self.host = HostCache(config.max_cpu_loras)
         self._aliases: dict[str, AdapterRef] = {}
         self._sources: dict[AdapterRef, Callable[[], ParsedAdapter]] = {}
         self._holds: dict[AdapterRef, int] = {}  # live requests per version, running or waiting
-        self._copied: dict[AdapterRef, frozenset[str]] = {}  # versions with whole layer copies → their modules
-        self._slots_with_copies: set[int] = set()  # adapter slots whose adapter's copies are mapped for the step
         self._wrappers = self._wrap_projections(model)
+        self.copies = LayerCopies(self._vocab, config.max_full_module_slots)  # whole vocabulary-layer copies
         self.replicas = replicas
         if replicas is not None:
             replicas.call(install_worker_lora, model_config, config)
@@ -198,8 +197,7 @@ class LoRAManager:
         """Point parsed.ref.name at this version; requests already running keep the version they started with."""
         self._check_vocab_features(parsed.ref.name, parsed)
         self._sources[parsed.ref] = source
-        if parsed.full_copies:
-            self._copied[parsed.ref] = frozenset(parsed.full_copies)
+        self.copies.add(parsed)
         self.host.put(parsed, keep=self._in_use)
         previous = self._aliases.get(parsed.ref.name)
         self._aliases[parsed.ref.name] = parsed.ref
@@ -242,15 +240,15 @@ class LoRAManager:
     def acquire(self, ref: AdapterRef) -> int | None:
         """Pin ref into a slot (and its whole layer copies into a full-module slot), loading its weights if needed;
         None when every slot it needs is pinned by running requests."""
+        copied = self.copies.modules(ref)
         copy = None
-        if ref in self._copied:
+        if copied is not None:
             copy = self._acquire_copy(ref)
             if copy is None:
                 return None
         placed = self.slots.acquire(ref)
         if placed is None:
-            if copy is not None:
-                self.copy_slots.release(ref)
+            self.copies.release(ref)
             return None
         slot, evicted, needs_load = placed
         if evicted is not None:
@@ -259,63 +257,45 @@ class LoRAManager:
             if needs_load:
                 self._write_slot(slot, self.host.get(ref, self._sources[ref], keep=self._in_use))
             if copy is not None:
-                self._map_copies(slot, copy, self._copied[ref])
+                self._map_copies(slot, copy, copied)
         except Exception as error:
             self.slots.release(ref)
             self.slots.discard(ref)
-            if copy is not None:
-                self.copy_slots.release(ref)
+            self.copies.release(ref)
             raise AdapterLoadError(f"adapter {ref} could not be loaded into a slot: {error}") from error
         return slot
 
     def release(self, ref: AdapterRef) -> None:
         self.slots.release(ref)
-        if ref in self._copied:
-            self.copy_slots.release(ref)
+        self.copies.release(ref)
 
     def has_full_copies(self, slot: int) -> bool:
         """Whether the adapter in slot reads whole layer copies (its steps run eagerly: LoRABatchInfo.full_copies)."""
-        return slot in self._slots_with_copies
+        return self.copies.is_mapped(slot)
 
     def _acquire_copy(self, ref: AdapterRef) -> int | None:
-        placed = self.copy_slots.acquire(ref)
+        placed = self.copies.slots.acquire(ref)
         if placed is None:
             return None
         copy, _, needs_load = placed  # an evicted owner's adapter slot is remapped when it next runs
         if needs_load:
             try:
                 copies = self.host.get(ref, self._sources[ref], keep=self._in_use).full_copies
-                self.write_copies(copy, copies)
+                self.copies.write(copy, copies)
                 if self.replicas is not None:
                     host = {module: {part: tensor.cpu() for part, tensor in parts.items()}
                             for module, parts in copies.items()}  # fmt: skip
                     self.replicas.call(write_worker_copies, copy, host)
             except Exception as error:
-                self.copy_slots.release(ref)
-                self.copy_slots.discard(ref)
+                self.copies.release(ref)
+                self.copies.slots.discard(ref)
                 raise AdapterLoadError(f"adapter {ref}'s layer copies could not be loaded: {error}") from error
         return copy
 
-    def write_copies(self, copy: int, copies: dict[str, dict[str, torch.Tensor]]) -> None:
-        for module, parts in copies.items():
-            wrapper, role = self._vocab[module]
-            wrapper.copies[role].write(copy, parts)
-
     def _map_copies(self, slot: int, copy: int, modules: frozenset[str]) -> None:
-        self.map_copies(slot, copy, modules)
+        self.copies.map(slot, copy, modules)
         if self.replicas is not None:
             self.replicas.call(map_worker_copies, slot, copy, modules)
-
-    def map_copies(self, slot: int, copy: int, modules: frozenset[str]) -> None:
-        """Point adapter slot at full-module slot copy in the roles of `modules`, at none in the others."""
-        roles = {(id(wrapper), role) for module in modules for wrapper, role in [self._vocab[module]]}
-        for wrapper in self._vocab_wrappers():
-            for role, copies in wrapper.copies.items():
-                copies.of_slot[slot] = copy if (id(wrapper), role) in roles else -1
-        self._slots_with_copies.add(slot)
-
-    def _vocab_wrappers(self) -> list[VocabWithLoRA]:
-        return list({id(wrapper): wrapper for wrapper, _ in self._vocab.values()}.values())
 
     def _write_slot(self, slot: int, parsed: ParsedAdapter) -> None:
         weights = {
@@ -335,8 +315,8 @@ class LoRAManager:
 
     def write_slot(self, slot: int, weights: dict[str, SliceWeights], token_rows: dict | None = None) -> None:
         """Place one adapter's full weights per checkpoint module in slot (each wrapper keeps its shard), and its
-        trainable tokens' rows (ParsedAdapter.token_rows) per vocabulary role; its layer copies are unmapped until
-        map_copies."""
+        trainable tokens' rows (ParsedAdapter.token_rows) per vocabulary role; no layer copy is mapped to the slot
+        until acquire maps its adapter's."""
         per_wrapper: dict[int, dict[str, SliceWeights]] = {}
         for module, entry in weights.items():
             wrapper, slice_name = self._targets[module]
@@ -345,12 +325,10 @@ class LoRAManager:
             wrapper.set_slot(slot, per_wrapper.get(id(wrapper), {}))
         rows = {(id(wrapper), role): entry for module, entry in (token_rows or {}).items()
                 for wrapper, role in [self._vocab[module]]}  # fmt: skip
-        for wrapper in self._vocab_wrappers():
+        for wrapper in self.copies.wrappers:  # every vocabulary wrapper
             for role, tokens in wrapper.tokens.items():
                 tokens.set_slot(slot, rows.get((id(wrapper), role)))
-            for copies in wrapper.copies.values():
-                copies.of_slot[slot] = -1
-        self._slots_with_copies.discard(slot)
+        self.copies.map(slot, None)
 
     def finish_slot(self, slot: int) -> None:
         """Sum the row-parallel DoRA norms of the adapter just written into slot over the ranks (one all-reduce
@@ -373,8 +351,7 @@ class LoRAManager:
         if ref in self._aliases.values() or self._in_use(ref):
             return
         self.slots.discard(ref)
-        if self._copied.pop(ref, None) is not None:
-            self.copy_slots.discard(ref)
+        self.copies.forget(ref)
         self.host.drop(ref)
         self._sources.pop(ref, None)
 
@@ -389,11 +366,11 @@ def write_worker_slot(runner, slot: int, weights: dict[str, SliceWeights], token
 
 
 def write_worker_copies(runner, copy: int, copies: dict[str, dict[str, torch.Tensor]]) -> None:
-    runner.lora.write_copies(copy, copies)
+    runner.lora.copies.write(copy, copies)
 
 
 def map_worker_copies(runner, slot: int, copy: int, modules: frozenset[str]) -> None:
-    runner.lora.map_copies(slot, copy, modules)
+    runner.lora.copies.map(slot, copy, modules)
 
 
 def finish_worker_slot(runner, slot: int) -> None:
