@@ -19,6 +19,10 @@ import re
 from dataclasses import dataclass
 
 from adapters_registry.errors import AdapterConfigError, RankError, UnsupportedConfigError
+from adapters_registry.vocab_fields import (  # noqa: F401  (the vocabulary names and parts are read from here too)
+    EMBEDDING_LAYER_NAMES, FULL_COPY_PARTS, HEAD_LAYER_NAMES, TOKEN_ROWS_PART, VOCAB_LAYER_NAMES,
+    parse_modules_to_save, parse_token_indices,
+)  # fmt: skip
 
 CONFIG_FILE = "adapter_config.json"
 ALL_LINEAR = "all-linear"
@@ -60,11 +64,6 @@ UNSERVED_BIAS = {
 }
 # target_modules leaves naming layers PEFT adapts with its embedding LoRA that kvrun does not serve: position tables.
 UNSERVED_TARGETS = dict.fromkeys(("wpe", "embed_positions"), "LoRA on a position-embedding table is not served")
-# The token embedding's and output layer's names among the families kvrun serves (an activated LoRA may not target them;
-# trainable tokens and modules_to_save may name only them)
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "wte", "embed_in", "word_embeddings")
-HEAD_LAYER_NAMES = ("lm_head", "embed_out")
-VOCAB_LAYER_NAMES = (*EMBEDDING_LAYER_NAMES, *HEAD_LAYER_NAMES)
 # peft_type → the method's name: every PEFT method but LoRA changes the model in ways the LoRA kernels do not compute.
 UNSERVED_PEFT_TYPES = {
     "LOHA": "LoHa (low-rank Hadamard product)", "LOKR": "LoKr (low-rank Kronecker product)",
@@ -94,12 +93,6 @@ MODULE_VECTORS = {
     "lora_B.bias": ("lora_bias", "a LoRA bias"),
     "lora_magnitude_vector": ("use_dora", "a DoRA magnitude vector"),
 }
-
-# Trainable tokens (trainable_token_indices): per layer, the rows of the vocabulary matrix the adapter replaces,
-# saved as `<module>.token_adapter.trainable_tokens_delta` [len(indices), width] — the new rows themselves.
-TOKEN_ROWS_PART = "token_adapter.trainable_tokens_delta"
-# A modules_to_save layer: the adapter's whole copy of it, saved under the layer's own parameter names.
-FULL_COPY_PARTS = ("weight", "bias")
 
 # Tensors PEFT saves for the features above, for an adapter whose config does not admit to them (hand-edited, or
 # saved by an older PEFT): the pattern of the key, and what it is.
@@ -293,7 +286,7 @@ def check_config(config: object, *, max_rank: int, rank_limit: str = "the regist
         raise UnsupportedConfigError(
             f"{CONFIG_FILE}: alora_invocation_tokens with use_dora=true is a combination PEFT refuses"
         )
-    token_indices, modules_to_save = _token_indices(config), _modules_to_save(config)
+    token_indices, modules_to_save = parse_token_indices(config), parse_modules_to_save(config)
     if invocation_tokens is not None and (token_indices or modules_to_save):
         raise UnsupportedConfigError(
             f"{CONFIG_FILE}: alora_invocation_tokens with trainable_token_indices or modules_to_save is not served"
@@ -341,53 +334,6 @@ def _invocation_tokens(config: dict) -> tuple[int, ...] | None:
             f"{CONFIG_FILE}: alora_invocation_tokens must be a non-empty list of token ids, got {value!r}"
         )
     return tuple(value)
-
-
-def _token_indices(config: dict) -> tuple[tuple[str | None, tuple[int, ...]], ...]:
-    """trainable_token_indices: a list of token ids (the token embedding's rows), or a map layer name → such a list;
-    the layers may be the token embedding and the output layer only."""
-    value = config.get("trainable_token_indices")
-    if value in (None, [], {}):
-        return ()
-    entries = value.items() if isinstance(value, dict) else [(None, value)]
-    found = []
-    for layer, indices in entries:
-        where = "trainable_token_indices" + ("" if layer is None else f"[{layer!r}]")
-        if layer is not None and (not layer or layer.rsplit(".", 1)[-1] not in VOCAB_LAYER_NAMES):
-            raise UnsupportedConfigError(
-                f"{CONFIG_FILE}: trainable_token_indices names {layer!r}: trainable tokens are served on the token "
-                f"embedding and the output layer only ({', '.join(VOCAB_LAYER_NAMES)})"
-            )
-        if not isinstance(indices, list) or not indices or not all(type(i) is int and i >= 0 for i in indices):
-            raise AdapterConfigError(f"{CONFIG_FILE}: {where} must be a non-empty list of token ids, got {indices!r}")
-        repeated = sorted({i for i in indices if indices.count(i) > 1})
-        if repeated:
-            raise AdapterConfigError(f"{CONFIG_FILE}: {where} lists token id {repeated[0]} more than once")
-        found.append((layer, tuple(indices)))
-    modules_to_save = config.get("modules_to_save") or ()
-    for layer, _ in found:
-        if layer is not None and isinstance(modules_to_save, list) and layer in modules_to_save:
-            raise UnsupportedConfigError(
-                f"{CONFIG_FILE}: {layer!r} is in modules_to_save and in trainable_token_indices, a combination PEFT "
-                "refuses"
-            )
-    return tuple(found)
-
-
-def _modules_to_save(config: dict) -> tuple[str, ...]:
-    """modules_to_save: the layers the adapter holds whole copies of; the token embedding and output layer only."""
-    value = config.get("modules_to_save")
-    if value in (None, []):
-        return ()
-    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
-        raise AdapterConfigError(f"{CONFIG_FILE}: modules_to_save must be a list of module names")
-    for name in value:
-        if name.rsplit(".", 1)[-1] not in VOCAB_LAYER_NAMES:
-            raise UnsupportedConfigError(
-                f"{CONFIG_FILE}: modules_to_save names {name!r}: kvrun serves whole per-adapter copies of the token "
-                f"embedding and the output layer only ({', '.join(VOCAB_LAYER_NAMES)})"
-            )
-    return tuple(sorted(set(value)))
 
 
 def _positive_number(value: object) -> bool:
