@@ -54,6 +54,20 @@ class IncrementalDetokenizer:
         full = self._decode(token_ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens)
         if len(full) <= len(settled) or full.endswith("\ufffd"):
             return ""
-        self.prefix_offset, self.read_offset = max(0, self.read_offset - 4), len(token_ids)
-        self._settled = None
+        self.read_offset = len(token_ids)
+        self.prefix_offset, self._settled = self._next_window(token_ids)
         return full[len(settled) :]
+
+    def _next_window(self, token_ids: list[int]) -> tuple[int, str]:
+        """Where the next step's window starts, up to 4 tokens before read_offset (so a token's leading space sees its
+        neighbour), and its settled text. Never inside a character: a byte-fallback run (Llama 2, Mistral) decoded
+        from its middle gives U+FFFD for the whole run, and the text after it would never come out. A character has
+        at most 4 byte tokens and every one before read_offset is complete, so one of the 4 starts is at a boundary."""
+        first = max(0, self.read_offset - 4)
+        text = ""
+        for start in range(first, self.read_offset):
+            text = self._decode(token_ids[start : self.read_offset], skip_special_tokens=self.skip_special_tokens)
+            if not text.startswith("\ufffd"):
+                return start, text
+        # U+FFFD in the text itself (the model's own replacement characters): any start does
+        return self.read_offset - 1, text
