@@ -83,6 +83,9 @@ class EngineConfig:
     device: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks; nothing to download)
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket on CUDA
+    # ... and steps with prompt tokens of up to this many tokens (capped by the step budget), in pieces between the
+    # attention calls; 0: those run eagerly
+    cuda_graph_max_tokens: int = 2048
     seed: int = 0
     tensor_parallel_size: int = 1  # devices (one process each) the model is split over
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -92,6 +95,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {self.tensor_parallel_size!r}")
+        if not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"cuda_graph_max_tokens must be an integer >= 0; got {self.cuda_graph_max_tokens!r}")
+
+    def graph_step_tokens(self) -> int:
+        """The most tokens of a step with prompt tokens that is captured (in pieces); 0: none is. Call on a config
+        whose step budget is resolved."""
+        if not self.cuda_graphs:
+            return 0
+        return min(self.cuda_graph_max_tokens, self.scheduler.max_num_batched_tokens)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -61,7 +61,9 @@ class LLMEngine:
         self.runner.init_kv_cache(config.cache.num_blocks)
         if config.cuda_graphs and self.runner.device.type == "cuda":
             reserved = torch.cuda.memory_reserved(self.runner.device)
-            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, with_lora=self.adapters is not None)
+            self.runner.capture_graphs(
+                config.scheduler.max_num_seqs, config.graph_step_tokens(), with_lora=self.adapters is not None
+            )
             if self.memory_plan is not None:
                 used = torch.cuda.memory_reserved(self.runner.device) - reserved
                 logger.info("CUDA graphs took %.2f GiB (planned %.2f GiB)", used / 2**30, self.memory_plan.graphs / 2**30)

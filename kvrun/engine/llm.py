@@ -45,6 +45,7 @@ class LLM:
         enable_chunked_prefill: bool = _default(SchedulerConfig, "enable_chunked_prefill"),
         load_format: str = _default(EngineConfig, "load_format"),
         cuda_graphs: bool = _default(EngineConfig, "cuda_graphs"),
+        cuda_graph_max_tokens: int = _default(EngineConfig, "cuda_graph_max_tokens"),
         tensor_parallel_size: int = _default(EngineConfig, "tensor_parallel_size"),
     ) -> None:
         config = EngineConfig(
@@ -53,6 +54,7 @@ class LLM:
             device=device,
             load_format=load_format,
             cuda_graphs=cuda_graphs,
+            cuda_graph_max_tokens=cuda_graph_max_tokens,
             tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(
                 block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching, gpu_memory_utilization

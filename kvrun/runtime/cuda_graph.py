@@ -39,17 +39,17 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    def __init__(self, runner, max_batch_size: int, with_lora: bool) -> None:
+    def __init__(self, runner, max_batch_size: int, with_lora: bool, stream: torch.cuda.Stream, pool=None) -> None:
+        """stream: the side stream every capture runs on (cuBLAS keeps a workspace per stream, 32 MiB on Hopper, so
+        a fresh stream per graph would leave one behind for each). pool: a memory pool to share (the pieces')."""
         self.runner = runner
         self.with_lora = with_lora
         self.scratch_page = runner.num_blocks  # the KV cache holds one page past the block manager's pool
         max_pages_per_seq = -(-runner.max_model_len // runner.block_size)
         sizes = [size for size in BUCKETS if size < max_batch_size] + [max_batch_size]
         self.buckets = {size: _Bucket(size, runner.device, max_pages_per_seq) for size in sizes}
-        self.pool = None
-        # One side stream for every capture: cuBLAS keeps a workspace per stream (32 MiB on Hopper), so a fresh
-        # stream per graph would leave one workspace behind for each captured graph.
-        self.stream = torch.cuda.Stream(runner.device)
+        self.pool = pool
+        self.stream = stream
         for size in sorted(self.buckets, reverse=True):  # largest first, so smaller graphs reuse its memory
             self._capture(self.buckets[size])
         logger.info("captured decode graphs for batch sizes %s", sorted(self.buckets))

@@ -5,7 +5,9 @@ On GPU the engine asks for `gpu_memory_utilization` (vLLM's name, default 0.9) o
     budget = utilization × total memory
     fixed  = weights (measured after loading) + activations (peak of one profiled max-size step)
              + sampler (max_num_seqs rows of fp32 working copies of the logits)
-             + CUDA graphs (profiled peak of the largest decode step + the logits each captured graph keeps)
+             + CUDA graphs (one pool: the profiled peak of the largest decode step or of the largest step captured
+               in pieces, whichever is larger, + what each graph keeps: decode logits, the pieces' last hidden
+               state and residual; + the pieces' shared query and attention-output buffers)
              + memory outside torch's allocator (CUDA context, cuBLAS workspaces)
     left   = budget − fixed, shared by the LoRA slots and the KV cache
 
@@ -70,6 +72,7 @@ class Measurements:
     activations: int  # added at the peak of one max-size step (max_num_batched_tokens tokens, max_num_seqs rows)
     decode_activations: int  # added at the peak of one max_num_seqs-row decode step (sizes the CUDA graph pool)
     non_torch: int  # device memory in use that torch's allocator does not count (CUDA context, library workspaces)
+    step_graph_activations: int = 0  # added at the peak of one step of the largest token count captured in pieces
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,9 @@ class PlanInputs:
     graphs_with_lora: bool  # each batch size holds a LoRA and a LoRA-free graph
     graph_buffer_bytes: int = 0  # what the attention backend allocates per captured batch size (its plan buffers)
     full_module_bytes: int = 0  # every full-module slot's copies of the vocabulary layers (modules_to_save)
+    graph_step_tokens: tuple[int, ...] = ()  # token counts of steps captured in pieces (kvrun.runtime.step_graphs)
+    stream_bytes_per_token: int = 0  # a captured piece's last hidden state and residual, per token
+    attention_buffer_bytes_per_token: int = 0  # the pieces' query and attention-output buffers, per token
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,14 +131,17 @@ def sampler_bytes(max_num_seqs: int, vocab_size: int) -> int:
     return max_num_seqs * vocab_size * SAMPLER_BYTES_PER_LOGIT
 
 
-def graph_pool_bytes(inputs: PlanInputs, decode_activations: int) -> int:
-    """Captured graphs share one pool: the largest step's intermediates, plus the logits every graph keeps."""
+def graph_pool_bytes(inputs: PlanInputs, decode_activations: int, step_activations: int = 0) -> int:
+    """Captured graphs share one pool: the largest step's intermediates, plus what every graph keeps."""
     if not inputs.graph_batch_sizes:
         return 0
     graphs_per_size = 2 if inputs.graphs_with_lora else 1
     kept_logits = sum(inputs.graph_batch_sizes) * inputs.vocab_size * inputs.logits_element_bytes * graphs_per_size
+    kept_streams = sum(inputs.graph_step_tokens) * inputs.stream_bytes_per_token * graphs_per_size
     buffers = len(inputs.graph_batch_sizes) * inputs.graph_buffer_bytes
-    return decode_activations + kept_logits + buffers + CAPTURE_STREAM_WORKSPACE + GRAPH_POOL_SEGMENT
+    buffers += max(inputs.graph_step_tokens, default=0) * inputs.attention_buffer_bytes_per_token
+    peak = max(decode_activations, step_activations if inputs.graph_step_tokens else 0)
+    return peak + kept_logits + kept_streams + buffers + CAPTURE_STREAM_WORKSPACE + GRAPH_POOL_SEGMENT
 
 
 def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
@@ -144,7 +153,7 @@ def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
             f"hold the rest): lower gpu_memory_utilization to at most {measured.free_at_start / measured.total:.2f}"
         )
     sampler = sampler_bytes(inputs.max_num_seqs, inputs.vocab_size)
-    graphs = graph_pool_bytes(inputs, measured.decode_activations)
+    graphs = graph_pool_bytes(inputs, measured.decode_activations, measured.step_graph_activations)
     fixed = measured.weights + measured.activations + sampler + graphs + measured.non_torch + ALLOCATOR_SLACK
     left = budget - fixed
     sequence_kv = -(-inputs.max_model_len // inputs.block_size) * inputs.kv_bytes_per_block

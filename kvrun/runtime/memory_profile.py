@@ -21,6 +21,7 @@ from kvrun.runtime.kv_cache import bytes_per_block
 from kvrun.runtime.layers.linear import Projection
 from kvrun.runtime.layers.vocab import EMBEDDING, HEAD, VocabParallelEmbedding
 from kvrun.runtime.memory_plan import MemoryPlan
+from kvrun.runtime.step_graphs import token_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,13 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
         step_tokens = max(step_tokens, runner.max_model_len)  # a whole prompt may run over the budget
     activations = profile_step_bytes(runner, step_tokens, min(scheduler.max_num_seqs, step_tokens))
     decode_activations = profile_step_bytes(runner, scheduler.max_num_seqs, scheduler.max_num_seqs)
+    graph_tokens = token_buckets(config.graph_step_tokens())
+    step_graph_activations = 0
+    if graph_tokens and graph_tokens[-1] == step_tokens:
+        step_graph_activations = activations
+    elif graph_tokens:
+        largest = graph_tokens[-1]
+        step_graph_activations = profile_step_bytes(runner, largest, min(scheduler.max_num_seqs, largest))
     runner.release_kv_cache()
     torch.cuda.empty_cache()
     free_now = torch.cuda.mem_get_info(device)[0]
@@ -102,7 +110,9 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
     graph_sizes = ()
     if config.cuda_graphs:
         graph_sizes = tuple(size for size in BUCKETS if size < scheduler.max_num_seqs) + (scheduler.max_num_seqs,)
-    measured = memory_plan.Measurements(total, start.free, weights, activations, decode_activations, non_torch)
+    measured = memory_plan.Measurements(total, start.free, weights, activations, decode_activations, non_torch,
+                                        step_graph_activations)  # fmt: skip
+    attention = runner.attention
     inputs = memory_plan.PlanInputs(
         utilization=config.cache.gpu_memory_utilization,
         max_num_seqs=scheduler.max_num_seqs,
@@ -118,7 +128,10 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
         logits_element_bytes=element,
         graph_batch_sizes=graph_sizes,
         graphs_with_lora=lora.max_loras != 0,
-        graph_buffer_bytes=runner.attention.graph_buffer_bytes,
+        graph_buffer_bytes=attention.graph_buffer_bytes,
+        graph_step_tokens=graph_tokens,
+        stream_bytes_per_token=2 * runner.model_config.hidden_size * element,
+        attention_buffer_bytes_per_token=2 * attention.num_heads * attention.head_dim * element,
     )
     return memory_plan.plan_gpu_memory(measured, inputs)
 

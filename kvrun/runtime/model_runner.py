@@ -39,7 +39,8 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self._init_model(model_dir, config.load_format)
         self.num_blocks, self.kv_cache = 0, None  # sized by the engine's memory plan (kvrun.runtime.memory_profile)
-        self.graphs = None  # DecodeGraphs, captured by capture_decode_graphs once adapters are wired in
+        self.graphs = None  # DecodeGraphs, captured by capture_graphs once adapters are wired in
+        self.step_graphs = None  # StepGraphs (steps with prompt tokens, in pieces), likewise
 
     def _init_model(self, model_dir: Path, load_format: str) -> None:
         cfg = self.model_config
@@ -79,19 +80,28 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Release what outlives the object on its own (worker processes under tensor parallelism; nothing here)."""
 
-    def capture_decode_graphs(self, max_batch_size: int, with_lora: bool) -> None:
-        """Capture decode steps on CUDA (call after LoRA wrappers are installed: the graphs bake in the modules)."""
+    def capture_graphs(self, max_batch_size: int, max_step_tokens: int, with_lora: bool) -> None:
+        """Capture on CUDA (after LoRA wrappers are installed: the graphs bake in the modules) decode steps of up to
+        max_batch_size rows whole, and steps with prompt tokens of up to max_step_tokens tokens in pieces between
+        the attention calls (0: those run eagerly)."""
         from kvrun.runtime.cuda_graph import DecodeGraphs
+        from kvrun.runtime.step_graphs import StepGraphs
 
+        stream = torch.cuda.Stream(self.device)  # one side stream for every capture
         with torch.inference_mode():
-            self.graphs = DecodeGraphs(self, max_batch_size, with_lora)
+            if max_step_tokens:  # first: the largest intermediates, which the decode graphs' pool then reuses
+                self.step_graphs = StepGraphs(self, max_step_tokens, with_lora, stream)
+            pool = self.step_graphs.pool if self.step_graphs is not None else None
+            self.graphs = DecodeGraphs(self, max_batch_size, with_lora, stream, pool)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """[len(batch.sampling_requests()), vocab]: the last-token logits of each row that samples, in batch order."""
-        graphed = not batch.is_prefill and not batch.full_copies
-        if self.graphs is not None and graphed and self.graphs.bucket_for(len(batch.requests)):
-            return self.graphs.run(batch)
+        if not batch.full_copies:  # a whole layer copy is read by an eager step only
+            if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
+                return self.graphs.run(batch)
+            if self.step_graphs is not None and self.step_graphs.bucket_for(batch.num_tokens):
+                return self.step_graphs.run(batch)
         forward_batch = self.prepare(batch)
         self.attention.plan(forward_batch.attention)
         return self.model(forward_batch, self.kv_cache)

@@ -40,6 +40,7 @@ class ServerConfig:
     device: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (GPU benchmarks without downloads)
     cuda_graphs: bool = True
+    cuda_graph_max_tokens: int = 2048  # steps with prompt tokens captured in pieces up to this many tokens; 0: eager
     tensor_parallel_size: int = 1  # GPUs (one process each) the model is split over
     resolve_ttl_s: float = 30.0  # backstop for cached ref → version resolutions if a change event is missed
     default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent
@@ -54,6 +55,8 @@ class ServerConfig:
             raise ValueError(f"--max-trainable-tokens must be in 0..65536, got {self.max_trainable_tokens}")
         if self.max_full_module_slots < 0:
             raise ValueError(f"--max-full-module-slots must be >= 0, got {self.max_full_module_slots}")
+        if self.cuda_graph_max_tokens < 0:
+            raise ValueError(f"--cuda-graph-max-tokens must be >= 0, got {self.cuda_graph_max_tokens}")
         if self.max_queue < 0:
             raise ValueError("--max-queue must be >= 0")
         if self.queue_timeout_s <= 0:
@@ -74,6 +77,7 @@ class ServerConfig:
             device=self.device,
             load_format=self.load_format,
             cuda_graphs=self.cuda_graphs,
+            cuda_graph_max_tokens=self.cuda_graph_max_tokens,
             tensor_parallel_size=self.tensor_parallel_size,
             cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching,
                               self.gpu_memory_utilization),

@@ -108,7 +108,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default=defaults.device, help="auto: cuda when available, else cpu")
     add("--load-format", default=defaults.load_format, choices=["auto", "dummy"],
         help="dummy: random weights of the model config's shapes (benchmarks)")
-    add("--no-cuda-graphs", action="store_true", help="run decode steps eagerly on CUDA")
+    add("--no-cuda-graphs", action="store_true", help="run every step eagerly on CUDA")
+    add("--cuda-graph-max-tokens", type=int, default=defaults.cuda_graph_max_tokens,
+        help="steps with prompt tokens of up to this many tokens run as CUDA graphs captured in pieces between the "
+             "attention calls (0: eagerly); decode steps are captured whole")
     add("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
         help="split the model over this many GPUs (cuda:0 .. N-1), one process each; adapters are split with it")
     add("--engine-process", action=argparse.BooleanOptionalAction, default=defaults.engine_process,
@@ -187,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             device=args.device,
             load_format=args.load_format,
             cuda_graphs=not args.no_cuda_graphs,
+            cuda_graph_max_tokens=args.cuda_graph_max_tokens,
             tensor_parallel_size=args.tensor_parallel_size,
             cors_origins=tuple(args.cors_origin),
             log_interval_s=args.log_interval,

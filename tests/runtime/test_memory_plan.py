@@ -114,6 +114,20 @@ def test_graphs_off_and_on():
     assert with_buffers - memory_plan.graph_pool_bytes(inputs(), 0) == 4 * 8 * MIB  # 4 captured sizes: 1, 2, 4, 8
 
 
+def test_steps_captured_in_pieces_share_the_pool_and_keep_their_streams():
+    decode_only = memory_plan.graph_pool_bytes(inputs(), 256 * MIB)
+    pieces = inputs(graph_step_tokens=(16, 32, 512), stream_bytes_per_token=8 * 1024,
+                    attention_buffer_bytes_per_token=16 * 1024)  # fmt: skip
+    # A smaller step peak hides under the decode peak (one pool); what each bucket keeps, LoRA and LoRA-free, and
+    # the shared buffers at the largest token count are added.
+    kept = 2 * (16 + 32 + 512) * 8 * 1024 + 512 * 16 * 1024
+    assert memory_plan.graph_pool_bytes(pieces, 256 * MIB, 100 * MIB) == decode_only + kept
+    assert memory_plan.graph_pool_bytes(pieces, 256 * MIB, 300 * MIB) == decode_only + kept + 44 * MIB
+    # The plan takes the step peak from the measurements.
+    with_pieces = plan_gpu_memory(h100(step_graph_activations=300 * MIB), pieces)
+    assert with_pieces.graphs == decode_only + kept + 44 * MIB
+
+
 def test_cpu_start_up_uses_the_fixed_defaults(tiny_gqa):
     from kvrun import LLM
     from kvrun.runtime.kv_cache import bytes_per_block

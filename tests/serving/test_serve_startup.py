@@ -58,6 +58,7 @@ def test_taken_port_is_reported_before_the_model_loads(model_dir):
         (("--lora-modules", '{"name": "x"}'), 'JSON with "name" and "path"'),
         (("--chat-template", "/no/such/template.jinja"), "no such file"),
         (("--max-queue", "-1"), "--max-queue"),
+        (("--cuda-graph-max-tokens", "-1"), "--cuda-graph-max-tokens must be >= 0"),
         (("a/b", "--model", "c/d"), "two models"),
     ],
 )

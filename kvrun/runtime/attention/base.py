@@ -78,6 +78,13 @@ class AttentionBackend(Protocol):
         """Prepare for one step; called once before the first layer. graph_batch_size: plan into the buffers of the
         CUDA graph captured for that many rows (see prepare_graph)."""
 
+    # Set while a step is captured in pieces (kvrun.runtime.step_graphs, CUDA only): forward then writes the K/V,
+    # hands q to it and returns the buffer `attend` will fill between the pieces.
+    capture: object | None
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, variant: AttentionVariant, out: torch.Tensor) -> None:
+        """The planned attention of q over the cache into out, K/V already written (replaying captured pieces)."""
+
     def prepare_graph(self, batch_size: int, max_pages: int) -> None:
         """Allocate the fixed-address buffers a decode graph of batch_size rows plans into (no-op where graphs
         are not supported)."""

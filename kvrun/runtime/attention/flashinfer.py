@@ -51,6 +51,7 @@ class FlashInferBackend:
         self._graph_wrappers: dict[int, dict[AttentionVariant, object]] = {}
         self._active: dict[AttentionVariant, object] = self.decode
         self._metadata: AttentionMetadata | None = None
+        self.capture = None  # set while a step is captured in pieces (kvrun.runtime.step_graphs)
         self._alibi: tuple[torch.Tensor, torch.Tensor] | None = None  # (our slopes, FlashInfer's buffer), device
         if any(variant.alibi for variant in self.variants):
             # The key FlashInfer looks up is q's device, which carries its index (a bare "cuda" would miss).
@@ -103,7 +104,13 @@ class FlashInferBackend:
 
     def forward(self, q, k, v, kv_cache, variant: AttentionVariant):
         write_kv(kv_cache, k, v, self._metadata.slot_mapping)
+        if self.capture is not None:  # a step captured in pieces: the attention itself runs between them
+            return self.capture.attention(q, kv_cache, variant)
         return self._active[variant].run(q, kv_cache)
+
+    def attend(self, q, kv_cache, variant: AttentionVariant, out) -> None:
+        """The planned attention alone (the K/V already written), into out: between the pieces of a captured step."""
+        self._active[variant].run(q, kv_cache, out=out)
 
 
 def _variant_arguments(variant: AttentionVariant) -> dict:

@@ -10,6 +10,7 @@ from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, wr
 
 class TorchReferenceBackend:
     graph_buffer_bytes = 0  # no CUDA graphs
+    capture = None  # never captured in pieces
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, alibi_slopes: torch.Tensor | None = None

@@ -247,8 +247,8 @@ class TensorParallelRunner(ModelRunner):
             self.workers.call(ModelRunner.release_kv_cache)
         super().release_kv_cache()
 
-    def capture_decode_graphs(self, max_batch_size: int, with_lora: bool) -> None:
-        self.call_everywhere(ModelRunner.capture_decode_graphs, max_batch_size, with_lora)
+    def capture_graphs(self, max_batch_size: int, max_step_tokens: int, with_lora: bool) -> None:
+        self.call_everywhere(ModelRunner.capture_graphs, max_batch_size, max_step_tokens, with_lora)
 
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         # Workers need the step's layout only; sampling state (generators) stays with rank 0.

@@ -264,11 +264,19 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits of each request's last token: [batch, vocab]. kv_cache: [layers, pages, 2, page_size, kv_heads, dim]."""
+        return self.logits_of(*self.layer_stream(batch, kv_cache), batch)
+
+    def layer_stream(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden, residual) after the last layer, every token of the step (the part steps captured in pieces run)."""
         model = self.model
         hidden, residual = model.embed(batch), None
         for index, layer in enumerate(model.layers):
             hidden, residual = layer(hidden, residual, batch, kv_cache[index])
-        return self.compute_logits(model.final_hidden(hidden, residual, batch), batch)
+        return hidden, residual
+
+    def logits_of(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch) -> torch.Tensor:
+        """The last layer's stream → the logits of the rows that sample (batch.logits_indices)."""
+        return self.compute_logits(self.model.final_hidden(hidden, residual, batch), batch)
 
     def compute_logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """hidden: [rows, width] of the rows that sample (batch.logits_indices)."""
