@@ -7,12 +7,11 @@ length (the long prompt's time to first token) and its step count, and the longe
 decode step time just before the prompt arrived. The first row is the baseline: the prompt runs whole in one step
 (chunked prefill off). `--adapters N` spreads the streams over N random r`--rank` adapters (the long prompt uses the
 base model); `--eager-too` adds, per budget, a run whose steps with prompt tokens run eagerly instead of as CUDA
-graphs captured in pieces (`cuda_graph_max_tokens=0`); `--ratios 0,1.5` runs each budget at each step time ratio
-(`step_time_ratio`: prompt tokens beside decodes sized from measured step times; 0 = the budget alone).
+graphs captured in pieces (`cuda_graph_max_tokens=0`).
 
     .venv/bin/python benchmarks/chunked_prefill.py [--streams 8] [--long 2000] [--budgets 256,512,1024]
     python benchmarks/chunked_prefill.py --llama3-8b --streams 32 --long 8000 --budgets 256,512,2048   # GPU
-    python benchmarks/chunked_prefill.py --llama3-8b --streams 128 --adapters 8 --long 4000 --budgets 512 --ratios 0,1.5
+    python benchmarks/chunked_prefill.py --llama3-8b --streams 128 --adapters 8 --long 4000 --budgets 512,2048 --eager-too
 """
 
 from __future__ import annotations
@@ -93,8 +92,6 @@ def main() -> None:
     parser.add_argument("--llama3-8b", action="store_true", help="random bf16 weights of Llama-3-8B's shapes (GPU)")
     parser.add_argument("--adapters", type=int, default=0, help="streams cycle over the base model and N adapters")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--ratios", default="0",
-                        help="step_time_ratio of the chunked runs, comma-separated (0: the budget alone; a run each)")
     parser.add_argument("--eager-too", action="store_true",
                         help="per budget, also a run with steps with prompt tokens eager (cuda_graph_max_tokens=0)")
     args = parser.parse_args()
@@ -103,21 +100,18 @@ def main() -> None:
 
     budgets = [int(value) for value in args.budgets.split(",")]
     whole_budget = max(budgets)
-    configurations = [("whole prompts (chunked prefill off)", whole_budget, False, None, 0.0)]
-    ratios = [float(value) for value in args.ratios.split(",")]
+    configurations = [("whole prompts (chunked prefill off)", whole_budget, False, None)]
     for budget in budgets:
-        for ratio in ratios:
-            label = f"chunked, budget {budget} tokens" + (f", step time ratio {ratio:g}" if ratio else "")
-            configurations.append((label, budget, True, None, ratio))
+        configurations.append((f"chunked, budget {budget} tokens", budget, True, None))
         if args.eager_too:
-            configurations.append((f"chunked, budget {budget} tokens, eager steps", budget, True, 0, 0.0))
+            configurations.append((f"chunked, budget {budget} tokens, eager steps", budget, True, 0))
     results = []
     with tempfile.TemporaryDirectory() as model_dir:
         model = {}
         if args.llama3_8b:
             (Path(model_dir) / "config.json").write_text(json.dumps(LLAMA3_8B))
             model = {"model": model_dir, "load_format": "dummy", "dtype": "bfloat16"}
-        for label, budget, chunked, graph_tokens, ratio in configurations:
+        for label, budget, chunked, graph_tokens in configurations:
             if graph_tokens is not None:
                 model["cuda_graph_max_tokens"] = graph_tokens
             else:
@@ -125,7 +119,6 @@ def main() -> None:
             llm = LLM(**model, max_loras=args.adapters, max_lora_rank=max(args.rank, 8),
                       max_cpu_loras=max(args.adapters, 1), max_num_seqs=max(args.streams + 1, 8),
                       max_num_batched_tokens=max(budget, args.streams + 1), enable_chunked_prefill=chunked,
-                      step_time_ratio=ratio,
                       enable_prefix_caching=False, num_blocks=-(-(args.long + 2048 * args.streams) // 16))  # fmt: skip
             if args.adapters:
                 engine = llm.engine

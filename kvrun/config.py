@@ -62,15 +62,8 @@ class SchedulerConfig:
     # A server's engine (streams wait on every step) rather than an offline batch: on GPU the default step budget is
     # smaller, so prompts arriving mid-stream delay running streams less (vLLM's usage-context defaults likewise).
     online: bool = False
-    # A step carrying prompt tokens beside running decodes is sized to take at most this many times a decode-only
-    # step, by measured step times (kvrun.engine.step_costs); 0: the token budget alone. None: 1.5 for a server on
-    # GPU, else 0.
-    step_time_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        ratio = self.step_time_ratio
-        if ratio is not None and not (ratio == 0 or 1 <= ratio <= 100):
-            raise ValueError(f"step_time_ratio must be 0 (off) or between 1 and 100, got {ratio}")
         if (self.max_num_seqs is not None and self.max_num_seqs < 1) or (
             self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1
         ):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 import logging
 from pathlib import Path
 
@@ -204,7 +203,6 @@ class LLMEngine:
         failed = [self._end_with_error(request, reason) for request, reason in self.scheduler.take_failed()]
         if batch is None:
             return failed
-        started = time.perf_counter()
         try:
             logits = self.runner.execute(batch)
         except BaseException:
@@ -216,7 +214,6 @@ class LLMEngine:
         constrained = {row: request.grammar for row, request in enumerate(requests) if request.grammar is not None}
         allowed = self._grammars.bitmask(constrained) if constrained else None
         sampled = sample(logits, [request.sampling for request in requests], allowed)
-        self.scheduler.observe(batch, time.perf_counter() - started)
         return failed + [self._settle(request, result) for request, result in zip(requests, sampled)]
 
     def _end_with_error(self, request: Request, reason: str) -> RequestOutput:

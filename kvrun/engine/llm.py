@@ -43,7 +43,6 @@ class LLM:
         max_num_batched_tokens: int | None = _default(SchedulerConfig, "max_num_batched_tokens"),
         max_model_len: int | None = _default(SchedulerConfig, "max_model_len"),
         enable_chunked_prefill: bool = _default(SchedulerConfig, "enable_chunked_prefill"),
-        step_time_ratio: float | None = _default(SchedulerConfig, "step_time_ratio"),
         load_format: str = _default(EngineConfig, "load_format"),
         cuda_graphs: bool = _default(EngineConfig, "cuda_graphs"),
         cuda_graph_max_tokens: int = _default(EngineConfig, "cuda_graph_max_tokens"),
@@ -62,8 +61,7 @@ class LLM:
             ),
             lora=LoRAConfig(max_loras, max_lora_rank, max(max_cpu_loras, max_loras or 0), max_trainable_tokens,
                             max_full_module_slots),  # fmt: skip
-            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill,
-                                      step_time_ratio=step_time_ratio),  # fmt: skip
+            scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, enable_chunked_prefill),
         )
         self.engine = LLMEngine(config)
 

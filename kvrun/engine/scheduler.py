@@ -31,7 +31,6 @@ from kvrun.adapters.manager import AdapterLoadError, LoRAManager
 from kvrun.config import SchedulerConfig
 from kvrun.engine.block_manager import BlockManager, block_key, root_key
 from kvrun.engine.request import Request, RequestStatus
-from kvrun.engine.step_costs import StepCosts
 from kvrun.runtime.forward_batch import BASE_SLOT, ScheduledBatch, ScheduledRequest
 
 
@@ -42,7 +41,6 @@ class _Step:
     budget: int
     rows: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens it runs this step)
     placed: set[str] = field(default_factory=set)  # request ids of rows
-    prompt_budget: int | None = None  # what rows with more than one token left may still take (None: the budget)
     has_prompt: bool = False
     preempted: bool = False
 
@@ -50,8 +48,6 @@ class _Step:
         self.rows.append((request, num_tokens))
         self.placed.add(request.request_id)
         self.budget = max(0, self.budget - num_tokens)
-        if num_tokens > 1 and self.prompt_budget is not None:
-            self.prompt_budget = max(0, self.prompt_budget - num_tokens)
         self.has_prompt = self.has_prompt or num_tokens > 1
 
 
@@ -75,7 +71,6 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._failed: list[tuple[Request, str]] = []  # requests that can never run (their adapter failed to load)
         self._cached_this_step: list[int] = []  # blocks this step offered to the prefix cache
-        self.costs = StepCosts(config.step_time_ratio or 0.0)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -86,20 +81,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """Choose this step's rows and advance each row's num_computed_tokens past the tokens it runs."""
         step = _Step(self.config.max_num_batched_tokens)
-        if self.costs.ratio:
-            decodes = sum(request.num_tokens - request.num_computed_tokens == 1 for request in self.running)
-            step.prompt_budget = self.costs.prompt_tokens(decodes)
         self._cached_this_step = []
         self._schedule_running(step)
         if not step.preempted:
             self._admit(step)
         return self._batch(step) if step.rows else None
-
-    def observe(self, batch: ScheduledBatch, seconds: float) -> None:
-        """How long a step took, its sampled tokens in hand (sizes later steps' prompt tokens: step_costs)."""
-        if self.costs.ratio:
-            decodes = sum(len(row.token_ids) == 1 and row.samples for row in batch.requests)
-            self.costs.observe(decodes, batch.num_tokens - decodes, seconds)
 
     def take_failed(self) -> list[tuple[Request, str]]:
         """Requests the last schedule() found can never run, with why; the engine ends each one alone."""
@@ -198,13 +184,10 @@ class Scheduler:
     def _chunk(self, request: Request, step: _Step) -> int:
         """How many of request's uncomputed tokens run this step (0: none fit)."""
         remaining = request.num_tokens - request.num_computed_tokens
-        budget = step.budget
-        if remaining > 1 and step.prompt_budget is not None:
-            budget = min(budget, step.prompt_budget)
-        if remaining <= budget:
+        if remaining <= step.budget:
             return remaining
         if self.config.enable_chunked_prefill:
-            return budget
+            return step.budget
         return 0 if step.has_prompt else remaining
 
     def _reserve(self, request: Request, count: int, step: _Step) -> bool:

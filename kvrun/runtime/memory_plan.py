@@ -37,9 +37,6 @@ GPU_MAX_NUM_SEQS = 256
 # several (ITL p99 with 4000-token prompts arriving: see docs/benchmarks.md).
 GPU_MAX_NUM_BATCHED_TOKENS = 8192
 GPU_ONLINE_MAX_NUM_BATCHED_TOKENS = 512
-# ... and within that budget a step with prompt tokens beside running decodes takes about 1.5 decode steps (measured
-# step times decide its prompt tokens: kvrun.engine.step_costs).
-GPU_ONLINE_STEP_TIME_RATIO = 1.5
 # cuBLAS's workspace for the one stream graphs are captured on (PyTorch's default on Hopper: 8 x 4 MiB), and the
 # graph pool's first segment (PyTorch's allocator serves 1-10 MB blocks from 20 MiB segments).
 CAPTURE_STREAM_WORKSPACE = 32 * MIB

@@ -57,13 +57,9 @@ def resolve_scheduler_defaults(config: EngineConfig, on_gpu: bool) -> EngineConf
         default_tokens = memory_plan.GPU_MAX_NUM_BATCHED_TOKENS
     max_num_seqs = scheduler.max_num_seqs or min(default_seqs, scheduler.max_num_batched_tokens or default_seqs)
     max_num_batched_tokens = scheduler.max_num_batched_tokens or max(default_tokens, max_num_seqs)
-    ratio = scheduler.step_time_ratio
-    if ratio is None:
-        ratio = memory_plan.GPU_ONLINE_STEP_TIME_RATIO if on_gpu and scheduler.online else 0.0
-    resolved = replace(
-        scheduler, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, step_time_ratio=ratio
+    return replace(
+        config, scheduler=replace(scheduler, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
     )
-    return replace(config, scheduler=resolved)
 
 
 def size_engine(runner, config: EngineConfig, start: DeviceStart | None) -> tuple[EngineConfig, MemoryPlan | None]:

@@ -27,7 +27,6 @@ class ServerConfig:
     max_full_module_slots: int = 0  # whole per-adapter embedding/output-layer copies (modules_to_save); 0: refused
     max_num_seqs: int | None = None  # None: 256 on GPU, 64 on CPU
     max_num_batched_tokens: int | None = None  # tokens in one step; None: 512 on GPU, 256 on CPU
-    step_time_ratio: float | None = None  # a step with prompt tokens ≈ this × a decode step; None: 1.5 on GPU, else 0
     max_model_len: int | None = None
     max_queue: int = 256  # requests allowed to wait beyond the running batch before 429/503
     queue_timeout_s: float = 120.0  # a request not scheduled this long (e.g. no free slot) fails with 503
@@ -56,9 +55,6 @@ class ServerConfig:
             raise ValueError(f"--max-trainable-tokens must be in 0..65536, got {self.max_trainable_tokens}")
         if self.max_full_module_slots < 0:
             raise ValueError(f"--max-full-module-slots must be >= 0, got {self.max_full_module_slots}")
-        ratio = self.step_time_ratio
-        if ratio is not None and not (ratio == 0 or 1 <= ratio <= 100):
-            raise ValueError(f"--step-time-ratio must be 0 (off) or between 1 and 100, got {ratio}")
         if self.cuda_graph_max_tokens < 0:
             raise ValueError(f"--cuda-graph-max-tokens must be >= 0, got {self.cuda_graph_max_tokens}")
         if self.max_queue < 0:
@@ -88,7 +84,7 @@ class ServerConfig:
             lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras, self.max_trainable_tokens,
                             self.max_full_module_slots),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len,
-                                      self.enable_chunked_prefill, online=True, step_time_ratio=self.step_time_ratio),
+                                      self.enable_chunked_prefill, online=True),
         )  # fmt: skip
 
     def resolved(self, engine: EngineConfig) -> ServerConfig:
@@ -96,5 +92,5 @@ class ServerConfig:
         return replace(
             self, max_loras=engine.lora.max_loras, max_cpu_loras=engine.lora.max_cpu_loras,
             max_num_seqs=engine.scheduler.max_num_seqs, max_num_batched_tokens=engine.scheduler.max_num_batched_tokens,
-            step_time_ratio=engine.scheduler.step_time_ratio, num_blocks=engine.cache.num_blocks,
+            num_blocks=engine.cache.num_blocks,
         )  # fmt: skip

@@ -88,9 +88,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests in one batch (default: 256 on GPU, 64 on CPU)")
     add("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens,
         help="tokens in one step: running decodes first, then prompt chunks (default: 512 on GPU, 256 on CPU)")
-    add("--step-time-ratio", type=float, default=defaults.step_time_ratio,
-        help="a step that carries prompt tokens beside running decodes gets as many as keep it near this many decode "
-             "steps long, by measured step times (0: the token budget alone; default: 1.5 on GPU, 0 on CPU)")
     add("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=defaults.enable_chunked_prefill,
         help="split long prompts over steps shared with running decodes")
     add("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching,
@@ -180,7 +177,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_full_module_slots=args.max_full_module_slots,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
-            step_time_ratio=args.step_time_ratio,
             max_model_len=args.max_model_len,
             max_queue=args.max_queue,
             queue_timeout_s=args.queue_timeout,

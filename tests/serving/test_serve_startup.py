@@ -59,7 +59,6 @@ def test_taken_port_is_reported_before_the_model_loads(model_dir):
         (("--chat-template", "/no/such/template.jinja"), "no such file"),
         (("--max-queue", "-1"), "--max-queue"),
         (("--cuda-graph-max-tokens", "-1"), "--cuda-graph-max-tokens must be >= 0"),
-        (("--step-time-ratio", "0.5"), "--step-time-ratio must be 0 (off) or between 1 and 100"),
         (("a/b", "--model", "c/d"), "two models"),
     ],
 )
