@@ -1,9 +1,10 @@
 """FlashInfer paged attention: one plan per step and attention variant, shared by every layer of that variant.
 
 K/V are written by one fused Triton scatter (same semantics as base.write_kv); FlashInfer reads the NHD page layout.
-Page-table index arrays are planned from host copies, so planning never waits on the GPU. Layers that differ in
-scale, sliding window or logit soft-cap (Gemma 2's alternating layers) each get their own wrappers, all planned
-from the same metadata; decode graphs get their own fixed-buffer wrappers per batch-size bucket.
+Page-table index arrays are planned from host copies, so a plan waits on the GPU only until the previous plan's copy
+to the device has run (see plan). Layers that differ in scale, sliding window or logit soft-cap (Gemma 2's
+alternating layers) each get their own wrappers, all planned from the same metadata; decode graphs get their own
+fixed-buffer wrappers per batch-size bucket.
 
 ALiBi: FlashInfer's wrappers take no slopes. Every run() (paged prefill; decode on CUDA cores; tensor-core decode,
 which runs the prefill kernel; with or without a JIT-specialised module) reads them from one cached device tensor,
@@ -52,6 +53,7 @@ class FlashInferBackend:
         self._active: dict[AttentionVariant, object] = self.decode
         self._metadata: AttentionMetadata | None = None
         self.capture = None  # set while a step is captured in pieces (kvrun.runtime.step_graphs)
+        self._planned: torch.cuda.Event | None = None  # recorded after the last plan's copies to the device
         self._alibi: tuple[torch.Tensor, torch.Tensor] | None = None  # (our slopes, FlashInfer's buffer), device
         if any(variant.alibi for variant in self.variants):
             # The key FlashInfer looks up is q's device, which carries its index (a bare "cuda" would miss).
@@ -79,6 +81,19 @@ class FlashInferBackend:
         self._graph_wrappers[batch_size] = wrappers
 
     def plan(self, metadata: AttentionMetadata, graph_batch_size: int | None = None) -> None:
+        # Each wrapper's plan fills one pinned host buffer and copies it to the device asynchronously, in stream
+        # order. A step with no row that samples never waits for the device, so the host can plan the next step
+        # before the device has reached the last step's copy, and would overwrite what that copy reads: the last
+        # step's attention then runs with this step's work arrays. Wait for that copy first. It comes before the last
+        # step's kernels, so the device may still be a step behind the host, no more.
+        if self._planned is None:
+            self._planned = torch.cuda.Event()
+        else:
+            self._planned.synchronize()
+        self._plan_wrappers(metadata, graph_batch_size)
+        self._planned.record(torch.cuda.current_stream(self.device))
+
+    def _plan_wrappers(self, metadata: AttentionMetadata, graph_batch_size: int | None) -> None:
         self._metadata = metadata
         if self._alibi is not None:
             slopes, buffer = self._alibi
