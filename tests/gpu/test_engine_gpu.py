@@ -148,6 +148,40 @@ def test_steps_with_prompt_tokens_replayed_in_pieces_match_eager_steps(gpu_model
     assert same / total >= EXACT_AGREEMENT, f"{same}/{total}"
 
 
+@pytest.mark.parametrize("max_tokens", [0, 64])
+def test_plans_wait_for_the_last_plans_copy_when_the_device_lags(gpu_model, monkeypatch, max_tokens):
+    """Steps in which no row samples never wait for the device. With the device held back (a sleep queued before each
+    plan), a long prompt's chunks, eager or in pieces, still give the tokens of an engine whose device keeps up:
+    each plan waits until the last plan's copy from FlashInfer's pinned host buffer has run before refilling it."""
+    from kvrun import LLM, SamplingParams
+    from kvrun.runtime.attention.flashinfer import FlashInferBackend
+
+    base, _ = gpu_model
+    prompt = torch.randint(3, 500, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0)
+
+    def run():
+        llm = LLM(str(base), dtype="bfloat16", max_loras=0, max_num_seqs=4, max_num_batched_tokens=64,
+                  cuda_graph_max_tokens=max_tokens, gpu_memory_utilization=0.1)  # fmt: skip
+        output = llm.generate([prompt], params)[0]
+        del llm
+        return output
+
+    expected = run()
+    plan = FlashInferBackend.plan
+
+    def lagging_plan(self, *args, **kwargs):
+        torch.cuda._sleep(50_000_000)  # tens of ms of device time before this plan's copy
+        return plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlashInferBackend, "plan", lagging_plan)
+    lagging = run()
+    assert lagging.token_ids == expected.token_ids
+    for ours, theirs in zip(lagging.logprobs, expected.logprobs):
+        assert ours.keys() == theirs.keys()
+        assert all(abs(ours[token] - theirs[token]) <= 1e-3 for token in ours)
+
+
 VARIANTS = {
     "plain": dict(),
     "sliding window": dict(sliding_window=24),
