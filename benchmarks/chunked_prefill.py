@@ -6,12 +6,12 @@ inter-token latency (ITL) over the window from that arrival until the long promp
 length (the long prompt's time to first token) and its step count, and the longest gap any stream saw, beside the
 decode step time just before the prompt arrived. The first row is the baseline: the prompt runs whole in one step
 (chunked prefill off). `--adapters N` spreads the streams over N random r`--rank` adapters (the long prompt uses the
-base model); `--pieces-too` adds, per budget, a run whose steps with prompt tokens replay CUDA graphs captured in
-pieces (`cuda_graph_max_tokens=2048`, experimental) instead of running eagerly.
+base model); `--eager-too` adds, per budget, a run whose steps with prompt tokens run eagerly
+(`cuda_graph_max_tokens=0`) instead of replaying CUDA graphs captured in pieces.
 
     .venv/bin/python benchmarks/chunked_prefill.py [--streams 8] [--long 2000] [--budgets 256,512,1024]
     python benchmarks/chunked_prefill.py --llama3-8b --streams 32 --long 8000 --budgets 256,512,2048   # GPU
-    python benchmarks/chunked_prefill.py --llama3-8b --streams 128 --adapters 8 --long 4000 --budgets 512,2048 --pieces-too
+    python benchmarks/chunked_prefill.py --llama3-8b --streams 128 --adapters 8 --long 4000 --budgets 512,2048 --eager-too
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def main() -> None:
     parser.add_argument("--llama3-8b", action="store_true", help="random bf16 weights of Llama-3-8B's shapes (GPU)")
     parser.add_argument("--adapters", type=int, default=0, help="streams cycle over the base model and N adapters")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--pieces-too", action="store_true",
-                        help="per budget, also a run with steps with prompt tokens in pieces (cuda_graph_max_tokens=2048)")
+    parser.add_argument("--eager-too", action="store_true",
+                        help="per budget, also a run with steps with prompt tokens eager (cuda_graph_max_tokens=0)")
     args = parser.parse_args()
 
     from kvrun import LLM
@@ -103,8 +103,8 @@ def main() -> None:
     configurations = [("whole prompts (chunked prefill off)", whole_budget, False, None)]
     for budget in budgets:
         configurations.append((f"chunked, budget {budget} tokens", budget, True, None))
-        if args.pieces_too:
-            configurations.append((f"chunked, budget {budget} tokens, steps in pieces", budget, True, 2048))
+        if args.eager_too:
+            configurations.append((f"chunked, budget {budget} tokens, eager steps", budget, True, 0))
     results = []
     with tempfile.TemporaryDirectory() as model_dir:
         model = {}

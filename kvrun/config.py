@@ -84,9 +84,8 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (benchmarks; nothing to download)
     cuda_graphs: bool = True  # capture decode steps per batch-size bucket on CUDA
     # ... and steps with prompt tokens of up to this many tokens (capped by the step budget), in pieces between the
-    # attention calls; 0: those run eagerly. Off by default until an illegal memory access seen on an H200 under
-    # small prompt chunks beside many decodes is understood (docs/scheduling.md); 2048 is the measured setting.
-    cuda_graph_max_tokens: int = 0
+    # attention calls; 0: those run eagerly
+    cuda_graph_max_tokens: int = 2048
     seed: int = 0
     tensor_parallel_size: int = 1  # devices (one process each) the model is split over
     cache: CacheConfig = field(default_factory=CacheConfig)

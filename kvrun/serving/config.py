@@ -40,7 +40,7 @@ class ServerConfig:
     device: str = "auto"
     load_format: str = "auto"  # "dummy": random weights of the config's shapes (GPU benchmarks without downloads)
     cuda_graphs: bool = True
-    cuda_graph_max_tokens: int = 0  # steps with prompt tokens captured in pieces up to this many tokens; 0: eager
+    cuda_graph_max_tokens: int = 2048  # steps with prompt tokens captured in pieces up to this many tokens; 0: eager
     tensor_parallel_size: int = 1  # GPUs (one process each) the model is split over
     resolve_ttl_s: float = 30.0  # backstop for cached ref → version resolutions if a change event is missed
     default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent

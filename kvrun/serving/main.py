@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-cuda-graphs", action="store_true", help="run every step eagerly on CUDA")
     add("--cuda-graph-max-tokens", type=int, default=defaults.cuda_graph_max_tokens,
         help="steps with prompt tokens of up to this many tokens run as CUDA graphs captured in pieces between the "
-             "attention calls (0: eagerly; experimental, see docs/scheduling.md); decode steps are captured whole")
+             "attention calls (0: eagerly); decode steps are captured whole")
     add("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
         help="split the model over this many GPUs (cuda:0 .. N-1), one process each; adapters are split with it")
     add("--engine-process", action=argparse.BooleanOptionalAction, default=defaults.engine_process,
