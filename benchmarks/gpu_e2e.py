@@ -6,6 +6,7 @@ Runs on a CUDA host. Every number in one run, printed as one table (and written 
   adapter cold load → first token; decode throughput when a batch needs more adapters than GPU slots.
 
     python benchmarks/gpu_e2e.py --batch 32 64 128 --new-tokens 64 --out $OUT/e2e.md
+    python benchmarks/gpu_e2e.py --defaults --batch 32 128 --skip-hf --skip-extras --shrink-after-base-too
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def decode_run(llm, batch: int, prompt_len: int, new_tokens: int, adapters: list
     return tokens / elapsed, 1e3 * elapsed / steps
 
 
-def step_breakdown(llm, batch: int, args) -> None:
+def step_breakdown(llm, batch: int, args, adapters: list[str | None] = (None,), label: str = "") -> None:
     """Where a decode step's time goes: the captured graph alone vs the whole engine step (host work included)."""
     from kvrun import SamplingParams
 
@@ -107,7 +108,7 @@ def step_breakdown(llm, batch: int, args) -> None:
         return
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     for row in range(batch):
-        engine.add_request(list(range(10 + row, 10 + row + args.prompt)), params)
+        engine.add_request(list(range(10 + row, 10 + row + args.prompt)), params, adapters[row % len(adapters)])
     while engine.num_waiting:
         engine.step()
     for _ in range(3):
@@ -120,21 +121,28 @@ def step_breakdown(llm, batch: int, args) -> None:
     bucket = runner.graphs.bucket_for(batch)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
+    uses_lora = any(adapter is not None for adapter in adapters)
     for _ in range(20):
-        bucket.graphs[False].replay()
+        bucket.graphs[uses_lora].replay()
     end.record()
     torch.cuda.synchronize()
     replay_ms = begin.elapsed_time(end) / 20
     while engine.has_unfinished():
         engine.step()
-    record("breakdown: whole engine step", str(batch), 0.0, step_ms, "")
-    record("breakdown: CUDA graph replay alone", str(batch), 0.0, replay_ms, "GPU time of the captured forward")
+    record(f"breakdown: whole engine step{label}", str(batch), 0.0, step_ms, "")
+    record(f"breakdown: CUDA graph replay alone{label}", str(batch), 0.0, replay_ms, "GPU time of the captured forward")
 
 
 def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
     from kvrun import LLM
+    from kvrun.adapters.layers import LinearWithLoRA
 
-    for label, max_loras in (("kvrun base only (no LoRA)", 0), ("kvrun", args.adapters)):
+    runs = [("kvrun base only (no LoRA)", 0, True), ("kvrun", args.adapters, True)]
+    if args.shrink_after_base_too:  # the baseline of the LoRA shrink on a side stream: captured after the base matmul
+        runs.append(("kvrun", args.adapters, False))
+    for label, max_loras, beside in runs:
+        LinearWithLoRA.shrink_beside_base = beside
+        suffix = "" if beside else " (shrink after the base matmul)"
         if args.defaults:  # what a user gets with no flags: the engine sizes KV, slots and batch from the card
             overrides = {**args.set, **({"max_loras": 0} if max_loras == 0 else {})}
             llm = LLM(str(model_dir), load_format="dummy", **overrides)
@@ -153,17 +161,18 @@ def kvrun_runs(model_dir: Path, args, bandwidth: float) -> None:
             for parsed in random_adapters(args.adapters, args.rank, llm.engine.model_config, torch.bfloat16, DEVICE):
                 manager.add(parsed, lambda parsed=parsed: parsed)
             names = list(manager.names())
+            step_breakdown(llm, args.batch[0], args, names, f", {args.adapters} adapters{suffix}")
             for batch in args.batch:
                 rate, step_ms = decode_run(llm, batch, args.prompt, args.new_tokens, [None])
-                record("kvrun base rows (LoRA engine)", str(batch), rate, step_ms, "")
+                record(f"kvrun base rows (LoRA engine){suffix}", str(batch), rate, step_ms, "")
                 rate, step_ms = decode_run(llm, batch, args.prompt, args.new_tokens, names)
-                record(f"kvrun {args.adapters} distinct r{args.rank} adapters", str(batch), rate, step_ms,
+                record(f"kvrun {args.adapters} distinct r{args.rank} adapters{suffix}", str(batch), rate, step_ms,
                              f"{min(batch, args.adapters)} adapters per step")
             if not args.skip_extras:
                 cold_load(llm, args)
                 slot_pressure(llm, args)
         floor_rows(llm, args, bandwidth)
-        del llm
+        llm = manager = None  # the manager holds the model too: both go before the next engine
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -292,6 +301,8 @@ def main() -> None:
     parser.add_argument("--skip-extras", action="store_true", help="no cold-load or slot-pressure runs")
     parser.add_argument("--defaults", action="store_true", help="LLM(model) with no sizing arguments at all")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--shrink-after-base-too", action="store_true",
+                        help="also the LoRA engine with each shrink captured after its base matmul, not beside it")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=INT",
                         help="with --defaults: integer LLM() arguments to set, e.g. max_num_batched_tokens=8192")
     args = parser.parse_args()

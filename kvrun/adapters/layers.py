@@ -41,6 +41,10 @@ class LinearWithLoRA(nn.Module):
     output before the base layer's all-reduce; the base bias, added after that all-reduce, is left out of it as
     DoRA leaves it (no shift on those ranks)."""
 
+    # In a captured step (CUDA graph) the shrink, which needs only x, runs on a side stream while the base matmul runs:
+    # a decode step's small LoRA launches use SMs and bandwidth that the matmul leaves idle. Read at capture.
+    shrink_beside_base = True
+
     def __init__(self, base: Projection, num_slots: int, max_rank: int, ops: LoRAOps) -> None:
         super().__init__()
         self.base = base
@@ -156,15 +160,35 @@ class LinearWithLoRA(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, lora: LoRABatchInfo | None = None) -> torch.Tensor:
-        out = self.base.partial(x)
         if lora is None:
-            return self.base.reduce(out)
+            return self.base.reduce(self.base.partial(x))
         shrunk = torch.empty(len(self.slice_names), x.shape[0], self.max_rank, dtype=self.shrink_dtype, device=x.device)
-        self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
+        capturing = x.is_cuda and self.shrink_beside_base and torch.cuda.is_current_stream_capturing()
+        side = beside_stream(x.device) if capturing else None
+        if side is None:
+            out = self.base.partial(x)
+            self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
+        else:  # a captured step: the shrink is a branch of the graph beside the base matmul, joined before the expand
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self.ops.sgmv_shrink(x, self.lora_a, lora.seg_indptr, lora.seg_slots, self.ranks, self.scalings, shrunk)
+            out = self.base.partial(x)
+            main.wait_stream(side)
         self.ops.sgmv_expand(
             shrunk, self.lora_b, lora.seg_indptr, lora.seg_slots, self.ranks, out, self.slice_offsets, self.epilogue
         )
         return self.base.reduce(out)
+
+
+_BESIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def beside_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per device on which captured steps run LoRA shrinks beside the base matmuls."""
+    if device not in _BESIDE:
+        _BESIDE[device] = torch.cuda.Stream(device)
+    return _BESIDE[device]
 
 
 def dora_squared_norms(
