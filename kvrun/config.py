@@ -86,6 +86,10 @@ class EngineConfig:
     # ... and steps with prompt tokens of up to this many tokens (capped by the step budget), in pieces between the
     # attention calls; 0: those run eagerly
     cuda_graph_max_tokens: int = 2048
+    # schedule and launch each step before the previous step's tokens reach the host (see LLMEngine.step); None: on
+    # for one CUDA device, off on CPU (nothing to overlap: the forward pass runs on the host) and under tensor
+    # parallelism (the workers could not read the sampled tokens)
+    async_scheduling: bool | None = None
     seed: int = 0
     tensor_parallel_size: int = 1  # devices (one process each) the model is split over
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -95,6 +99,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {self.tensor_parallel_size!r}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("async_scheduling does not work with tensor_parallel_size > 1 (leave it unset)")
         if not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0:
             raise ValueError(f"cuda_graph_max_tokens must be an integer >= 0; got {self.cuda_graph_max_tokens!r}")
 
@@ -104,6 +110,11 @@ class EngineConfig:
         if not self.cuda_graphs:
             return 0
         return min(self.cuda_graph_max_tokens, self.scheduler.max_num_batched_tokens)
+
+    def resolved_async_scheduling(self) -> bool:
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.torch_device().type == "cuda" and self.tensor_parallel_size == 1
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -7,7 +7,8 @@ The types at each boundary, in the order data flows:
       → ScheduledBatch                    (kvrun.runtime.forward_batch: host lists — who runs this step, block
                                            tables, adapter slots; rows grouped by slot)
       → ForwardBatch                      (device tensors: input ids, positions, AttentionMetadata, LoRABatchInfo)
-      → logits → sample(logits, [SamplingRow]) (kvrun.runtime.sampler, one row per request)
+      → logits → launch_sample(logits, [SamplingRow]) → SampledBatch (kvrun.runtime.sampler, one row per request;
+                                           its tokens on the device feed the next step under async scheduling)
       → SampledToken | SamplingFailure → RequestOutput (text so far + this step's delta, for streaming; a failed row
                                            ends with finish_reason "error" and RequestOutput.error, alone)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from kvrun.engine.tokenizer import load_tokenizer
 from kvrun.runtime.distributed import create_runner
 from kvrun.runtime.loader import BUNDLED_NAME, resolve_model
 from kvrun.runtime.memory_profile import device_start, size_engine
-from kvrun.runtime.sampler import SampledToken, SamplingFailure, SamplingRow, sample
+from kvrun.runtime.sampler import SampledBatch, SampledToken, SamplingFailure, SamplingRow, launch_sample
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self._grammars = None  # GrammarCompiler, made for the first request with structured output
+        # A step launched on the device whose sampled tokens are not settled yet (async scheduling; see step)
+        self._in_flight: _InFlight | None = None
+        self.async_scheduling = self.config.resolved_async_scheduling()
 
     def _init_pools(self, config: EngineConfig) -> None:
         self.adapters = None
@@ -179,7 +183,7 @@ class LLMEngine:
         return self._finish(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
     def num_waiting(self) -> int:
@@ -198,23 +202,58 @@ class LLMEngine:
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step. Never raises for one row: a row that fails ends alone with finish_reason "error"."""
+        """Run one scheduled step. Never raises for one row: a row that fails ends alone with finish_reason "error".
+
+        With async scheduling the outputs are those of the step before: this step is scheduled and launched on the
+        device first, its decode rows reading their last token from the previous step's sampled tokens on the
+        device, and only then are the previous step's tokens read on the host and settled (stops, text, grammar). So
+        the host's work for one step runs while the device computes the last one. A row whose request ended with the
+        previous step's token has run one token too many: it is dropped. Sampling itself waits for the settling, so
+        penalties, grammars and stop conditions always see every token before them."""
         batch = self.scheduler.schedule()
-        failed = [self._end_with_error(request, reason) for request, reason in self.scheduler.take_failed()]
-        if batch is None:
-            return failed
-        try:
-            logits = self.runner.execute(batch)
-        except BaseException:
-            self.scheduler.abandon_step()
-            raise
-        requests = [self._requests[scheduled.request_id] for scheduled in batch.sampling_requests()]
+        outputs = [self._end_with_error(request, reason) for request, reason in self.scheduler.take_failed()]
+        in_flight, self._in_flight = self._in_flight, None
+        if batch is not None:
+            requests = [self._requests[scheduled.request_id] for scheduled in batch.sampling_requests()]
+            try:
+                logits = self.runner.execute(batch, in_flight.sampled.tokens if in_flight is not None else None)
+            except BaseException:
+                self.scheduler.abandon_step()
+                for request in in_flight.requests if in_flight is not None else ():
+                    request.pending_row = -1  # that step's tokens are lost with this one
+                raise
+        if in_flight is not None:
+            outputs += self._settle_step(in_flight)
+        if batch is not None:
+            self._in_flight = self._launch_sampling(requests, logits)
+            if not self.async_scheduling and self._in_flight is not None:
+                outputs += self._settle_step(self._in_flight)
+                self._in_flight = None
+        return outputs
+
+    def _launch_sampling(self, requests: list[Request], logits: torch.Tensor) -> _InFlight | None:
+        """Queue the sampling of a launched step's rows; the requests that have not ended meanwhile count the token
+        they will get (pending_row), so the next step can be scheduled before it reaches the host."""
+        live = [row for row, request in enumerate(requests) if not request.is_finished]
+        if not live:
+            return None
         # Filled while the device computes the logits (the forward pass was only launched): rows without a
         # grammar are neither masked nor waited for.
-        constrained = {row: request.grammar for row, request in enumerate(requests) if request.grammar is not None}
+        constrained = {row: requests[row].grammar for row in live if requests[row].grammar is not None}
         allowed = self._grammars.bitmask(constrained) if constrained else None
-        sampled = sample(logits, [request.sampling for request in requests], allowed)
-        return failed + [self._settle(request, result) for request, result in zip(requests, sampled)]
+        sampled = launch_sample(logits, [request.sampling for request in requests], allowed, self.async_scheduling)
+        for row in live:
+            requests[row].pending_row = row
+        return _InFlight(requests, sampled)
+
+    def _settle_step(self, in_flight: _InFlight) -> list[RequestOutput]:
+        outputs = []
+        for request, result in zip(in_flight.requests, in_flight.sampled.results()):
+            if request.pending_row < 0:
+                continue  # it ended (aborted, or by its previous token) after this step was launched
+            request.pending_row = -1
+            outputs.append(self._settle(request, result))
+        return outputs
 
     def _end_with_error(self, request: Request, reason: str) -> RequestOutput:
         logger.warning("request %s failed: %s", request.request_id, reason)
@@ -258,6 +297,7 @@ class LLMEngine:
 
     def _finish(self, request: Request, previous_text: str | None = None, new_ids: list[int] = ()) -> RequestOutput:
         self.scheduler.finish(request)
+        request.pending_row = -1  # a token still on its way (async scheduling) is dropped
         if request.adapter is not None:
             self.adapters.unhold(request.adapter)
         del self._requests[request.request_id]
@@ -282,6 +322,14 @@ class LLMEngine:
             error=request.error,
             queue_time=request.queue_time,
         )
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A launched step's sampling: its rows' requests (in sampled-token order) and the tokens on their way."""
+
+    requests: list[Request]
+    sampled: SampledBatch
 
 
 class RowError(Exception):

@@ -47,6 +47,7 @@ class LLM:
         cuda_graphs: bool = _default(EngineConfig, "cuda_graphs"),
         cuda_graph_max_tokens: int = _default(EngineConfig, "cuda_graph_max_tokens"),
         tensor_parallel_size: int = _default(EngineConfig, "tensor_parallel_size"),
+        async_scheduling: bool | None = _default(EngineConfig, "async_scheduling"),
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -56,6 +57,7 @@ class LLM:
             cuda_graphs=cuda_graphs,
             cuda_graph_max_tokens=cuda_graph_max_tokens,
             tensor_parallel_size=tensor_parallel_size,
+            async_scheduling=async_scheduling,
             cache=CacheConfig(
                 block_size, num_blocks, kv_cache_memory_bytes, enable_prefix_caching, gpu_memory_utilization
             ),

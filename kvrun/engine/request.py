@@ -37,6 +37,10 @@ class Request:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V sit in the cache (or are written by the step being run)
+    # With async scheduling: the row of the last step's sampled tokens that holds this request's next token, still on
+    # its way to the host (the scheduler counts it; the runner reads it on the device); -1: none
+    pending_row: int = -1
+    num_offered_blocks: int = 0  # leading full blocks offered to (or taken from) the prefix cache
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks hashed so far
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache when it was first admitted
     adapter_slot: int = BASE_SLOT
@@ -57,6 +61,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """num_tokens and the token still on its way to the host, if any."""
+        return self.num_tokens + (self.pending_row >= 0)
 
     @property
     def all_token_ids(self) -> list[int]:

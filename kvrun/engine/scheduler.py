@@ -99,7 +99,7 @@ class Scheduler:
 
     def _schedule_running(self, step: _Step) -> None:
         # Decodes (one token left to run) before prompt chunks; each group keeps admission order (sorted is stable).
-        for request in sorted(self.running, key=lambda request: request.num_tokens - request.num_computed_tokens > 1):
+        for request in sorted(self.running, key=lambda row: row.num_scheduled_tokens - row.num_computed_tokens > 1):
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step to make room for an older row
             count = self._chunk(request, step)
@@ -141,13 +141,15 @@ class Scheduler:
         step.add(request, count)
         if not self.blocks.enable_caching:
             return
-        size = self.blocks.block_size
-        first, end = request.num_computed_tokens // size, (request.num_computed_tokens + count) // size
+        # Only blocks whose tokens are all on the host can be keyed: one that ends in a token still on its way to the
+        # host is offered with the request's next step.
+        end = min(request.num_computed_tokens + count, request.num_tokens) // self.blocks.block_size
         keys = self._block_keys(request, end)
-        for index in range(first, end):
+        for index in range(request.num_offered_blocks, end):
             block = request.block_table[index]
             if self.blocks.cache(block, keys[index]):
                 self._cached_this_step.append(block)
+        request.num_offered_blocks = max(request.num_offered_blocks, end)
 
     def _take_cached_prefix(self, request: Request) -> None:
         """Start a waiting request's block table with the cached blocks of its longest cached prefix."""
@@ -157,10 +159,11 @@ class Scheduler:
         hits = self.blocks.match(self._block_keys(request, (request.num_tokens - 1) // self.blocks.block_size))
         self.blocks.share(request.block_table, hits)
         request.num_computed_tokens = len(hits) * self.blocks.block_size
+        request.num_offered_blocks = len(hits)
 
     def _drop_blocks(self, request: Request) -> None:
         self.blocks.free(request.block_table)
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_offered_blocks = 0
 
     def _block_keys(self, request: Request, num_blocks: int) -> list[bytes]:
         """The prefix-cache keys of request's first num_blocks full blocks, hashed once per request.
@@ -183,7 +186,7 @@ class Scheduler:
 
     def _chunk(self, request: Request, step: _Step) -> int:
         """How many of request's uncomputed tokens run this step (0: none fit)."""
-        remaining = request.num_tokens - request.num_computed_tokens
+        remaining = request.num_scheduled_tokens - request.num_computed_tokens
         if remaining <= step.budget:
             return remaining
         if self.config.enable_chunked_prefill:
@@ -206,7 +209,7 @@ class Scheduler:
         self.running.remove(request)
         self._release(request)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
+        request.num_computed_tokens = request.num_offered_blocks = 0
         request.num_preemptions += 1
         self.stats.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -244,10 +247,12 @@ class Scheduler:
             request.num_computed_tokens = start + count
             self.stats.computed_prompt_tokens += max(0, min(start + count, len(request.prompt_token_ids)) - start)
             params = request.params
+            token_ids = _token_slice(request, start, start + count)
+            pending = start + count > request.num_tokens  # the last token is still on its way to the host
             scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=_token_slice(request, start, start + count),
+                    token_ids=token_ids + [0] if pending else token_ids,
                     start_position=start,
                     block_table=request.block_table,
                     adapter_slot=request.adapter_slot,
@@ -257,7 +262,8 @@ class Scheduler:
                     top_k=params.top_k,
                     generator=request.generator,
                     num_logprobs=params.logprobs,
-                    samples=start + count == request.num_tokens,
+                    samples=start + count == request.num_scheduled_tokens,
+                    previous_row=request.pending_row if pending else -1,
                 )
             )
         is_prefill = any(len(row.token_ids) > 1 or not row.samples for row in scheduled)

@@ -16,7 +16,7 @@ import logging
 import torch
 
 from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
-from kvrun.runtime.step_layout import attention_metadata, layout_step
+from kvrun.runtime.step_layout import attention_metadata, fill_pending, layout_step
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +85,16 @@ class DecodeGraphs:
         return ForwardBatch(bucket.input_ids, bucket.positions, bucket.attention, bucket.logits_indices, lora,
                             token_seq_lens)  # fmt: skip
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch.requests), vocab] of one decode step, by replaying the bucket's graph."""
+    def run(self, batch: ScheduledBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(batch.requests), vocab] of one decode step, by replaying the bucket's graph. previous: the last
+        step's sampled tokens on the device (rows whose token is not on the host yet read theirs there)."""
         bucket = self.bucket_for(len(batch.requests))
-        self._fill(bucket, batch.requests)
+        self._fill(bucket, batch.requests, previous)
         uses_lora = self.with_lora and any(request.adapter_slot != BASE_SLOT for request in batch.requests)
         bucket.graphs[uses_lora].replay()
         return bucket.logits[uses_lora][: len(batch.requests)]
 
-    def _fill(self, bucket: _Bucket, requests) -> None:
+    def _fill(self, bucket: _Bucket, requests, previous: torch.Tensor | None = None) -> None:
         runner = self.runner
         layout = layout_step(requests, runner.block_size, pad_rows_to=bucket.size, scratch_page=self.scratch_page)
 
@@ -101,6 +102,7 @@ class DecodeGraphs:
             target.copy_(torch.tensor(values, dtype=target.dtype), non_blocking=True)
 
         copy(bucket.input_ids, layout.input_ids)
+        fill_pending(bucket.input_ids, layout, previous)
         copy(bucket.positions, layout.positions)
         copy(bucket.slot_mapping, layout.slot_mapping)
         copy(bucket.token_seq_lens, layout.token_seq_lens)

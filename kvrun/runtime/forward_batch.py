@@ -28,6 +28,9 @@ class ScheduledRequest:
     samples: bool = True  # False: a prompt chunk short of the prompt's end, which only fills the KV cache
     # first position adapter_slot applies to; the positions before it run the base model (an activated LoRA)
     adapter_start: int = 0
+    # >= 0: the row's last token is not on the host yet (async scheduling): it is this row of the previous step's
+    # sampled tokens on the device, and token_ids holds a 0 in its place
+    previous_row: int = -1
 
 
 @dataclass(slots=True)

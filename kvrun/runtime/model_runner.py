@@ -16,7 +16,7 @@ from kvrun.runtime.loader import iter_weights, read_config
 from kvrun.runtime.models.decoder import CausalLM
 from kvrun.runtime.models.registry import read_model_config
 from kvrun.runtime.models.weights import load_weights
-from kvrun.runtime.step_layout import attention_metadata, layout_step
+from kvrun.runtime.step_layout import attention_metadata, fill_pending, layout_step
 
 logger = logging.getLogger(__name__)
 
@@ -95,25 +95,28 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, max_batch_size, with_lora, stream, pool)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """[len(batch.sampling_requests()), vocab]: the last-token logits of each row that samples, in batch order."""
+    def execute(self, batch: ScheduledBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(batch.sampling_requests()), vocab]: the last-token logits of each row that samples, in batch order.
+        previous: the last step's sampled tokens on the device, for rows whose token is not on the host yet."""
         if not batch.full_copies:  # a whole layer copy is read by an eager step only
             if self.graphs is not None and not batch.is_prefill and self.graphs.bucket_for(len(batch.requests)):
-                return self.graphs.run(batch)
+                return self.graphs.run(batch, previous)
             if self.step_graphs is not None and self.step_graphs.bucket_for(batch.num_tokens):
-                return self.step_graphs.run(batch)
-        forward_batch = self.prepare(batch)
+                return self.step_graphs.run(batch, previous)
+        forward_batch = self.prepare(batch, previous)
         self.attention.plan(forward_batch.attention)
         return self.model(forward_batch, self.kv_cache)
 
-    def prepare(self, batch: ScheduledBatch) -> ForwardBatch:
+    def prepare(self, batch: ScheduledBatch, previous: torch.Tensor | None = None) -> ForwardBatch:
         layout = layout_step(batch.requests, self.block_size)
 
         def tensor(values: list[int], dtype=torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=self.device)
 
+        input_ids = tensor(layout.input_ids)
+        fill_pending(input_ids, layout, previous)
         return ForwardBatch(
-            input_ids=tensor(layout.input_ids),
+            input_ids=input_ids,
             positions=tensor(layout.positions),
             attention=attention_metadata(layout, batch.is_prefill, self.block_size, tensor(layout.slot_mapping)),
             logits_indices=tensor(layout.logits_indices),

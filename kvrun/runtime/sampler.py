@@ -90,15 +90,81 @@ def sample(
     logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None = None
 ) -> list[SampledToken | SamplingFailure]:
     """logits: [len(rows), vocab], one row per SamplingRow in order. One host sync for the whole batch."""
+    return launch_sample(logits, rows, allowed).results()
+
+
+@torch.inference_mode()
+def launch_sample(
+    logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None = None, overlap: bool = False
+) -> SampledBatch:
+    """Queue the batch's sampling on the device: `SampledBatch.tokens` is on the device at once, `results()` brings
+    them to the host. overlap: also queue the copies to the host now, so that results() waits for them alone and not
+    for work launched on the device after this call (the next step); without it results() copies and waits then."""
     try:
-        results = _sample(logits, rows, allowed)
+        sampled = _sample(logits, rows, allowed, overlap)
     except Exception:  # noqa: BLE001 - a fault in one row must not cost the others their token
         logger.exception("sampling a batch of %d rows failed; sampling each row alone", len(rows))
-        results = [_sample_alone(logits, rows, allowed, index) for index in range(len(rows))]
+        sampled = SampledBatch.of([_sample_alone(logits, rows, allowed, index) for index in range(len(rows))], logits)
     if allowed is not None:
-        for row, reason in allowed.failed.items():
-            results[row] = SamplingFailure(reason)
-    return results
+        sampled.fail(allowed.failed)
+    return sampled
+
+
+class SampledBatch:
+    """One step's sampled tokens: on the device at once (`tokens`, [rows] int64, for the next step's input), on the
+    host through `results()`. overlap: the copies to the host are queued right after the sampling (pinned memory),
+    so results() waits for them alone, not for work queued on the device since."""
+
+    def __init__(self, tokens: torch.Tensor, best: torch.Tensor, logprobs: _DeviceLogprobs | None,
+                 failures: dict[int, str], overlap: bool = False) -> None:  # fmt: skip
+        self.tokens = tokens
+        self.failures = failures
+        self._logprobs = logprobs
+        self._host = [tokens, best] + (logprobs.tensors() if logprobs is not None else [])
+        self._copied = None
+        if overlap and tokens.is_cuda:
+            self._host = [_to_host(tensor) for tensor in self._host]
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(tokens.device))
+        self._results: list[SampledToken | SamplingFailure] | None = None
+
+    @classmethod
+    def of(cls, results: list[SampledToken | SamplingFailure], logits: torch.Tensor) -> SampledBatch:
+        """Results already on the host (rows sampled one by one)."""
+        ids = [result.token_id if isinstance(result, SampledToken) else 0 for result in results]
+        batch = cls(torch.tensor(ids, dtype=torch.int64, device=logits.device), torch.zeros(len(ids)), None, {})
+        batch._results = results
+        return batch
+
+    def fail(self, reasons: dict[int, str]) -> None:
+        """These rows get no token (their grammar's mask could not be made), whatever was drawn for them."""
+        self.failures.update(reasons)
+        if self._results is not None:
+            for row, reason in reasons.items():
+                self._results[row] = SamplingFailure(reason)
+
+    def results(self) -> list[SampledToken | SamplingFailure]:
+        if self._results is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            tokens, best, *logprobs = (tensor.tolist() for tensor in self._host)
+            chosen = self._logprobs.collect(*logprobs) if self._logprobs is not None else {}
+            self._results = []
+            for row, (token_id, best_value) in enumerate(zip(tokens, best)):
+                reason = self.failures.get(row) or _failure(best_value)
+                if reason is not None:
+                    self._results.append(SamplingFailure(reason))
+                else:
+                    self._results.append(SampledToken(token_id, *chosen.get(row, (None, None))))
+        return self._results
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy on the host, queued on the current stream (pinned memory, so the copy does not block the host)."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def _sample_alone(
@@ -108,14 +174,14 @@ def _sample_alone(
     if allowed is not None and index in allowed.rows:
         own = TokenBitmask([0], allowed.bits[allowed.rows.index(index)].unsqueeze(0))
     try:
-        return _sample(logits[index : index + 1], [rows[index]], own)[0]
+        return _sample(logits[index : index + 1], [rows[index]], own, False).results()[0]
     except Exception as error:  # noqa: BLE001 - reported as this row's failure
         return SamplingFailure(f"sampling failed: {type(error).__name__}: {error}")
 
 
 def _sample(
-    logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None
-) -> list[SampledToken | SamplingFailure]:
+    logits: torch.Tensor, rows: list[SamplingRow], allowed: TokenBitmask | None, overlap: bool
+) -> SampledBatch:
     options = [row.options for row in rows]
     want_logprobs = [index for index, option in enumerate(options) if option.logprobs is not None]
     raw_logprobs = None
@@ -131,34 +197,31 @@ def _sample(
         choice, draw_failures = _draw(warped, [rows[row].generator for row in drawn])
         failures.update((drawn[position], reason) for position, reason in draw_failures.items())
         tokens = tokens.index_copy(0, index, choice)
-    logprobs = _logprobs(raw_logprobs, tokens, want_logprobs, options) if raw_logprobs is not None else {}
-    results: list[SampledToken | SamplingFailure] = []
-    for row, (token_id, best_value) in enumerate(zip(tokens.tolist(), best.tolist())):
-        reason = failures.get(row) or _failure(best_value)
-        if reason is not None:
-            results.append(SamplingFailure(reason))
-        else:
-            results.append(SampledToken(token_id, *logprobs.get(row, (None, None))))
-    return results
+    logprobs = _DeviceLogprobs(raw_logprobs, tokens, want_logprobs, options) if raw_logprobs is not None else None
+    return SampledBatch(tokens, best, logprobs, failures, overlap)
 
 
-def _logprobs(
-    raw_logprobs: torch.Tensor, tokens: torch.Tensor, want: list[int], options: list[SamplingOptions]
-) -> dict[int, tuple[float, dict[int, float] | None]]:
-    """{row: (logprob of its token, its top-N alternatives)} for the rows in want (raw_logprobs' rows)."""
-    own_tokens = tokens[_index(want, tokens.device)]
-    chosen = raw_logprobs.gather(1, own_tokens.unsqueeze(1)).squeeze(1).tolist()
-    most = max(options[row].logprobs for row in want)
-    values = indices = None
-    if most:
-        top = raw_logprobs.topk(most, dim=-1)
-        values, indices = top.values.tolist(), top.indices.tolist()
-    result = {}
-    for position, row in enumerate(want):
-        count = options[row].logprobs
-        alternatives = dict(zip(indices[position][:count], values[position][:count])) if count else None
-        result[row] = (chosen[position], alternatives)
-    return result
+class _DeviceLogprobs:
+    """The logprobs the rows in want asked for (raw_logprobs' rows), computed on the device; `collect` builds
+    {row: (logprob of its token, its top-N alternatives)} from their host copies."""
+
+    def __init__(self, raw_logprobs: torch.Tensor, tokens: torch.Tensor, want: list[int],
+                 options: list[SamplingOptions]) -> None:  # fmt: skip
+        own_tokens = tokens[_index(want, tokens.device)]
+        self.chosen = raw_logprobs.gather(1, own_tokens.unsqueeze(1)).squeeze(1)
+        self.want, self.counts = want, [options[row].logprobs for row in want]
+        most = max(self.counts)
+        self.top = raw_logprobs.topk(most, dim=-1) if most else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.chosen] + ([self.top.values, self.top.indices] if self.top is not None else [])
+
+    def collect(self, chosen: list[float], values: list | None = None, indices: list | None = None) -> dict:
+        result = {}
+        for position, (row, count) in enumerate(zip(self.want, self.counts)):
+            alternatives = dict(zip(indices[position][:count], values[position][:count])) if count else None
+            result[row] = (chosen[position], alternatives)
+        return result
 
 
 def _failure(best: float) -> str | None:

@@ -27,7 +27,7 @@ import logging
 import torch
 
 from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
-from kvrun.runtime.step_layout import StepLayout, attention_metadata, layout_step
+from kvrun.runtime.step_layout import StepLayout, attention_metadata, fill_pending, layout_step
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,15 @@ class StepGraphs:
         copy(bucket.seg_slots, seg_slots)
         return attention_metadata(layout, True, block_size, bucket.slot_mapping[:count])
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [rows that sample, vocab] of one step, replaying the pieces of the smallest bucket that holds it."""
+    def run(self, batch: ScheduledBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [rows that sample, vocab] of one step, replaying the pieces of the smallest bucket that holds it.
+        previous: the last step's sampled tokens on the device (rows whose token is not on the host yet)."""
         runner = self.runner
         layout = layout_step(batch.requests, runner.block_size)
         count = len(layout.input_ids)
         bucket = self.bucket_for(count)
         metadata = self._fill(bucket, layout)
+        fill_pending(bucket.input_ids, layout, previous)
         runner.attention.plan(metadata)
         uses_lora = self.with_lora and layout.uses_lora
         pieces, calls, hidden, residual = bucket.captured[uses_lora]

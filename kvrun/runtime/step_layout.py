@@ -32,6 +32,10 @@ class StepLayout:
     seg_indptr: list[int] = field(default_factory=lambda: [0])
     seg_slots: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)  # per row: False for a prompt chunk short of the prompt's end
+    # tokens still on their way to the host (async scheduling): their index in input_ids, and the row of the previous
+    # step's sampled tokens (on the device) that holds each
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_rows: list[int] = field(default_factory=list)
 
     @property
     def logits_indices(self) -> list[int]:
@@ -87,12 +91,28 @@ def layout_step(
             request.token_ids, request.start_position, pages, request.adapter_slot, block_size, request.samples,
             request.adapter_start,
         )
+        if request.previous_row >= 0:
+            layout.pending_tokens.append(len(layout.input_ids) - 1)
+            layout.pending_rows.append(request.previous_row)
     for _ in range(pad_rows_to - len(requests)):
         layout._add_row([0], 0, [scratch_page], BASE_SLOT, block_size)
     if pad_rows_to:  # one segment per row at most: pad with empty base-model segments
         layout.seg_indptr += [layout.seg_indptr[-1]] * (pad_rows_to + 1 - len(layout.seg_indptr))
         layout.seg_slots += [BASE_SLOT] * (pad_rows_to - len(layout.seg_slots))
     return layout
+
+
+def fill_pending(input_ids: torch.Tensor, layout: StepLayout, previous: torch.Tensor | None) -> None:
+    """Put the tokens still on their way to the host into the step's input ids [tokens] on the device, from the
+    previous step's sampled tokens (previous [rows] int64): device-to-device, no wait for the host."""
+    if not layout.pending_tokens:
+        return
+    if previous is None:
+        raise RuntimeError("a step has tokens still on their way to the host, but no previous step's tokens")
+    device = input_ids.device
+    rows = torch.tensor(layout.pending_rows, dtype=torch.int64).to(device, non_blocking=True)
+    where = torch.tensor(layout.pending_tokens, dtype=torch.int64).to(device, non_blocking=True)
+    input_ids.index_copy_(0, where, previous.index_select(0, rows))
 
 
 def attention_metadata(

@@ -42,6 +42,7 @@ class ServerConfig:
     cuda_graphs: bool = True
     cuda_graph_max_tokens: int = 2048  # steps with prompt tokens captured in pieces up to this many tokens; 0: eager
     tensor_parallel_size: int = 1  # GPUs (one process each) the model is split over
+    async_scheduling: bool | None = None  # launch each step before the last one's tokens reach the host; None: auto
     resolve_ttl_s: float = 30.0  # backstop for cached ref → version resolutions if a change event is missed
     default_max_new_tokens: int = 100  # TGI's default when `max_new_tokens` is absent
     cors_origins: tuple[str, ...] = field(default=())
@@ -57,6 +58,8 @@ class ServerConfig:
             raise ValueError(f"--max-full-module-slots must be >= 0, got {self.max_full_module_slots}")
         if self.cuda_graph_max_tokens < 0:
             raise ValueError(f"--cuda-graph-max-tokens must be >= 0, got {self.cuda_graph_max_tokens}")
+        if self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError("--async-scheduling does not work with --tensor-parallel-size > 1")
         if self.max_queue < 0:
             raise ValueError("--max-queue must be >= 0")
         if self.queue_timeout_s <= 0:
@@ -79,6 +82,7 @@ class ServerConfig:
             cuda_graphs=self.cuda_graphs,
             cuda_graph_max_tokens=self.cuda_graph_max_tokens,
             tensor_parallel_size=self.tensor_parallel_size,
+            async_scheduling=self.async_scheduling,
             cache=CacheConfig(self.block_size, self.num_blocks, self.kv_cache_memory_bytes, self.enable_prefix_caching,
                               self.gpu_memory_utilization),
             lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras, self.max_trainable_tokens,

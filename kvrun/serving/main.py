@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "attention calls (0: eagerly); decode steps are captured whole")
     add("--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
         help="split the model over this many GPUs (cuda:0 .. N-1), one process each; adapters are split with it")
+    add("--async-scheduling", action=argparse.BooleanOptionalAction, default=defaults.async_scheduling,
+        help="launch each step on the GPU before the previous step's tokens reach the host, so the host's work overlaps "
+             "the GPU's (default: on for one GPU, off on CPU and under tensor parallelism)")
     add("--engine-process", action=argparse.BooleanOptionalAction, default=defaults.engine_process,
         help="step the engine in its own process, so HTTP work (tokenizing, streaming) never stalls a step")
     add("--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
@@ -192,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             cuda_graphs=not args.no_cuda_graphs,
             cuda_graph_max_tokens=args.cuda_graph_max_tokens,
             tensor_parallel_size=args.tensor_parallel_size,
+            async_scheduling=args.async_scheduling,
             cors_origins=tuple(args.cors_origin),
             log_interval_s=args.log_interval,
             engine_process=args.engine_process,

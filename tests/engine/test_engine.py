@@ -144,11 +144,11 @@ def test_a_failed_generate_leaves_nothing_queued(tiny_gqa):
     execute = engine.runner.execute
     calls = []
 
-    def fails_on_the_third_step(batch):
+    def fails_on_the_third_step(batch, previous=None):
         calls.append(batch)
         if len(calls) == 3:
             raise RuntimeError("device lost")
-        return execute(batch)
+        return execute(batch, previous)
 
     engine.runner.execute = fails_on_the_third_step
     with pytest.raises(RuntimeError, match="device lost"):

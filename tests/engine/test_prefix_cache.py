@@ -134,7 +134,7 @@ def test_a_failed_step_leaves_nothing_to_reuse(tiny_gqa):
     request = engine.add_request(prompt, GREEDY)
     execute = engine.runner.execute
 
-    def broken(batch):
+    def broken(batch, previous=None):
         raise RuntimeError("device lost")
 
     engine.runner.execute = broken

@@ -124,7 +124,9 @@ def test_steps_with_prompt_tokens_replayed_in_pieces_match_eager_steps(gpu_model
     base, adapters = gpu_model
     replays = []
     run = StepGraphs.run
-    monkeypatch.setattr(StepGraphs, "run", lambda self, batch: replays.append(batch.num_tokens) or run(self, batch))
+    monkeypatch.setattr(
+        StepGraphs, "run", lambda self, batch, *more: replays.append(batch.num_tokens) or run(self, batch, *more)
+    )
     outputs = {}
     for max_tokens in (0, 64):
         llm = LLM(str(base), dtype="bfloat16", max_loras=4, max_lora_rank=16, max_num_seqs=16,

@@ -38,10 +38,10 @@ def test_queue_timeout_counts_waiting_not_work(serve):
     engine = server.serving.client.engine
     execute = engine.runner.execute
 
-    def slow_prefill(batch):
+    def slow_prefill(batch, previous=None):
         if batch.is_prefill:
             time.sleep(1.0)  # a long prompt's prefill on a busy CPU
-        return execute(batch)
+        return execute(batch, previous)
 
     engine.runner.execute = slow_prefill
     base = server.serving.model_name

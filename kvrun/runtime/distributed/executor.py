@@ -250,8 +250,10 @@ class TensorParallelRunner(ModelRunner):
     def capture_graphs(self, max_batch_size: int, max_step_tokens: int, with_lora: bool) -> None:
         self.call_everywhere(ModelRunner.capture_graphs, max_batch_size, max_step_tokens, with_lora)
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        # Workers need the step's layout only; sampling state (generators) stays with rank 0.
+    def execute(self, batch: ScheduledBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
+        # Workers need the step's layout only; sampling state (generators) stays with rank 0. Every token is on the
+        # host (async scheduling is off under tensor parallelism: the workers could not read the sampled tokens).
+        assert previous is None and all(request.previous_row < 0 for request in batch.requests)
         rows = [replace(request, generator=None) for request in batch.requests]
         self.workers.send(("execute", replace(batch, requests=rows)))
         return self.workers.guarded(super().execute, batch)
