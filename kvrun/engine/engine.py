@@ -183,7 +183,9 @@ class LLMEngine:
         return self._finish(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._in_flight is not None
+        """Requests wait, run, or have a token on its way to the host (rows of requests ended since are dropped)."""
+        flying = self._in_flight is not None and any(request.pending_row >= 0 for request in self._in_flight.requests)
+        return self.scheduler.has_unfinished() or flying
 
     @property
     def num_waiting(self) -> int:

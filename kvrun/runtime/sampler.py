@@ -197,6 +197,10 @@ def _sample(
         choice, draw_failures = _draw(warped, [rows[row].generator for row in drawn])
         failures.update((drawn[position], reason) for position, reason in draw_failures.items())
         tokens = tokens.index_copy(0, index, choice)
+    # A row that fails (non-finite logits, every token masked) may draw the id one past the vocabulary. The host
+    # reports its failure; on the device its id stays a valid token, which a next step launched before the host has
+    # seen the failure may read (its row is then dropped).
+    tokens = tokens.clamp_(0, logits.shape[-1] - 1)
     logprobs = _DeviceLogprobs(raw_logprobs, tokens, want_logprobs, options) if raw_logprobs is not None else None
     return SampledBatch(tokens, best, logprobs, failures, overlap)
 

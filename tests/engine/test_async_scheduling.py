@@ -109,6 +109,52 @@ def test_an_abort_while_its_token_is_in_flight_ends_it_alone(tiny_gqa):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
+@pytest.mark.parametrize("poison", ["nan logits", "every token excluded"])
+def test_a_row_that_fails_sampling_ends_alone_while_the_next_step_is_in_flight(tiny_gqa, poison):
+    """A failed row's draw may be no token at all (one past the vocabulary). The next step is launched before the
+    host sees the failure and reads that row's token on the device: it must still be a valid id, so the failed
+    request ends alone with its error and the others finish as with steps in order."""
+    rows = prompts(3, seed=4)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    if poison == "nan logits":
+        failing = SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
+    else:  # min_tokens holds back the stop ids, and they are the whole vocabulary
+        failing = SamplingParams(max_tokens=8, temperature=1.0, seed=1, min_tokens=2, stop_token_ids=list(range(256)))
+    results = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(tiny_gqa, async_scheduling=async_scheduling)
+        engine, calls = llm.engine, []
+        execute = engine.runner.execute
+
+        def poisoned(batch, previous=None, engine=engine, calls=calls, execute=execute):
+            logits = execute(batch, previous)
+            calls.append(batch)
+            ids = [row.request_id for row in batch.sampling_requests()]
+            if poison == "nan logits" and len(calls) == 3 and "req-1" in ids:
+                logits = logits.clone()
+                logits[ids.index("req-1")] = float("nan")
+            return logits
+
+        engine.runner.execute = poisoned
+        outputs = llm.generate(rows, [greedy, failing, greedy])
+        results[async_scheduling] = [(o.token_ids, o.finish_reason, o.error) for o in outputs]
+        assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+    assert results[True] == results[False]
+    assert results[True][1][1] == "error" and [row[1] for row in results[True]] == ["length", "error", "length"]
+
+
+def test_an_abort_of_the_last_request_leaves_nothing_unfinished(tiny_gqa):
+    llm = make_llm(tiny_gqa, async_scheduling=True)
+    engine = llm.engine
+    request = engine.add_request(prompts(1, seed=8)[0], SamplingParams(max_tokens=12, temperature=0.0))
+    for _ in range(3):
+        engine.step()
+    assert request.pending_row >= 0
+    engine.abort_request(request.request_id)
+    assert not engine.has_unfinished()  # its token in flight is dropped, nothing is left to step for
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_blocks_that_end_in_a_token_in_flight_are_still_cached(tiny_gqa):
     """A second turn whose prompt is the first turn's prompt and answer hits the same cached blocks, generated ones
     included, as with steps in order (a block that ends in a token still on its way is offered a step later)."""
