@@ -224,9 +224,15 @@ class _Channel:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.frames = FrameBuffer(ToCore)
+        self.gone = False  # the server closed its end: nothing sent can reach anyone
 
     def send(self, message: msgspec.Struct) -> None:
-        self.sock.sendall(encode(message))  # blocks while the server is slow to read: backpressure, not loss
+        if self.gone:
+            return
+        try:
+            self.sock.sendall(encode(message))  # blocks while the server is slow to read: backpressure, not loss
+        except OSError:  # broken pipe or reset: the server stopped between our read and this write
+            self.gone = True
 
     def receive(self, timeout: float) -> list | None:
         """The messages that arrived (waiting up to timeout for the first); None once the server is gone."""
@@ -256,7 +262,7 @@ class _CoreServer:
         core, channel = self.core, self.channel
         while not self.stopping:
             messages = channel.receive(0.0 if core.has_unfinished() else IDLE_WAIT_S)
-            if messages is None:
+            if messages is None or channel.gone:
                 logger.warning("the server closed the engine core's socket; stopping")
                 break
             for message in messages:

@@ -190,3 +190,35 @@ def test_outputs_travel_as_deltas():
     delta = delta_of(finished)
     assert delta.token_ids == [5, 6] and delta.finish_reason == "stop" and delta.stop_reason == "x"
     assert b"ab" not in encode(Outputs([delta]))
+
+
+def test_a_server_that_closes_its_end_mid_step_stops_the_core_quietly(model_dir):
+    """A replica stopping while its core still streams: the core's next write meets a closed socket. It stops its
+    loop and aborts what ran (no traceback, nothing left running), as it does when a read finds EOF."""
+    import socket
+    import threading
+
+    from kvrun import LLM
+    from kvrun.engine.core import EngineCore, EngineRequest
+    from kvrun.engine.core_process import _Channel, _CoreServer
+    from kvrun.engine.sampling_params import SamplingParams
+
+    llm = LLM(str(model_dir), max_loras=0, num_blocks=64, block_size=4)
+    ours, theirs = socket.socketpair()
+    try:
+        core = EngineCore(llm.engine, queue_timeout_s=60, max_adapters=0)
+        core.add(EngineRequest("r1", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True)))
+        channel = _Channel(theirs)
+        errors = []
+        previous_hook, threading.excepthook = threading.excepthook, errors.append
+        ours.shutdown(socket.SHUT_RD)  # reads still block (no EOF), the first write breaks: a server mid-close
+        stepper = threading.Thread(target=_CoreServer(core, channel).run)
+        stepper.start()
+        stepper.join(60)
+        threading.excepthook = previous_hook
+        assert not stepper.is_alive() and not errors, errors
+        assert channel.gone and not llm.engine.has_unfinished()
+    finally:
+        ours.close()
+        theirs.close()
+        llm.engine.shutdown()
