@@ -88,7 +88,8 @@ class EngineConfig:
     cuda_graph_max_tokens: int = 2048
     # schedule and launch each step before the previous step's tokens reach the host (see LLMEngine.step); None: on
     # for one CUDA device, off on CPU (nothing to overlap: the forward pass runs on the host) and under tensor
-    # parallelism (the workers could not read the sampled tokens)
+    # parallelism (it works there, rank 0 broadcasting the sampled tokens to the workers, but is not yet measured
+    # on GPUs: opt in with True)
     async_scheduling: bool | None = None
     seed: int = 0
     tensor_parallel_size: int = 1  # devices (one process each) the model is split over
@@ -99,8 +100,6 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {self.tensor_parallel_size!r}")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("async_scheduling does not work with tensor_parallel_size > 1 (leave it unset)")
         if not isinstance(self.cuda_graph_max_tokens, int) or self.cuda_graph_max_tokens < 0:
             raise ValueError(f"cuda_graph_max_tokens must be an integer >= 0; got {self.cuda_graph_max_tokens!r}")
 

@@ -58,8 +58,6 @@ class ServerConfig:
             raise ValueError(f"--max-full-module-slots must be >= 0, got {self.max_full_module_slots}")
         if self.cuda_graph_max_tokens < 0:
             raise ValueError(f"--cuda-graph-max-tokens must be >= 0, got {self.cuda_graph_max_tokens}")
-        if self.async_scheduling and self.tensor_parallel_size > 1:
-            raise ValueError("--async-scheduling does not work with --tensor-parallel-size > 1")
         if self.max_queue < 0:
             raise ValueError("--max-queue must be >= 0")
         if self.queue_timeout_s <= 0:

@@ -116,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="split the model over this many GPUs (cuda:0 .. N-1), one process each; adapters are split with it")
     add("--async-scheduling", action=argparse.BooleanOptionalAction, default=defaults.async_scheduling,
         help="launch each step on the GPU before the previous step's tokens reach the host, so the host's work overlaps "
-             "the GPU's (default: on for one GPU, off on CPU and under tensor parallelism)")
+             "the GPU's (default: on for one GPU, off on CPU and under tensor parallelism, where it may be turned on)")
     add("--engine-process", action=argparse.BooleanOptionalAction, default=defaults.engine_process,
         help="step the engine in its own process, so HTTP work (tokenizing, streaming) never stalls a step")
     add("--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")

@@ -106,6 +106,38 @@ def test_two_ranks_serve_embedding_and_output_layer_lora(tmp_path):
         parallel.shutdown()
 
 
+def test_two_ranks_with_async_scheduling_match_steps_in_order(tmp_path):
+    """Async scheduling on two ranks: rank 0 broadcasts each step's sampled tokens to the worker before the next
+    step, so both ranks read the same pending tokens. Rows of mixed adapters and lengths that end at different
+    steps, greedy and seeded draws, give what steps in order give."""
+    family = FAMILIES["llama"]
+    base = tiny_checkpoint(family, tmp_path / "base", seed=5)
+    adapters = {
+        spec.name: make_peft_adapter(base, spec, tmp_path / spec.name, seed=index + 1)
+        for index, spec in enumerate(standard_adapters(family))
+    }
+    batch = rows(list(adapters), seed=6)
+    params = [
+        SamplingParams(max_tokens=3 + index % 5, temperature=0.0 if index % 2 else 0.9, seed=index, ignore_eos=True,
+                       logprobs=2)
+        for index in range(len(batch))
+    ]  # fmt: skip
+    results = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(base), tensor_parallel_size=2, max_loras=2, max_lora_rank=16, num_blocks=64, block_size=4,
+                  max_num_seqs=6, async_scheduling=async_scheduling)  # fmt: skip
+        try:
+            assert llm.engine.async_scheduling is async_scheduling
+            for name, directory in adapters.items():
+                llm.load_adapter(name, directory)
+            outputs = llm.generate([prompt for prompt, _ in batch], params, adapters=[a for _, a in batch])
+            results[async_scheduling] = [(output.token_ids, output.logprobs) for output in outputs]
+        finally:
+            llm.shutdown()
+    assert [len(tokens) for tokens, _ in results[True]] == [p.max_tokens for p in params]
+    assert_same_rows(results[True], results[False])
+
+
 def test_dead_worker_stops_the_engine_with_a_clear_error(tmp_path):
     llm = start(tiny_checkpoint(FAMILIES["llama"], tmp_path / "base"), {}, 2)
     try:

@@ -190,11 +190,10 @@ def test_async_steps_follow_grammars_as_steps_in_order(bundled_llm):
     assert in_order[1].text in ("yes", "no")
 
 
-def test_async_scheduling_is_refused_under_tensor_parallelism():
+def test_async_scheduling_is_on_by_default_for_one_gpu_only():
     from kvrun.config import EngineConfig
 
-    with pytest.raises(ValueError, match="async_scheduling"):
-        EngineConfig(async_scheduling=True, tensor_parallel_size=2)
+    assert EngineConfig(device="cuda", tensor_parallel_size=2, async_scheduling=True).resolved_async_scheduling()
     assert EngineConfig(device="cpu").resolved_async_scheduling() is False
     assert EngineConfig(device="cuda", tensor_parallel_size=2).resolved_async_scheduling() is False
     assert EngineConfig(device="cuda").resolved_async_scheduling() is True

@@ -59,7 +59,6 @@ def test_taken_port_is_reported_before_the_model_loads(model_dir):
         (("--chat-template", "/no/such/template.jinja"), "no such file"),
         (("--max-queue", "-1"), "--max-queue"),
         (("--cuda-graph-max-tokens", "-1"), "--cuda-graph-max-tokens must be >= 0"),
-        (("--async-scheduling", "-tp", "2"), "--async-scheduling does not work with --tensor-parallel-size > 1"),
         (("a/b", "--model", "c/d"), "two models"),
     ],
 )

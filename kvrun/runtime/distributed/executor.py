@@ -251,12 +251,19 @@ class TensorParallelRunner(ModelRunner):
         self.call_everywhere(ModelRunner.capture_graphs, max_batch_size, max_step_tokens, with_lora)
 
     def execute(self, batch: ScheduledBatch, previous: torch.Tensor | None = None) -> torch.Tensor:
-        # Workers need the step's layout only; sampling state (generators) stays with rank 0. Every token is on the
-        # host (async scheduling is off under tensor parallelism: the workers could not read the sampled tokens).
-        assert previous is None and all(request.previous_row < 0 for request in batch.requests)
+        # Workers need the step's layout only; sampling state (generators) stays with rank 0. Under async scheduling
+        # the tokens rank 0 sampled last step may still be on its device only: they reach the workers by a
+        # broadcast over the group (device to device), which the workers join before their forward pass.
         rows = [replace(request, generator=None) for request in batch.requests]
-        self.workers.send(("execute", replace(batch, requests=rows)))
-        return self.workers.guarded(super().execute, batch)
+        width = None if previous is None else previous.shape[0]
+        self.workers.send(("execute", replace(batch, requests=rows), width))
+
+        def here() -> torch.Tensor:
+            if previous is not None:
+                self.tp.broadcast(previous.contiguous())
+            return super(TensorParallelRunner, self).execute(batch, previous)
+
+        return self.workers.guarded(here)
 
     def shutdown(self) -> None:
         self.workers.stop()

@@ -1,4 +1,4 @@
-"""The tensor-parallel group one rank computes in: its rank, the group's size, and the two collectives it needs.
+"""The tensor-parallel group one rank computes in: its rank, the group's size, and the collectives it needs.
 
 The process group is built directly from a TCPStore (not torch.distributed's default group), so an engine with
 tensor parallelism never claims the process-wide default group: tests and tools may hold several engines at once.
@@ -30,6 +30,11 @@ class TensorParallel:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum tensor over the ranks, in place; returns it."""
         self.group.allreduce([tensor]).wait()
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor into tensor on every rank, in place; returns it. On CUDA the host does not wait."""
+        self.group.broadcast(tensor, 0).wait()
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Rank 0 runs in the engine's process and sends each worker, over its own pipe, every call that must happen on all
 ranks, in the order rank 0 makes it:
-    ("execute", ScheduledBatch)   run the step's forward pass (rank 0 samples; the workers' logits are dropped)
+    ("execute", ScheduledBatch, n) run the step's forward pass (rank 0 samples; the workers' logits are dropped);
+                                  n: None, or the length of the last step's sampled tokens, which rank 0
+                                  broadcasts first (async scheduling: some of them are not on its host yet)
     ("call", function, args)      function(runner, *args), answered "ok": KV cache sizing, graph capture, LoRA
                                   wrapping and adapter slot writes (the engine publishes a slot before the step
                                   that uses it, so every rank sees a whole adapter or none), then a DoRA
@@ -97,7 +99,11 @@ def _serve(runner, conn: Connection) -> None:
         message = conn.recv()
         kind = message[0]
         if kind == "execute":
-            runner.execute(message[1])
+            _, batch, width = message
+            previous = None
+            if width is not None:
+                previous = runner.tp.broadcast(torch.empty(width, dtype=torch.int64, device=runner.device))
+            runner.execute(batch, previous)
         elif kind == "call":
             _, function, args = message
             function(runner, *args)
