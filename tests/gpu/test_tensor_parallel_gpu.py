@@ -45,11 +45,11 @@ def checkpoint(tmp_path_factory):
     return base, adapters
 
 
-def generate(base, adapters, tensor_parallel_size: int, cuda_graphs: bool):
+def generate(base, adapters, tensor_parallel_size: int, cuda_graphs: bool, async_scheduling: bool | None = None):
     from kvrun import LLM, SamplingParams
 
     llm = LLM(str(base), tensor_parallel_size=tensor_parallel_size, cuda_graphs=cuda_graphs, max_loras=4,
-              max_lora_rank=16, num_blocks=512, max_num_seqs=16)  # fmt: skip
+              max_lora_rank=16, num_blocks=512, max_num_seqs=16, async_scheduling=async_scheduling)  # fmt: skip
     try:
         for name, directory in adapters.items():
             llm.load_adapter(name, directory)
@@ -75,13 +75,17 @@ def fp32_errors(peft, rows, outputs) -> tuple[float, float, float, float]:
     return sum(errors) / len(errors), max(errors), exact / len(errors), near / len(errors)
 
 
-@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
-def test_two_gpus_match_one(checkpoint, cuda_graphs):
+@pytest.mark.parametrize(
+    ("cuda_graphs", "async_scheduling"), [(True, None), (False, None), (True, True)], ids=["graphs", "eager", "async"]
+)
+def test_two_gpus_match_one(checkpoint, cuda_graphs, async_scheduling):
+    """async: TP=2 with async scheduling (rank 0 broadcasts each step's sampled tokens to rank 1)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base, adapters = checkpoint
-    runs = {size: generate(base, adapters, size, cuda_graphs) for size in (1, 2)}
+    runs = {1: generate(base, adapters, 1, cuda_graphs)}
+    runs[2] = generate(base, adapters, 2, cuda_graphs, async_scheduling)
     assert all(one.token_ids[0] == two.token_ids[0] for one, two in zip(runs[1][1], runs[2][1])), "a first token differs"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).cuda()
     names = list(adapters)
