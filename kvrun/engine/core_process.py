@@ -231,7 +231,8 @@ class _Channel:
             return
         try:
             self.sock.sendall(encode(message))  # blocks while the server is slow to read: backpressure, not loss
-        except OSError:  # broken pipe or reset: the server stopped between our read and this write
+        except (BrokenPipeError, ConnectionResetError) as error:  # the server stopped since our last read
+            logger.warning("the server closed the engine core's socket (%s)", error)
             self.gone = True
 
     def receive(self, timeout: float) -> list | None:
@@ -262,14 +263,18 @@ class _CoreServer:
         core, channel = self.core, self.channel
         while not self.stopping:
             messages = channel.receive(0.0 if core.has_unfinished() else IDLE_WAIT_S)
-            if messages is None or channel.gone:
+            if messages is None:
                 logger.warning("the server closed the engine core's socket; stopping")
                 break
             for message in messages:
+                if channel.gone:
+                    break
                 self.handle(message)
             expired = core.expire_waiting()
             if expired:
                 channel.send(Expired(expired))
+            if channel.gone:  # a write found the server gone: no step's outputs could reach anyone
+                break
             if self.stopping or not core.has_unfinished():
                 continue
             try:

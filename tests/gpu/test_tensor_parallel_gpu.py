@@ -45,11 +45,13 @@ def checkpoint(tmp_path_factory):
     return base, adapters
 
 
-def generate(base, adapters, tensor_parallel_size: int, cuda_graphs: bool, async_scheduling: bool | None = None):
+def generate(base, adapters, tensor_parallel_size: int, cuda_graphs: bool, async_scheduling: bool | None = None,
+             step_tokens: int | None = None):  # fmt: skip
     from kvrun import LLM, SamplingParams
 
     llm = LLM(str(base), tensor_parallel_size=tensor_parallel_size, cuda_graphs=cuda_graphs, max_loras=4,
-              max_lora_rank=16, num_blocks=512, max_num_seqs=16, async_scheduling=async_scheduling)  # fmt: skip
+              max_lora_rank=16, num_blocks=512, max_num_seqs=16, async_scheduling=async_scheduling,
+              max_num_batched_tokens=step_tokens)  # fmt: skip
     try:
         for name, directory in adapters.items():
             llm.load_adapter(name, directory)
@@ -57,7 +59,9 @@ def generate(base, adapters, tensor_parallel_size: int, cuda_graphs: bool, async
         names = [*adapters, None]
         rows = [(torch.randint(3, 1000, (4 + 3 * i,), generator=generator).tolist(), names[i % len(names)])
                 for i in range(12)]  # fmt: skip
-        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
+        # Rows end at different steps: under async scheduling a row that ended has run one step too many, dropped.
+        params = [SamplingParams(max_tokens=10 + 2 * (i % 4), temperature=0.0, ignore_eos=True, logprobs=0)
+                  for i in range(len(rows))]  # fmt: skip
         return rows, llm.generate([p for p, _ in rows], params, adapters=[a for _, a in rows])
     finally:
         llm.shutdown()
@@ -76,16 +80,20 @@ def fp32_errors(peft, rows, outputs) -> tuple[float, float, float, float]:
 
 
 @pytest.mark.parametrize(
-    ("cuda_graphs", "async_scheduling"), [(True, None), (False, None), (True, True)], ids=["graphs", "eager", "async"]
+    ("cuda_graphs", "async_scheduling", "step_tokens"),
+    [(True, None, None), (False, None, None), (True, True, 64), (False, True, 64)],
+    ids=["graphs", "eager", "async-graphs", "async-eager"],
 )
-def test_two_gpus_match_one(checkpoint, cuda_graphs, async_scheduling):
-    """async: TP=2 with async scheduling (rank 0 broadcasts each step's sampled tokens to rank 1)."""
+def test_two_gpus_match_one(checkpoint, cuda_graphs, async_scheduling, step_tokens):
+    """async-*: TP=2 with async scheduling (rank 0 broadcasts each step's sampled tokens to rank 1), with a 64-token
+    step budget, so prompts arrive in chunks beside decode rows that read their token on the device (captured in
+    pieces, or eager)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base, adapters = checkpoint
-    runs = {1: generate(base, adapters, 1, cuda_graphs)}
-    runs[2] = generate(base, adapters, 2, cuda_graphs, async_scheduling)
+    runs = {1: generate(base, adapters, 1, cuda_graphs, step_tokens=step_tokens)}
+    runs[2] = generate(base, adapters, 2, cuda_graphs, async_scheduling, step_tokens)
     assert all(one.token_ids[0] == two.token_ids[0] for one, two in zip(runs[1][1], runs[2][1])), "a first token differs"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).cuda()
     names = list(adapters)

@@ -212,10 +212,12 @@ def test_a_server_that_closes_its_end_mid_step_stops_the_core_quietly(model_dir)
         errors = []
         previous_hook, threading.excepthook = threading.excepthook, errors.append
         ours.shutdown(socket.SHUT_RD)  # reads still block (no EOF), the first write breaks: a server mid-close
-        stepper = threading.Thread(target=_CoreServer(core, channel).run)
-        stepper.start()
-        stepper.join(60)
-        threading.excepthook = previous_hook
+        stepper = threading.Thread(target=_CoreServer(core, channel).run, daemon=True)
+        try:
+            stepper.start()
+            stepper.join(60)
+        finally:
+            threading.excepthook = previous_hook
         assert not stepper.is_alive() and not errors, errors
         assert channel.gone and not llm.engine.has_unfinished()
     finally:

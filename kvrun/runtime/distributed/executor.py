@@ -255,13 +255,14 @@ class TensorParallelRunner(ModelRunner):
         # the tokens rank 0 sampled last step may still be on its device only: they reach the workers by a
         # broadcast over the group (device to device), which the workers join before their forward pass.
         rows = [replace(request, generator=None) for request in batch.requests]
-        width = None if previous is None else previous.shape[0]
+        pending = previous is not None and any(request.previous_row >= 0 for request in batch.requests)
+        width = previous.shape[0] if pending else None
         self.workers.send(("execute", replace(batch, requests=rows), width))
 
         def here() -> torch.Tensor:
-            if previous is not None:
+            if pending:
                 self.tp.broadcast(previous.contiguous())
-            return super(TensorParallelRunner, self).execute(batch, previous)
+            return super(TensorParallelRunner, self).execute(batch, previous if pending else None)
 
         return self.workers.guarded(here)
 

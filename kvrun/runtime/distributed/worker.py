@@ -4,7 +4,7 @@ Rank 0 runs in the engine's process and sends each worker, over its own pipe, ev
 ranks, in the order rank 0 makes it:
     ("execute", ScheduledBatch, n) run the step's forward pass (rank 0 samples; the workers' logits are dropped);
                                   n: None, or the length of the last step's sampled tokens, which rank 0
-                                  broadcasts first (async scheduling: some of them are not on its host yet)
+                                  broadcasts first (async scheduling: rows whose token is not on its host yet)
     ("call", function, args)      function(runner, *args), answered "ok": KV cache sizing, graph capture, LoRA
                                   wrapping and adapter slot writes (the engine publishes a slot before the step
                                   that uses it, so every rank sees a whole adapter or none), then a DoRA
