@@ -7,6 +7,18 @@ from dataclasses import dataclass, field
 import torch
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, minimum: int, optional: bool = True) -> None:
+    """Refuse a value that is not an integer >= minimum (None passes where the setting is optional)."""
+    if value is None and optional:
+        return
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """None means "chosen at start-up" (kvrun.runtime.memory_plan says how)."""
@@ -18,14 +30,12 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory the engine plans to use
 
     def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError("block_size must be >= 1")
-        if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError("num_blocks must be >= 1")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
-            raise ValueError("kv_cache_memory_bytes must be >= 1")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1]; got {self.gpu_memory_utilization}")
+        _check_int("block_size", self.block_size, 1, optional=False)
+        _check_int("num_blocks", self.num_blocks, 1)
+        _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
+        utilization = self.gpu_memory_utilization
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or not 0.0 < utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be a number in (0, 1]; got {utilization!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +51,9 @@ class LoRAConfig:
     max_full_module_slots: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_loras is not None and self.max_loras < 0:
-            raise ValueError("max_loras must be >= 0")
+        _check_int("max_loras", self.max_loras, 0)
+        _check_int("max_lora_rank", self.max_lora_rank, 1, optional=False)
+        _check_int("max_cpu_loras", self.max_cpu_loras, 0, optional=False)
         if not 0 <= self.max_trainable_tokens <= 65536 or self.max_full_module_slots < 0:
             raise ValueError("max_trainable_tokens must be in 0..65536 and max_full_module_slots >= 0")
         if not 1 <= self.max_lora_rank <= 1024:
@@ -64,10 +75,9 @@ class SchedulerConfig:
     online: bool = False
 
     def __post_init__(self) -> None:
-        if (self.max_num_seqs is not None and self.max_num_seqs < 1) or (
-            self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1
-        ):
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
+        _check_int("max_model_len", self.max_model_len, 1)
         if self.max_num_seqs and self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "

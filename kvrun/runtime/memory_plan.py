@@ -7,7 +7,8 @@ On GPU the engine asks for `gpu_memory_utilization` (vLLM's name, default 0.9) o
              + sampler (max_num_seqs rows of fp32 working copies of the logits)
              + CUDA graphs (one pool: the profiled peak of the largest decode step or of the largest step captured
                in pieces, whichever is larger, + what each graph keeps: decode logits, the pieces' last hidden
-               state and residual; + the pieces' shared query and attention-output buffers)
+               state and residual; + the pieces' shared query and attention-output buffers; + the attention
+               backend's buffers of each captured batch size, its page indices for max_model_len included)
              + memory outside torch's allocator (CUDA context, cuBLAS workspaces)
     left   = budget − fixed, shared by the LoRA slots and the KV cache
 
@@ -24,6 +25,7 @@ UNPLANNED_MAX_LORAS).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 GIB = 1 << 30
@@ -93,6 +95,7 @@ class PlanInputs:
     graph_batch_sizes: tuple[int, ...]  # () when decode steps are not captured
     graphs_with_lora: bool  # each batch size holds a LoRA and a LoRA-free graph
     graph_buffer_bytes: int = 0  # what the attention backend allocates per captured batch size (its plan buffers)
+    graph_page_index_bytes: int = 0  # ... and per captured row and KV page of a max_model_len sequence
     full_module_bytes: int = 0  # every full-module slot's copies of the vocabulary layers (modules_to_save)
     graph_step_tokens: tuple[int, ...] = ()  # token counts of steps captured in pieces (kvrun.runtime.step_graphs)
     stream_bytes_per_token: int = 0  # a captured piece's last hidden state and residual, per token
@@ -139,6 +142,8 @@ def graph_pool_bytes(inputs: PlanInputs, decode_activations: int, step_activatio
     kept_logits = sum(inputs.graph_batch_sizes) * inputs.vocab_size * inputs.logits_element_bytes * graphs_per_size
     kept_streams = sum(inputs.graph_step_tokens) * inputs.stream_bytes_per_token * graphs_per_size
     buffers = len(inputs.graph_batch_sizes) * inputs.graph_buffer_bytes
+    pages_per_seq = -(-inputs.max_model_len // inputs.block_size)
+    buffers += sum(inputs.graph_batch_sizes) * pages_per_seq * inputs.graph_page_index_bytes
     buffers += max(inputs.graph_step_tokens, default=0) * inputs.attention_buffer_bytes_per_token
     peak = max(decode_activations, step_activations if inputs.graph_step_tokens else 0)
     return peak + kept_logits + kept_streams + buffers + CAPTURE_STREAM_WORKSPACE + GRAPH_POOL_SEGMENT
@@ -148,9 +153,9 @@ def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
     budget = int(inputs.utilization * measured.total)
     if measured.free_at_start < budget:
         raise MemoryPlanError(
-            f"gpu_memory_utilization {inputs.utilization:.2f} asks for {_gib(budget)} of the device's "
+            f"gpu_memory_utilization {inputs.utilization:g} asks for {_gib(budget)} of the device's "
             f"{_gib(measured.total)}, but only {_gib(measured.free_at_start)} was free at start-up (other processes "
-            f"hold the rest): lower gpu_memory_utilization to at most {measured.free_at_start / measured.total:.2f}"
+            f"hold the rest): lower gpu_memory_utilization to at most {_fraction_below(measured)}"
         )
     sampler = sampler_bytes(inputs.max_num_seqs, inputs.vocab_size)
     graphs = graph_pool_bytes(inputs, measured.decode_activations, measured.step_graph_activations)
@@ -166,9 +171,10 @@ def plan_gpu_memory(measured: Measurements, inputs: PlanInputs) -> MemoryPlan:
         raise MemoryPlanError(
             f"max_model_len {inputs.max_model_len} needs {_gib(sequence_kv)} of KV cache for one sequence, but "
             f"{_gib(max(0, left - lora))} is left: budget {_gib(budget)} (gpu_memory_utilization "
-            f"{inputs.utilization:.2f} of {_gib(measured.total)}) - weights {_gib(measured.weights)} - activations "
+            f"{inputs.utilization:g} of {_gib(measured.total)}) - weights {_gib(measured.weights)} - activations "
             f"{_gib(measured.activations)} - sampler {_gib(sampler)} - CUDA graphs {_gib(graphs)} - outside torch "
-            f"{_gib(measured.non_torch)} - LoRA {max_loras} slots {_gib(lora)}. Lower max_model_len (at most "
+            f"{_gib(measured.non_torch)} - allocator slack {_gib(ALLOCATOR_SLACK)} - LoRA {max_loras} slots "
+            f"{_gib(lora)}. Lower max_model_len (at most "
             f"{fitting_tokens} tokens fit), max_loras, max_lora_rank or max_num_batched_tokens, or raise "
             f"gpu_memory_utilization"
         )
@@ -187,6 +193,12 @@ def _choose_max_loras(inputs: PlanInputs, left: int, sequence_kv: int) -> int:
     # slots that still leave one sequence's KV
     by_kv = (left - inputs.lora_workspace_bytes - inputs.full_module_bytes - sequence_kv) // slot
     return max(1, min(by_share, by_kv, inputs.max_num_seqs, MAX_AUTO_LORAS))
+
+
+def _fraction_below(measured: Measurements) -> str:
+    """The largest utilization, in hundredths, whose budget the free memory covers (rounded down: one that rounds up
+    would be refused again)."""
+    return f"{math.floor(100 * measured.free_at_start / measured.total) / 100:.2f}"
 
 
 def _gib(num_bytes: int) -> str:

@@ -78,6 +78,12 @@ def size_engine(runner, config: EngineConfig, start: DeviceStart | None) -> tupl
         logger.info(plan.describe())
         num_blocks, max_loras = plan.num_blocks, plan.max_loras
     max_loras = memory_plan.UNPLANNED_MAX_LORAS if max_loras is None else max_loras
+    if plan is None and num_blocks * cache.block_size < runner.max_model_len:
+        logger.warning(
+            "the KV cache holds %d tokens (%d blocks of %d), less than max_model_len %d: a request's prompt and "
+            "output together may not exceed %d tokens", num_blocks * cache.block_size, num_blocks, cache.block_size,
+            runner.max_model_len, num_blocks * cache.block_size,
+        )  # fmt: skip
     return replace(
         config,
         cache=replace(cache, num_blocks=num_blocks),
@@ -129,6 +135,7 @@ def _plan(runner, config: EngineConfig, start: DeviceStart, block_bytes: int) ->
         graph_batch_sizes=graph_sizes,
         graphs_with_lora=lora.max_loras != 0,
         graph_buffer_bytes=attention.graph_buffer_bytes,
+        graph_page_index_bytes=attention.graph_page_index_bytes,
         graph_step_tokens=graph_tokens,
         stream_bytes_per_token=2 * runner.model_config.hidden_size * element,
         attention_buffer_bytes_per_token=2 * attention.num_heads * attention.head_dim * element,

@@ -32,10 +32,13 @@ class ModelRunner:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
         self.model_config = read_model_config(read_config(model_dir), model_name)
-        self.max_model_len = min(
-            config.scheduler.max_model_len or self.model_config.max_position_embeddings,
-            self.model_config.max_position_embeddings,
-        )
+        positions = self.model_config.max_position_embeddings
+        if (config.scheduler.max_model_len or 0) > positions:
+            raise ValueError(
+                f"max_model_len {config.scheduler.max_model_len} is longer than the model's context: {positions} "
+                f"positions (max_position_embeddings in its config); leave it unset or lower it"
+            )
+        self.max_model_len = config.scheduler.max_model_len or positions
         self.block_size = config.cache.block_size
         self._init_model(model_dir, config.load_format)
         self.num_blocks, self.kv_cache = 0, None  # sized by the engine's memory plan (kvrun.runtime.memory_profile)

@@ -50,6 +50,7 @@ class ServerConfig:
     engine_process: bool = True  # step the engine in its own process (False: in a thread of the server's)
 
     def __post_init__(self) -> None:
+        self._check_engine_flags()
         if self.max_cpu_loras < (self.max_loras or 0):
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
         if not 0 <= self.max_trainable_tokens <= 65536:
@@ -69,6 +70,30 @@ class ServerConfig:
         names = [name for name, _ in self.lora_modules]
         if len(set(names)) != len(names):
             raise ValueError(f"--lora-modules names must differ, got {names}")
+        self.engine_config()  # what the engine's own config refuses is refused here, before anything starts
+
+    def _check_engine_flags(self) -> None:
+        """The engine's settings as the flags that set them: a bad value is a usage error naming the flag."""
+        for flag, value, minimum in (
+            ("--block-size", self.block_size, 1), ("--num-blocks", self.num_blocks, 1),
+            ("--max-num-seqs", self.max_num_seqs, 1),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens, 1), ("--max-model-len", self.max_model_len, 1),
+            ("--max-loras", self.max_loras, 0), ("--max-lora-rank", self.max_lora_rank, 1),
+        ):  # fmt: skip
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+                raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"--kv-cache-mib must be >= 1, got {self.kv_cache_memory_bytes / (1 << 20):g}")
+        if self.max_lora_rank > 1024:
+            raise ValueError(f"--max-lora-rank must be at most 1024, got {self.max_lora_rank}")
+        utilization = self.gpu_memory_utilization
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or not 0 < utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be a number in (0, 1], got {utilization!r}")
+        if self.max_num_seqs and self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-num-seqs "
+                f"({self.max_num_seqs}): every running request needs a token of each step's budget"
+            )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

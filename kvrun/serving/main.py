@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--queue-timeout", type=float, default=defaults.queue_timeout_s,
         help="seconds a request may wait to be scheduled (e.g. for an adapter slot) before 503; never counts its work")
     add("--block-size", type=int, default=defaults.block_size, help="tokens per KV block")
-    add("--num-blocks", type=int, default=None, help="KV blocks (default: sized from --kv-cache-mib)")
+    add("--num-blocks", type=int, default=None,
+        help="KV blocks (default: from --kv-cache-mib when given, else the GPU memory plan; 512 MiB worth on CPU)")
     add("--kv-cache-mib", type=int, default=None,
         help="KV cache size (default: what --gpu-memory-utilization leaves on GPU; 512 MiB on CPU)")
     add("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kvrun.runtime import memory_plan
@@ -104,6 +106,13 @@ def test_refuses_a_budget_larger_than_the_free_memory():
         plan_gpu_memory(h100(free_at_start=40 * GIB), inputs())
 
 
+def test_the_suggested_utilization_is_one_that_then_fits():
+    """71.8 GiB free of 80: 0.8975 of the card. The hint rounds down (0.89), so following it passes this check."""
+    with pytest.raises(MemoryPlanError, match=r"utilization 0.905 asks .* at most 0.89$"):
+        plan_gpu_memory(h100(free_at_start=int(71.8 * GIB)), inputs(utilization=0.905))
+    plan_gpu_memory(h100(free_at_start=int(71.8 * GIB)), inputs(utilization=0.89))
+
+
 def test_graphs_off_and_on():
     assert memory_plan.graph_pool_bytes(inputs(graph_batch_sizes=()), 256 * MIB) == 0
     base_only = memory_plan.graph_pool_bytes(inputs(graphs_with_lora=False), 0)
@@ -112,6 +121,11 @@ def test_graphs_off_and_on():
     # The attention backend's buffers for each captured size (FlashInfer: a plan workspace per decode wrapper).
     with_buffers = memory_plan.graph_pool_bytes(inputs(graph_buffer_bytes=8 * MIB), 0)
     assert with_buffers - memory_plan.graph_pool_bytes(inputs(), 0) == 4 * 8 * MIB  # 4 captured sizes: 1, 2, 4, 8
+    # ... and each captured row's page indices for a whole max_model_len sequence: 128k tokens in 16-token pages
+    # over rows 1 + 2 + 4 + 8, 4 bytes each for two attention variants.
+    long = inputs(max_model_len=131072)
+    with_pages = memory_plan.graph_pool_bytes(replace(long, graph_page_index_bytes=8), 0)
+    assert with_pages - memory_plan.graph_pool_bytes(long, 0) == 15 * 8192 * 8
 
 
 def test_steps_captured_in_pieces_share_the_pool_and_keep_their_streams():
@@ -197,3 +211,32 @@ def test_gpu_step_budget_defaults_depend_on_offline_or_serving():
     assert served.online and budget(served) == memory_plan.GPU_ONLINE_MAX_NUM_BATCHED_TOKENS == 512
     assert budget(served, on_gpu=False) == budget(SchedulerConfig(), on_gpu=False) == memory_plan.CPU_MAX_NUM_BATCHED_TOKENS
     assert budget(SchedulerConfig(max_num_batched_tokens=640, online=True)) == 640  # an explicit value always wins
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(kv_cache_memory_bytes=12e9), "kv_cache_memory_bytes must be an integer"),
+        (dict(gpu_memory_utilization="0.9"), "gpu_memory_utilization must be a number"),
+        (dict(gpu_memory_utilization=float("nan")), "gpu_memory_utilization must be a number"),
+        (dict(num_blocks=0), "num_blocks must be an integer >= 1"),
+        (dict(max_model_len=0), "max_model_len must be an integer >= 1"),
+        (dict(max_lora_rank=0), "max_lora_rank must be an integer >= 1"),
+    ],
+)
+def test_settings_of_the_wrong_kind_are_refused_before_the_model_loads(tiny_gqa, settings, message):
+    from kvrun import LLM
+
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tiny_gqa[0]), **settings)
+
+
+def test_a_context_longer_than_the_models_is_refused_with_both_lengths(tiny_gqa, caplog):
+    from kvrun import LLM
+
+    with pytest.raises(ValueError, match=r"max_model_len 100000 is longer than the model's context: 256 positions"):
+        LLM(str(tiny_gqa[0]), max_model_len=100000)
+    # A fixed KV cache smaller than one max_model_len sequence: the start says how long a request may be.
+    with caplog.at_level("WARNING", logger="kvrun"):
+        llm = LLM(str(tiny_gqa[0]), max_loras=0, num_blocks=4, block_size=16)
+    assert llm.engine.max_model_len == 256 and "may not exceed 64 tokens" in caplog.text

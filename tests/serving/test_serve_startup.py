@@ -59,6 +59,10 @@ def test_taken_port_is_reported_before_the_model_loads(model_dir):
         (("--chat-template", "/no/such/template.jinja"), "no such file"),
         (("--max-queue", "-1"), "--max-queue"),
         (("--cuda-graph-max-tokens", "-1"), "--cuda-graph-max-tokens must be >= 0"),
+        (("--gpu-memory-utilization", "1.5"), "--gpu-memory-utilization must be a number in (0, 1], got 1.5"),
+        (("--kv-cache-mib", "0"), "--kv-cache-mib must be >= 1, got 0"),
+        (("--max-model-len", "-5"), "--max-model-len must be an integer >= 1, got -5"),
+        (("--max-num-seqs", "300", "--max-num-batched-tokens", "256"), "--max-num-batched-tokens (256) must be >="),
         (("a/b", "--model", "c/d"), "two models"),
     ],
 )

@@ -73,6 +73,7 @@ class AttentionBackend(Protocol):
     """One backend per model, knowing every variant its layers use (planned together once per step)."""
 
     graph_buffer_bytes: int  # device memory prepare_graph allocates per captured batch size (the memory plan counts it)
+    graph_page_index_bytes: int  # ... and per row and KV page of max_model_len (page index buffers)
 
     def plan(self, metadata: AttentionMetadata, graph_batch_size: int | None = None) -> None:
         """Prepare for one step; called once before the first layer. graph_batch_size: plan into the buffers of the

@@ -46,6 +46,7 @@ class FlashInferBackend:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.variants = tuple(dict.fromkeys(variants))
         self.graph_buffer_bytes = len(self.variants) * INT_WORKSPACE_BYTES  # one decode wrapper per variant and size
+        self.graph_page_index_bytes = len(self.variants) * 4  # each wrapper's int32 page indices of every row
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.prefill = {v: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for v in self.variants}
         self.decode = {v: self._decode_wrapper() for v in self.variants}

@@ -10,6 +10,7 @@ from kvrun.runtime.attention.base import AttentionMetadata, AttentionVariant, wr
 
 class TorchReferenceBackend:
     graph_buffer_bytes = 0  # no CUDA graphs
+    graph_page_index_bytes = 0
     capture = None  # never captured in pieces
 
     def __init__(
