@@ -16,7 +16,7 @@ from kvrun.runtime.loader import iter_weights, read_config
 from kvrun.runtime.models.decoder import CausalLM
 from kvrun.runtime.models.registry import read_model_config
 from kvrun.runtime.models.weights import load_weights
-from kvrun.runtime.step_layout import attention_metadata, fill_pending, layout_step
+from kvrun.runtime.step_layout import attention_metadata, fill_pending, layout_step, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ModelRunner:
         layout = layout_step(batch.requests, self.block_size)
 
         def tensor(values: list[int], dtype=torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            return to_device(values, dtype, self.device)
 
         input_ids = tensor(layout.input_ids)
         fill_pending(input_ids, layout, previous)

@@ -31,6 +31,8 @@ from typing import Protocol
 
 import torch
 
+from kvrun.runtime.step_layout import to_device
+
 logger = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-5  # a temperature below this is greedy: dividing by it would overflow float32 for no real change
@@ -132,7 +134,7 @@ class SampledBatch:
     def of(cls, results: list[SampledToken | SamplingFailure], logits: torch.Tensor) -> SampledBatch:
         """Results already on the host (rows sampled one by one)."""
         ids = [result.token_id if isinstance(result, SampledToken) else 0 for result in results]
-        batch = cls(torch.tensor(ids, dtype=torch.int64, device=logits.device), torch.zeros(len(ids)), None, {})
+        batch = cls(to_device(ids, torch.int64, logits.device), torch.zeros(len(ids)), None, {})
         batch._results = results
         return batch
 
@@ -237,7 +239,7 @@ def _failure(best: float) -> str | None:
 
 
 def _index(rows: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    return to_device(rows, torch.int64, device)
 
 
 # -- warpers and the draw ----------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def warp_logits(scores: torch.Tensor, options: list[SamplingOptions]) -> torch.T
     """scores: [n, vocab] processed logits of rows that draw (in place). Temperature, then top-k (ties at the k-th
     value kept), top-p (the smallest head whose mass reaches p), min-p: HF's warpers, in HF's order."""
     device = scores.device
-    temperatures = torch.tensor([option.temperature for option in options], dtype=torch.float32, device=device)
+    temperatures = to_device([option.temperature for option in options], torch.float32, device)
     # Huge logits over a small temperature can overflow: +inf would make softmax NaN, so cap at the largest float.
     scaled = scores.div_(temperatures.unsqueeze(1)).nan_to_num_(
         nan=-math.inf, posinf=torch.finfo(torch.float32).max, neginf=-math.inf
@@ -264,14 +266,14 @@ def warp_logits(scores: torch.Tensor, options: list[SamplingOptions]) -> torch.T
     if any(option.min_p > 0.0 for option in options):
         # probs < min_p · max(probs)  ⇔  logit < max(logit) + log(min_p); log(0) = -inf cuts nothing.
         floors = [math.log(option.min_p) if option.min_p > 0.0 else -math.inf for option in options]
-        floor = scaled.amax(dim=-1, keepdim=True) + torch.tensor(floors, device=device).unsqueeze(1)
+        floor = scaled.amax(dim=-1, keepdim=True) + to_device(floors, torch.float32, device).unsqueeze(1)
         scaled.masked_fill_(scaled < floor, -math.inf)
     return scaled
 
 
 def _top_k(scaled: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     largest = scaled.topk(max(top_k), dim=-1).values
-    kth = largest.gather(1, torch.tensor(top_k, device=scaled.device).sub_(1).unsqueeze(1))
+    kth = largest.gather(1, to_device(top_k, torch.int64, scaled.device).sub_(1).unsqueeze(1))
     return scaled.masked_fill_(scaled < kth, -math.inf)
 
 
@@ -284,15 +286,15 @@ def _top_k_top_p(scaled: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     some row's head holds less than its p (the cut may lie beyond it)."""
     vocab = scaled.shape[1]
     device = scaled.device
-    cut_k = torch.tensor([k < vocab for k in top_k], device=device).unsqueeze(1)
+    cut_k = to_device([k < vocab for k in top_k], torch.bool, device).unsqueeze(1)
     kept_by_k = max((k for k in top_k if k < vocab), default=0)
-    thresholds = torch.tensor(top_p, device=device).unsqueeze(1)
+    thresholds = to_device(top_p, torch.float32, device).unsqueeze(1)
     # Log of each row's total mass (after top-k, all of a top-k row's mass lies in a head of at least k tokens).
     total_all = scaled.logsumexp(dim=-1)
     for head in [size for size in NUCLEUS_HEADS if kept_by_k <= size < vocab] + [vocab]:
         values, order = scaled.topk(head, dim=-1)  # descending
         if kept_by_k:
-            kth = values.gather(1, torch.tensor([min(k, head) for k in top_k], device=device).sub_(1).unsqueeze(1))
+            kth = values.gather(1, to_device([min(k, head) for k in top_k], torch.int64, device).sub_(1).unsqueeze(1))
             values.masked_fill_(cut_k & (values < kth), -math.inf)
         total = torch.where(cut_k.squeeze(1), values.logsumexp(dim=-1), total_all)
         probs = (values - total.unsqueeze(1)).exp_()
@@ -355,7 +357,7 @@ def _add_logit_bias(scores: torch.Tensor, options: list[SamplingOptions]) -> Non
             values.extend(option.logit_bias.values())
     if rows:
         device = scores.device
-        bias = torch.tensor(values, dtype=torch.float32, device=device)
+        bias = to_device(values, torch.float32, device)
         scores.index_put_((_index(rows, device), _index(tokens, device)), bias, accumulate=True)
 
 
@@ -368,7 +370,7 @@ def _hold_until_min_tokens(scores: torch.Tensor, rows: list[SamplingRow]) -> Non
     if held_rows:
         device = scores.device
         where = (_index(held_rows, device), _index(held_tokens, device))
-        scores.index_put_(where, torch.tensor(-math.inf, device=device))
+        scores.index_put_(where, scores.new_full((), -math.inf))
 
 
 def _apply_repetition_penalty(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -379,7 +381,7 @@ def _apply_repetition_penalty(scores: torch.Tensor, rows: list[SamplingRow]) -> 
     index = _index(chosen, device)
     history = [list(rows[row].prompt_token_ids) + list(rows[row].output_token_ids) for row in chosen]
     seen = _token_counts(history, scores.shape[1], device) > 0
-    penalty = torch.tensor([rows[row].options.repetition_penalty for row in chosen], device=device).unsqueeze(1)
+    penalty = to_device([rows[row].options.repetition_penalty for row in chosen], torch.float32, device).unsqueeze(1)
     block = scores[index]
     penalised = torch.where(block < 0, block * penalty, block / penalty)
     # A huge penalty must not turn a finite logit into -inf (a row could lose every token): floor at the lowest float.
@@ -398,8 +400,8 @@ def _apply_presence_frequency(scores: torch.Tensor, rows: list[SamplingRow]) -> 
     device = scores.device
     index = _index(chosen, device)
     counts = _token_counts([rows[row].output_token_ids for row in chosen], scores.shape[1], device)
-    presence = torch.tensor([rows[row].options.presence_penalty for row in chosen], device=device).unsqueeze(1)
-    frequency = torch.tensor([rows[row].options.frequency_penalty for row in chosen], device=device).unsqueeze(1)
+    presence = to_device([rows[row].options.presence_penalty for row in chosen], torch.float32, device).unsqueeze(1)
+    frequency = to_device([rows[row].options.frequency_penalty for row in chosen], torch.float32, device).unsqueeze(1)
     scores[index] -= counts * frequency + (counts > 0) * presence
 
 
@@ -411,7 +413,7 @@ def _token_counts(histories: list[Sequence[int]], vocab: int, device: torch.devi
     for row, history in enumerate(histories):
         padded[row, : len(history)] = torch.as_tensor(history, dtype=torch.int64)
     counts = torch.zeros((len(histories), vocab + 1), dtype=torch.float32, device=device)
-    counts.scatter_add_(1, padded.to(device), torch.ones_like(padded, dtype=torch.float32, device=device))
+    counts.scatter_add_(1, to_device(padded, torch.int64, device), torch.ones(padded.shape, device=device))
     return counts[:, :vocab]
 
 

@@ -27,7 +27,7 @@ import logging
 import torch
 
 from kvrun.runtime.forward_batch import BASE_SLOT, ForwardBatch, LoRABatchInfo, ScheduledBatch
-from kvrun.runtime.step_layout import StepLayout, attention_metadata, fill_pending, layout_step
+from kvrun.runtime.step_layout import StepLayout, attention_metadata, fill_pending, layout_step, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -177,5 +177,5 @@ class StepGraphs:
             piece.replay()
             runner.attention.attend(query, kv_cache, variant, output)
         pieces[-1].replay()
-        logits_indices = torch.tensor(layout.logits_indices, dtype=torch.int64, device=runner.device)
+        logits_indices = to_device(layout.logits_indices, torch.int64, runner.device)
         return runner.model.logits_of(hidden, residual, self._forward_batch(bucket, uses_lora, metadata, logits_indices))

@@ -102,6 +102,15 @@ def layout_step(
     return layout
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host numbers (a list, or a CPU tensor) as a tensor on device, queued in stream order without the host
+    waiting. torch.tensor(values, device=cuda) and tensor.to(cuda) first wait for every kernel queued on the stream
+    (a blocking copy synchronizes it): under async scheduling that would hold the host until the step in flight
+    ends, and the next step could not be prepared meanwhile."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return host.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def fill_pending(input_ids: torch.Tensor, layout: StepLayout, previous: torch.Tensor | None) -> None:
     """Put the tokens still on their way to the host into the step's input ids [tokens] on the device, from the
     previous step's sampled tokens (previous [rows] int64): device-to-device, no wait for the host."""
@@ -110,8 +119,8 @@ def fill_pending(input_ids: torch.Tensor, layout: StepLayout, previous: torch.Te
     if previous is None:
         raise RuntimeError("a step has tokens still on their way to the host, but no previous step's tokens")
     device = input_ids.device
-    rows = torch.tensor(layout.pending_rows, dtype=torch.int64).to(device, non_blocking=True)
-    where = torch.tensor(layout.pending_tokens, dtype=torch.int64).to(device, non_blocking=True)
+    rows = to_device(layout.pending_rows, torch.int64, device)
+    where = to_device(layout.pending_tokens, torch.int64, device)
     input_ids.index_copy_(0, where, previous.index_select(0, rows))
 
 

@@ -82,7 +82,7 @@ class GrammarCompiler:
             if matchers:
                 self._batch.batch_fill_next_token_bitmask(matchers, bits)
         except Exception:  # noqa: BLE001 - find the row that failed; the others keep their masks
-            logger.exception("filling %d grammar masks failed; filling each alone", len(grammars))
+            logger.exception("filling %d grammar masks failed; filling each alone", len(matchers))
             for index, matcher in enumerate(matchers):
                 try:
                     matcher.fill_next_token_bitmask(bits, index)

@@ -122,3 +122,21 @@ def test_a_model_without_a_tokenizer_refuses_structured_output(tiny_gqa):
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         llm.generate([1, 2, 3], SamplingParams(max_tokens=2, structured_output=StructuredOutputParams(regex="a")))
     assert not llm.engine.has_unfinished()
+
+
+def test_a_failed_batch_mask_fill_falls_back_to_each_row_alone(bundled_llm, monkeypatch):
+    """xgrammar's batch fill raising must not end the step: each row's mask is filled alone, and rows whose own
+    fill works keep following their grammars."""
+
+    class FailingBatch:
+        def batch_fill_next_token_bitmask(self, *args, **kwargs):
+            raise RuntimeError("batch fill failed")
+
+    llm = bundled_llm
+    monkeypatch.setattr(llm.engine.grammars(), "_batch", FailingBatch())
+    choice = StructuredOutputParams(choice=("yes", "no"))
+    outputs = llm.generate(
+        [chat(llm, "Yes or no?"), chat(llm, "Is the sea blue?")],
+        SamplingParams(max_tokens=8, temperature=0.0, structured_output=choice),
+    )
+    assert [(output.finish_reason, output.text in ("yes", "no")) for output in outputs] == [("stop", True)] * 2
