@@ -73,7 +73,8 @@ class LLMEngine:
                 logger.info("CUDA graphs took %.2f GiB (planned %.2f GiB)", used / 2**30, self.memory_plan.graphs / 2**30)
         cache = config.cache
         self.blocks = BlockManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters)
+        length_regime = self.runner.model.length_regime if self.runner.needs_token_seq_lens else None
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.adapters, length_regime)
 
     def shutdown(self) -> None:
         """Stop what runs beside this process (tensor-parallel workers); the engine takes no more steps."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvrun.adapters.manager import AdapterLoadError, LoRAManager
@@ -62,8 +63,12 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: LoRAManager | None) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: LoRAManager | None,
+                 length_regime: Callable[[int], bytes] | None = None) -> None:  # fmt: skip
+        """length_regime: for a model whose rotary embedding depends on the prompt's length (LongRoPE), what a prompt
+        of that length's K/V depend on besides its tokens (CausalLM.length_regime); part of the prefix-cache keys."""
         self.config = config
+        self.length_regime = length_regime
         self.blocks = blocks
         self.adapters = adapters
         self.waiting: deque[Request] = deque()
@@ -174,13 +179,14 @@ class Scheduler:
         and the start depends on the whole prompt (the last invocation in it), not on the tokens hashed so far."""
         keys, size = request.block_keys, self.blocks.block_size
         adapter_block = request.adapter_start // size if request.adapter is not None else num_blocks
+        regime = b"" if self.length_regime is None else self.length_regime(len(request.prompt_token_ids))
         for index in range(len(keys), num_blocks):
             if index < adapter_block:
-                parent = keys[-1] if keys else root_key(b"")
+                parent = keys[-1] if keys else root_key(regime)
             elif index > adapter_block:
                 parent = keys[-1]
             else:
-                parent = _adapter_root(request, keys[-1] if keys else b"")
+                parent = _adapter_root(request, keys[-1] if keys else b"", regime)
             keys.append(block_key(parent, _token_slice(request, index * size, (index + 1) * size)))
         return keys
 
@@ -264,6 +270,7 @@ class Scheduler:
                     num_logprobs=params.logprobs,
                     samples=start + count == request.num_scheduled_tokens,
                     previous_row=request.pending_row if pending else -1,
+                    rope_length=len(request.prompt_token_ids),
                 )
             )
         is_prefill = any(len(row.token_ids) > 1 or not row.samples for row in scheduled)
@@ -272,11 +279,12 @@ class Scheduler:
         return ScheduledBatch(is_prefill=is_prefill, requests=scheduled, full_copies=full_copies)
 
 
-def _adapter_root(request: Request, base_prefix_key: bytes) -> bytes:
+def _adapter_root(request: Request, base_prefix_key: bytes, regime: bytes = b"") -> bytes:
     """The parent key of a request's first block that its adapter applies to: what its K/V depend on besides the
-    tokens — the adapter's weights (by content) and settings, and, for an activated LoRA starting past position 0,
-    that position and the base-model prefix before it (base_prefix_key, the key of the last block before)."""
-    identity = request.adapter.identity.encode()
+    tokens — the adapter's weights (by content) and settings, the prompt's rotary regime (see length_regime), and,
+    for an activated LoRA starting past position 0, that position and the base-model prefix before it
+    (base_prefix_key, the key of the last block before, which holds the regime already)."""
+    identity = request.adapter.identity.encode() + (b"\0" + regime if regime else b"")
     if request.adapter_start:
         identity += b"\0start=%d\0" % request.adapter_start + base_prefix_key
     return root_key(identity)

@@ -31,6 +31,9 @@ class ScheduledRequest:
     # >= 0: the row's last token is not on the host yet (async scheduling): it is this row of the previous step's
     # sampled tokens on the device, and token_ids holds a 0 in its place
     previous_row: int = -1
+    # the sequence length a length-dependent rotary embedding (LongRoPE) rotates this row's tokens by, at least: the
+    # prompt's, so every chunk of a prompt rotates as the whole prompt does in one forward pass (HF's reference)
+    rope_length: int = 0
 
 
 @dataclass(slots=True)

@@ -48,7 +48,7 @@ class StepLayout:
 
     def _add_row(
         self, token_ids: list[int], start: int, pages: list[int], slot: int, block_size: int, samples: bool = True,
-        adapter_start: int = 0,
+        adapter_start: int = 0, rope_length: int = 0,
     ) -> None:
         count = len(token_ids)
         self.samples.append(samples)
@@ -57,7 +57,7 @@ class StepLayout:
         for position in range(start, seq_len):
             self.positions.append(position)
             self.slot_mapping.append(pages[position // block_size] * block_size + position % block_size)
-        self.token_seq_lens.extend([seq_len] * count)
+        self.token_seq_lens.extend([max(seq_len, rope_length)] * count)
         self.page_indices.extend(pages)
         self.qo_indptr.append(self.qo_indptr[-1] + count)
         self.kv_indptr.append(len(self.page_indices))
@@ -89,7 +89,7 @@ def layout_step(
         pages = request.block_table[: -(-seq_len // block_size)]
         layout._add_row(
             request.token_ids, request.start_position, pages, request.adapter_slot, block_size, request.samples,
-            request.adapter_start,
+            request.adapter_start, request.rope_length,
         )
         if request.previous_row >= 0:
             layout.pending_tokens.append(len(layout.input_ids) - 1)

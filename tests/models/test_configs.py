@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kvrun import LLM
 from kvrun.runtime.models.hf_config import ModelConfigError
@@ -103,3 +104,24 @@ def test_unknown_architecture_lists_the_supported_ones():
         read_model_config({"architectures": ["RwkvForCausalLM"]}, "x")
     for architecture in supported_architectures():
         assert architecture in str(error.value)
+
+
+def test_longrope_prompts_rotate_by_their_whole_length_when_chunked_or_cached(tmp_path):
+    """Phi-3's LongRoPE uses its long factors for a whole prompt longer than the original context (16 here), as HF
+    computes it in one forward pass. A prompt run in 8-token chunks must rotate every chunk by the prompt's length, and
+    the prefix cache must not hand a long prompt the blocks a short prompt computed with the short factors (nor the
+    other way round); two long prompts still share."""
+    base = tiny_checkpoint(FAMILIES["phi3"], tmp_path / "base", seed=9)
+    generator = torch.Generator().manual_seed(2)
+    long = torch.randint(3, 250, (40,), generator=generator).tolist()
+    short, longer = long[:12] + [7, 9], long[:36] + [5, 6, 8, 11, 13]
+    reference = CachedReference(base, {})
+    chunked = LLM(str(base), max_loras=0, num_blocks=96, block_size=4, max_num_batched_tokens=8, max_num_seqs=4,
+                  enable_prefix_caching=False)  # fmt: skip
+    assert_rows_match(generate(chunked, [(long, None)]), [(long, None)], reference)
+    for order in ([short, long, longer], [long, short, longer]):
+        cached = LLM(str(base), max_loras=0, num_blocks=96, block_size=4, enable_chunked_prefill=False)
+        for prompt in order:
+            assert_rows_match(generate(cached, [(prompt, None)]), [(prompt, None)], reference)
+        # Only `longer` hits: the 36 tokens it shares with `long` (9 blocks); `short` shares blocks with neither.
+        assert cached.engine.scheduler.stats.prefix_cache_hits == 36

@@ -48,6 +48,16 @@ class RopeSpec:
     def length_dependent(self) -> bool:
         return self.rope_type in LENGTH_DEPENDENT_TYPES
 
+    def length_regime(self, length: int) -> int:
+        """What the K/V of a sequence computed at `length` tokens depend on besides its tokens and positions (0:
+        nothing): LongRoPE switches to its long factors above the original context, dynamic NTK rescales its base by
+        the length itself."""
+        if self.rope_type == "longrope":
+            return int(length > self.params["original_max_position_embeddings"])
+        if self.rope_type == "dynamic":
+            return length if length > self.max_position_embeddings else 0
+        return 0
+
     @property
     def params(self) -> dict:
         return dict(self.parameters)

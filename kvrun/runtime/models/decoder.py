@@ -262,6 +262,13 @@ class CausalLM(nn.Module):
     def needs_token_seq_lens(self) -> bool:
         return any(layer.rope is not None and layer.rope.length_dependent for layer in self.config.decoder.layers)
 
+    def length_regime(self, length: int) -> bytes:
+        """What a prompt of `length` tokens' K/V depend on besides tokens, positions and adapter (empty: nothing):
+        a length-dependent rotary embedding rotates a whole prompt by its length (part of prefix-cache keys)."""
+        ropes = dict.fromkeys(layer.rope for layer in self.config.decoder.layers if layer.rope is not None)
+        regimes = [rope.length_regime(length) for rope in ropes if rope.length_dependent]
+        return b"" if not any(regimes) else b"rope-length=" + b",".join(b"%d" % regime for regime in regimes)
+
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Logits of each request's last token: [batch, vocab]. kv_cache: [layers, pages, 2, page_size, kv_heads, dim]."""
         return self.logits_of(*self.layer_stream(batch, kv_cache), batch)
