@@ -54,6 +54,7 @@ class Request:
     first_token_time: float | None = None
     queue_time: float | None = None  # seconds from arrival to its first scheduled step (later preemptions aside)
     num_preemptions: int = 0
+    slot_waits: int = 0  # steps it was passed over because every adapter slot was pinned
     error: str | None = None  # why it ended, when finish_reason is "error"
     sampling: SamplingRow | None = None  # the sampler's view of this request, set by the engine (shares the lists)
     grammar: RequestGrammar | None = None  # structured output: where the request stands in its grammar

@@ -10,7 +10,9 @@ may run over.
 
 Admission keeps the queue's order for memory: a request that waits for KV blocks holds back everyone behind it. A
 request whose adapter finds every slot pinned is passed over (it waits), so base-model and other-adapter requests
-behind it still run. When a running request needs a block the pool lacks, the newest running request not yet placed
+behind it still run; once it has waited SLOT_PATIENCE_STEPS steps, only base-model requests behind it are admitted
+until it has a slot, so the slots' running requests drain and a steady stream for resident adapters cannot keep
+every slot pinned for ever. When a running request needs a block the pool lacks, the newest running request not yet placed
 in this step is preempted (the asking one itself when no newer one is left): its blocks and slot pin are released and
 it goes back to the front of the queue, to be recomputed from its tokens later. A step that preempted admits nobody.
 
@@ -33,6 +35,10 @@ from kvrun.config import SchedulerConfig
 from kvrun.engine.block_manager import BlockManager, block_key, root_key
 from kvrun.engine.request import Request, RequestStatus
 from kvrun.runtime.forward_batch import BASE_SLOT, ScheduledBatch, ScheduledRequest
+
+# Steps a request waiting for an adapter slot lets adapter requests behind it be admitted before it (they may pin
+# the slots it waits for); then they wait for it.
+SLOT_PATIENCE_STEPS = 16
 
 
 @dataclass(slots=True)
@@ -112,9 +118,12 @@ class Scheduler:
                 self._place(step, request, count)
 
     def _admit(self, step: _Step) -> None:
+        slot_starved = False  # a request ahead waited too long for an adapter slot: adapter requests wait behind it
         for request in list(self.waiting):
             if len(self.running) >= self.config.max_num_seqs or not step.budget:
                 break
+            if slot_starved and request.adapter is not None:
+                continue
             self._take_cached_prefix(request)
             count = self._chunk(request, step)
             if not count or not self.blocks.can_grow(request.block_table, request.num_computed_tokens + count):
@@ -128,7 +137,9 @@ class Scheduler:
                 continue  # it ends with this error (LLMEngine.step); the queue goes on
             if not pinned:
                 self._drop_blocks(request)
-                continue  # its adapter waits for a slot; others behind it may run
+                request.slot_waits += 1
+                slot_starved = slot_starved or request.slot_waits > SLOT_PATIENCE_STEPS
+                continue  # its adapter waits for a slot; others behind it may run (for a while)
             self.blocks.grow(request.block_table, request.num_computed_tokens + count)
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING

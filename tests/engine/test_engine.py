@@ -87,6 +87,32 @@ def test_abort_frees_blocks_and_adapter_pins(tiny_gqa):
     assert not engine.has_unfinished()
 
 
+def test_a_steady_stream_for_a_resident_adapter_cannot_starve_one_waiting_for_a_slot(tiny_gqa):
+    """One slot, held by adapter `held`: requests for it keep arriving (every other step), each extending its pin.
+    The request for `other` is passed over for a while, then adapter requests behind it wait until it has the slot;
+    base-model requests still run beside it. Its tokens equal its solo run's."""
+    from kvrun.engine.scheduler import SLOT_PATIENCE_STEPS
+
+    llm = make_llm(tiny_gqa, max_loras=1, max_num_seqs=4)
+    held, other = list(tiny_gqa[1])[:2]
+    engine, prompt = llm.engine, prompts(1)[0]
+    engine.add_request(prompt, GREEDY, held)
+    engine.step()
+    waiting = engine.add_request(prompt, GREEDY, other)
+    base = engine.add_request(prompt, GREEDY, None)
+    steps = 0
+    while not waiting.is_finished:
+        assert steps < 10 * SLOT_PATIENCE_STEPS, f"the request for {other} got no slot in {steps} steps"
+        if steps % 2 == 0:
+            engine.add_request(prompt, GREEDY, held)
+        engine.step()
+        steps += 1
+    while engine.has_unfinished():
+        engine.step()
+    assert base.output_token_ids == alone(llm, prompt, None)
+    assert waiting.output_token_ids == alone(llm, prompt, other)
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(tiny_gqa):
     llm = make_llm(tiny_gqa)
     prompt = prompts(1)[0]
