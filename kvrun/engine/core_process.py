@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
 import select
 import signal
 import socket
@@ -336,6 +337,8 @@ def run_core(config: EngineConfig, sock: socket.socket, queue_timeout_s: float, 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kvrun").setLevel(log_level)
     channel = _Channel(sock)
+    loaded = threading.Event()
+    threading.Thread(target=_exit_if_server_goes, args=(sock, loaded), name="kvrun-core-watch", daemon=True).start()
     try:
         from kvrun.engine.engine import LLMEngine
 
@@ -344,6 +347,8 @@ def run_core(config: EngineConfig, sock: socket.socket, queue_timeout_s: float, 
         channel.send(StartFailed(str(error) if isinstance(error, (ValueError, LookupError, OSError))
                                  else f"{type(error).__name__}: {error}"))  # fmt: skip
         return
+    finally:
+        loaded.set()
     core = EngineCore(engine, queue_timeout_s=queue_timeout_s, max_adapters=max_adapters)
     channel.send(Ready(EngineInfo.of(engine), sorted(core.adapter_names)))
     # Steps run in a thread of their own, as they do in a server without a core process: on CPU, torch's OpenMP
@@ -352,6 +357,24 @@ def run_core(config: EngineConfig, sock: socket.socket, queue_timeout_s: float, 
     stepper.start()
     stepper.join()
     engine.shutdown()  # tensor-parallel workers stop with the core
+
+
+def _exit_if_server_goes(sock: socket.socket, loaded: threading.Event) -> None:
+    """While the model loads (minutes for a large one, holding GPU memory), nothing else reads the socket: a server
+    killed meanwhile (SIGTERM or SIGKILL run no shutdown code of its) would leave the core loading on. End the
+    process when the socket reaches end-of-file before loading is done. Data the server sent (a Shutdown) is only
+    peeked at: the core reads it once it is up."""
+    while not loaded.is_set():
+        readable, _, _ = select.select([sock], [], [], 0.5)
+        if not readable:
+            continue
+        try:
+            gone = not sock.recv(1, socket.MSG_PEEK)
+        except OSError:
+            gone = True
+        if gone and not loaded.is_set():
+            os._exit(1)  # no engine to shut down yet; tensor-parallel workers see their pipes close and exit
+        loaded.wait(0.5)  # a message waits for the core: stop polling a socket that stays readable
 
 
 # -- the server's side: starting it ---------------------------------------------------------------------------------

@@ -62,20 +62,20 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_ID:
+            raise ValueError(f"max_tokens must be an integer in [1, 2**63 - 1], got {self.max_tokens!r}")
         _check_range("temperature", self.temperature, 0.0, 100.0)
         if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_ID:
+            raise ValueError(f"top_k must be an integer in [0, 2**63 - 1] (0 = off), got {self.top_k!r}")
         _check_range("min_p", self.min_p, 0.0, 1.0)
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}")
         if any(not isinstance(text, str) or not text for text in self.stop):
             raise ValueError("stop strings must be non-empty strings")
-        if any(not _is_int(token) or token < 0 for token in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be integers >= 0, got {list(self.stop_token_ids)!r}")
+        if any(not _is_int(token) or not 0 <= token <= MAX_ID for token in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers in [0, 2**63 - 1], got {list(self.stop_token_ids)!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(
                 f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
@@ -90,6 +90,11 @@ class SamplingParams:
             _check_structured_output(self.structured_output)
         if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= 20):
             raise ValueError(f"logprobs must be an integer in 0..20, got {self.logprobs!r}")
+
+
+# The largest token id, count or top-k taken: the engine core's messages carry them as 64-bit integers, and no
+# vocabulary or context comes near it.
+MAX_ID = 2**63 - 1
 
 
 def _is_int(value: object) -> bool:
@@ -122,8 +127,8 @@ def _checked_logit_bias(bias: object) -> dict[int, float]:
     if not isinstance(bias, dict):
         raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
     for token, value in bias.items():
-        if not _is_int(token) or token < 0:
-            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if not _is_int(token) or not 0 <= token <= MAX_ID:
+            raise ValueError(f"logit_bias keys must be token ids (integers in [0, 2**63 - 1]), got {token!r}")
         if not (_is_number(value) and -100.0 <= value <= 100.0):
             raise ValueError(f"logit_bias[{token}] must be a number in [-100, 100], got {value!r}")
     return {token: float(value) for token, value in bias.items()}

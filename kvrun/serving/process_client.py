@@ -194,14 +194,21 @@ class ProcessEngineClient(EngineClient):
         if not self.alive:
             raise EngineStoppedError(self._stopped_reason())
         call_id = next(self._call_ids)
+        data = encode(message_for(call_id))  # first: a message that cannot be encoded leaves no call behind
         future = self._loop.create_future()
         self._calls[call_id] = future
-        self._write(message_for(call_id))
-        return await future
+        self._send(data)
+        try:
+            return await future
+        finally:  # also when the caller gave up waiting (a probe's timeout): its reply, if any, is then dropped
+            self._calls.pop(call_id, None)
 
     def _write(self, message) -> None:
+        self._send(encode(message))
+
+    def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(encode(message))
+            self._transport.write(data)
 
     # -- messages from the core -------------------------------------------------------------------------------------
     def _received(self, data: bytes) -> None:

@@ -224,3 +224,40 @@ def test_a_server_that_closes_its_end_mid_step_stops_the_core_quietly(model_dir)
         ours.close()
         theirs.close()
         llm.engine.shutdown()
+
+
+def _watch_unloaded(sock) -> None:
+    import threading
+
+    from kvrun.engine.core_process import _exit_if_server_goes
+
+    _exit_if_server_goes(sock, threading.Event())  # the model never finishes loading here
+    os._exit(0)  # not reached unless the watcher returns
+
+
+def test_a_core_still_loading_its_model_exits_when_the_server_is_gone():
+    """The server killed while its core loads the model: the core's socket reaches end-of-file and the core ends
+    then, instead of finishing a load of minutes and holding the GPU's memory. A message from a live server (a
+    Shutdown sent during loading) is left for the core to read once it is up."""
+    import multiprocessing
+    import socket
+
+    context = multiprocessing.get_context("spawn")
+    for send_first in (True, False):
+        ours, theirs = socket.socketpair()
+        process = context.Process(target=_watch_unloaded, args=(theirs,), daemon=True)
+        process.start()
+        theirs.close()
+        if send_first:
+            ours.sendall(b"x")  # a live server's message: the core keeps loading
+            process.join(3)
+            assert process.is_alive()
+            process.kill()
+            process.join(10)
+            ours.close()
+            continue
+        time.sleep(1)  # the watcher is polling
+        assert process.is_alive()
+        ours.close()  # the server is gone
+        process.join(10)
+        assert process.exitcode == 1

@@ -57,6 +57,10 @@ def test_unknown_adapter_is_404(shared_server):
         ({"stop": 5}, "stop"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"7": 500}}, "logit_bias"),
+        # Integers past 64 bits: refused by name, as the engine core's messages could not carry them.
+        ({"seed": 2**64}, "seed"),
+        ({"top_k": 2**64}, "top_k"),
+        ({"stop_token_ids": [2**64]}, "stop_token_ids"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
         ({"guided_json": "{not json"}, "guided_json"),
