@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from kvrun.adapters.peft_format import ParsedAdapter
+from kvrun.adapters.peft_format import AdapterError, ParsedAdapter
 from kvrun.adapters.ref import AdapterRef
 
 
@@ -25,6 +25,11 @@ class HostCache:
         entry = self._entries.get(ref)
         if entry is None:
             entry = load()
+            if entry.ref != ref:  # re-read from files that changed since (a path-loaded adapter's directory)
+                raise AdapterError(
+                    f"adapter {ref.name!r}: its files changed since it was loaded (weights sha256 "
+                    f"{entry.ref.sha256[:12]}, loaded as {ref.sha256[:12]}); load it again to serve them"
+                )
             self.put(entry, keep)
         self._entries.move_to_end(ref)
         return entry

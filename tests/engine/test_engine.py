@@ -209,3 +209,27 @@ def test_an_adapter_whose_weights_cannot_be_reloaded_fails_its_requests_alone(ti
     alone = llm.generate(prompts[1:], params, adapters=[None, "fine"])
     assert [o.token_ids for o in outputs[1:]] == [o.token_ids for o in alone]
     assert not llm.engine.has_unfinished() and manager.slots.pins(ref) == 0
+
+
+def test_a_path_adapter_whose_files_changed_since_loading_says_so(tiny_gqa, tmp_path):
+    """Evicted from host memory and slot, then its directory holds other weights: requests for it end with an error
+    that says the files changed and to load it again (never the new weights under the old identity); loading it
+    again serves the new weights."""
+    import shutil
+
+    base, adapters = tiny_gqa
+    directory = tmp_path / "changing"
+    shutil.copytree(adapters["attn-r4"], directory)
+    llm = LLM(str(base), max_loras=1, max_lora_rank=16, num_blocks=64, block_size=4)
+    llm.load_adapter("changing", directory)
+    manager = llm.engine.adapters
+    manager.host.drop(manager.resolve("changing"))
+    shutil.rmtree(directory)
+    shutil.copytree(adapters["all-r8"], directory)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    (output,) = llm.generate([[5, 6, 7, 8]], params, adapters=["changing"])
+    assert output.finish_reason == "error" and "files changed since it was loaded" in output.error, output.error
+    llm.load_adapter("changing", directory)
+    (reloaded,) = llm.generate([[5, 6, 7, 8]], params, adapters=["changing"])
+    llm.load_adapter("all-r8", adapters["all-r8"])
+    assert reloaded.token_ids == llm.generate([[5, 6, 7, 8]], params, adapters=["all-r8"])[0].token_ids
