@@ -35,6 +35,7 @@ class Traffic:
         self.replicas = replicas
         self.answers: list[tuple[str, str, int, str, str, list[int]]] = []  # replica, model, status, ref, sha, ids
         self.unreachable = 0
+        self.errors: list[tuple[str, str, int, dict]] = []  # replica, model, status, error body of each non-200
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(replica,), daemon=True) for replica in replicas]
 
@@ -61,6 +62,8 @@ class Traffic:
                     time.sleep(0.05)
                     continue
                 tokens = response.json()["choices"][0]["token_ids"] if response.status_code == 200 else []
+                if response.status_code != 200:
+                    self.errors.append((replica.name, model, response.status_code, response.json().get("error", {})))
                 self.answers.append((replica.name, model, response.status_code,
                                      response.headers.get("x-kvrun-adapter", ""),
                                      response.headers.get("x-kvrun-adapter-sha256", ""), tokens))  # fmt: skip
@@ -160,10 +163,16 @@ def test_three_replicas_follow_one_registry(model_dir, adapter_dirs, reference, 
             assert max(seconds) < PROPAGATION_S, seconds
         by_sha = {sha: version for version, sha in shas.items()}
         served = [answer for answer in traffic.answers if answer[2] == 200]
-        failed = [answer[:4] for answer in traffic.answers if answer[2] != 200]
+        # A registry call slower than its deadline (2 s) answers 503 + Retry-After by design: on a loaded 2-core
+        # machine (three replicas and their engine cores, one of them loading its model) the re-resolve a change
+        # event asks for can miss it. Anything else is a failure.
+        retry = [error for error in traffic.errors
+                 if error[2] == 503 and error[3].get("code") == "registry_unavailable"]  # fmt: skip
+        failed = [error for error in traffic.errors if error not in retry]
         print(f"traffic: {len(traffic.answers)} answers, {len(served)} served, {traffic.unreachable} while a replica "
-              f"was down, {len(failed)} failed")  # fmt: skip
+              f"was down, {len(retry)} told to retry (registry past its deadline), {len(failed)} failed")  # fmt: skip
         assert len(served) > 50 and not failed, failed[:5]
+        assert len(retry) <= len(traffic.answers) // 20, retry[:5]
         for replica, model, _, ref, sha, tokens in served:
             version = by_sha[sha]
             assert ref == f"team/r@{version}" and tokens == expected[version], (replica, model, ref)

@@ -121,7 +121,7 @@ class Workers:
     def check(self) -> None:
         if self.failure is None:
             for rank, process in enumerate(self.processes, start=1):
-                if not process.is_alive():
+                if _exited(process):
                     self._died(rank, process)
         if self.failure is not None:
             raise WorkerDiedError(self.failure)
@@ -132,8 +132,7 @@ class Workers:
             self._drain(rank, pipe)
             # One that just closed its pipe is exiting: let it, to report its exit code (a killed worker's status
             # reaches a forkserver-started parent late on a loaded machine; 1 s was seen to be too short).
-            process.join(timeout=5.0)
-            if self.failure is None and not process.is_alive():
+            if self.failure is None and _exited(process, timeout=5.0):
                 self._died(rank, process)
         if self.failure is None:
             self._record(f"tensor-parallel worker {reason or 'failed'}")
@@ -150,7 +149,7 @@ class Workers:
 
     def _died(self, rank: int, process) -> None:
         # Its sentinel fired, so it is gone; the exit code may still be on its way (another thread can be reaping it).
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 5.0  # a loaded machine schedules the reaping thread late
         while process.exitcode is None and time.monotonic() < deadline:
             process.join(timeout=0.05)
         self._record(
@@ -180,6 +179,13 @@ class Workers:
     def stop(self) -> None:
         self._stopping = True
         self._finalizer()
+
+
+def _exited(process, timeout: float = 0.0) -> bool:
+    """Whether the process has ended (waiting up to timeout), read from its sentinel. Not is_alive(): while another
+    thread (the watcher, or a caller's join) is reaping it, is_alive() can still answer True for a dead process, and a
+    dead worker would then be reported as a vague pipe failure instead of its exit."""
+    return bool(wait([process.sentinel], timeout))
 
 
 def _stop(processes, pipes) -> None:
