@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value, minimum: int, optional: bool = True) -> None:
@@ -34,7 +35,7 @@ class CacheConfig:
         _check_int("num_blocks", self.num_blocks, 1)
         _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
         utilization = self.gpu_memory_utilization
-        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or not 0.0 < utilization <= 1.0:
+        if not isinstance(utilization, numbers.Real) or isinstance(utilization, bool) or not 0.0 < utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be a number in (0, 1]; got {utilization!r}")
 
 

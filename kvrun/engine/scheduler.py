@@ -140,6 +140,7 @@ class Scheduler:
                 request.slot_waits += 1
                 slot_starved = slot_starved or request.slot_waits > SLOT_PATIENCE_STEPS
                 continue  # its adapter waits for a slot; others behind it may run (for a while)
+            request.slot_waits = 0
             self.blocks.grow(request.block_table, request.num_computed_tokens + count)
             self.waiting.remove(request)
             request.status = RequestStatus.RUNNING

@@ -32,7 +32,8 @@ class ScheduledRequest:
     # sampled tokens on the device, and token_ids holds a 0 in its place
     previous_row: int = -1
     # the sequence length a length-dependent rotary embedding (LongRoPE) rotates this row's tokens by, at least: the
-    # prompt's, so every chunk of a prompt rotates as the whole prompt does in one forward pass (HF's reference)
+    # prompt's, so every chunk of a prompt rotates as the whole prompt does in one forward pass (HF's reference); a
+    # token past the prompt rotates by its own position + 1, as the decode step that made it did
     rope_length: int = 0
 
 

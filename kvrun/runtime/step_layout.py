@@ -57,7 +57,9 @@ class StepLayout:
         for position in range(start, seq_len):
             self.positions.append(position)
             self.slot_mapping.append(pages[position // block_size] * block_size + position % block_size)
-        self.token_seq_lens.extend([max(seq_len, rope_length)] * count)
+        # Each token's rotary length: the prompt's for prompt tokens, its own sequence length past it (as a decode step
+        # had it), so recomputing a preempted request rotates every token as its first computation did.
+        self.token_seq_lens.extend(max(position + 1, rope_length) for position in range(start, seq_len))
         self.page_indices.extend(pages)
         self.qo_indptr.append(self.qo_indptr[-1] + count)
         self.kv_indptr.append(len(self.page_indices))

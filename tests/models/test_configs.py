@@ -125,3 +125,39 @@ def test_longrope_prompts_rotate_by_their_whole_length_when_chunked_or_cached(tm
             assert_rows_match(generate(cached, [(prompt, None)]), [(prompt, None)], reference)
         # Only `longer` hits: the 36 tokens it shares with `long` (9 blocks); `short` shares blocks with neither.
         assert cached.engine.scheduler.stats.prefix_cache_hits == 36
+
+
+def test_a_preempted_longrope_request_recomputes_the_rotation_it_had(tmp_path):
+    """A 12-token prompt decodes past Phi-3's original context (16): its prompt rotated by the prompt's length, each
+    later token by its own. Preempted after 7 tokens and recomputed from scratch (prefix cache off), every token
+    must rotate as it first did, so the rest equals the run without preemption."""
+    from kvrun import SamplingParams
+
+    base = tiny_checkpoint(FAMILIES["phi3"], tmp_path / "base", seed=9)
+    prompt = list(range(20, 32))
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=0)
+    llm = LLM(str(base), max_loras=0, num_blocks=96, block_size=4, enable_prefix_caching=False)
+    (solo,) = llm.generate([prompt], params)
+    engine = llm.engine
+    request = engine.add_request(prompt, params)
+    while len(request.output_token_ids) < 7:
+        engine.step()
+    engine.scheduler.preempt(request)
+    while engine.has_unfinished():
+        engine.step()
+    assert request.num_preemptions == 1 and request.output_token_ids == solo.token_ids
+    for got, want in zip(request.logprobs, solo.logprobs):
+        assert got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-4 for t in got)
+
+
+def test_yarn_scaling_extends_the_context_by_its_factor(tmp_path):
+    """Qwen2.5's long-context recipe: YaRN x4 on top of 32k positions serves 128k (as vLLM derives it); linear and
+    dynamic stretch the positions likewise. A context longer than that is refused with both lengths."""
+    base = tiny_checkpoint(FAMILIES["llama"], tmp_path / "base", seed=9, max_position_embeddings=32,
+                           rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                            "rope_theta": 10000.0})  # fmt: skip
+    config = json.loads((base / "config.json").read_text())
+    assert read_model_config(config, "x").max_position_embeddings == 128
+    assert LLM(str(base), max_loras=0, num_blocks=64, block_size=4, max_model_len=128).engine.max_model_len == 128
+    with pytest.raises(ValueError, match="max_model_len 129 is longer than the model's context: 128 positions"):
+        LLM(str(base), max_loras=0, num_blocks=64, block_size=4, max_model_len=129)

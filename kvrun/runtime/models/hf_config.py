@@ -103,12 +103,16 @@ class HFConfig:
         if num_heads % num_kv_heads:
             raise self.error(f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}")
         tie = self.get("tie_word_embeddings", tie_word_embeddings)
-        # Linear and dynamic-NTK scaling stretch the trained positions by their factor: the context grows with it.
-        stretch = max(
-            (layer.rope.params["factor"] for layer in decoder.layers
-             if layer.rope is not None and layer.rope.rope_type in ("linear", "dynamic")),
-            default=1.0,
-        )  # fmt: skip
+        # Linear and dynamic-NTK scaling stretch the trained positions by their factor, and YaRN its original context:
+        # the context grows with it (a Qwen2.5 config adds YaRN x4 to its 32k positions for 128k).
+        contexts = [max_position_embeddings]
+        for layer in decoder.layers:
+            rope = layer.rope
+            if rope is not None and rope.rope_type in ("linear", "dynamic"):
+                contexts.append(max_position_embeddings * rope.params["factor"])
+            elif rope is not None and rope.rope_type == "yarn" and rope.params.get("factor"):
+                original = rope.params.get("original_max_position_embeddings") or max_position_embeddings
+                contexts.append(original * rope.params["factor"])
         return ModelConfig(
             architecture=self.architecture,
             name=name,
@@ -118,7 +122,7 @@ class HFConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            max_position_embeddings=int(max_position_embeddings * max(1.0, stretch)),
+            max_position_embeddings=int(max(contexts)),
             tie_word_embeddings=bool(tie),
             eos_token_ids=self.token_ids("eos_token_id", eos_token_id),
             bos_token_id=self.get("bos_token_id", bos_token_id),
