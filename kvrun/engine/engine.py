@@ -27,6 +27,8 @@ from kvrun.runtime.sampler import SampledBatch, SampledToken, SamplingFailure, S
 
 logger = logging.getLogger(__name__)
 
+GRAMMAR_WAIT_S = 0.01  # how long a step with nothing to run waits for a compiling grammar
+
 
 class LLMEngine:
     """detokenize=False: outputs carry token ids only (their text and new_text stay empty), for a caller that makes
@@ -232,6 +234,11 @@ class LLMEngine:
             if not self.async_scheduling and self._in_flight is not None:
                 outputs += self._settle_step(self._in_flight)
                 self._in_flight = None
+        elif in_flight is None and not outputs:
+            # Nothing could run: what is left waits for grammars to compile. Wait a moment for one rather than spin
+            # (a caller steps again at once), leaving the compile the CPU.
+            for grammar in self.scheduler.compiling_grammars()[:1]:
+                grammar.wait(GRAMMAR_WAIT_S)
         return outputs
 
     def _launch_sampling(self, requests: list[Request], logits: torch.Tensor) -> _InFlight | None:

@@ -89,6 +89,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def compiling_grammars(self) -> list:
+        """The grammars of requests that wait for theirs to compile (LLMEngine.step waits on them when nothing else
+        can run)."""
+        return [request.grammar for request in [*self.running, *self.waiting]
+                if request.grammar is not None and not request.grammar.ready]  # fmt: skip
+
     def schedule(self) -> ScheduledBatch | None:
         """Choose this step's rows and advance each row's num_computed_tokens past the tokens it runs."""
         step = _Step(self.config.max_num_batched_tokens)
@@ -126,6 +132,9 @@ class Scheduler:
                 continue
             self._take_cached_prefix(request)
             count = self._chunk(request, step)
+            if not count and request.grammar is not None and not request.grammar.ready:
+                self._drop_blocks(request)
+                continue  # it waits for its grammar, not for memory: others behind it may run
             if not count or not self.blocks.can_grow(request.block_table, request.num_computed_tokens + count):
                 self._drop_blocks(request)
                 break  # memory is the queue's order: nobody behind may jump a request that waits for blocks
@@ -203,8 +212,14 @@ class Scheduler:
         return keys
 
     def _chunk(self, request: Request, step: _Step) -> int:
-        """How many of request's uncomputed tokens run this step (0: none fit)."""
+        """How many of request's uncomputed tokens run this step (0: none fit, or it waits for its grammar)."""
         remaining = request.num_scheduled_tokens - request.num_computed_tokens
+        if request.grammar is not None and not request.grammar.ready:
+            # Its sampling waits for the grammar to compile (a large one takes seconds): the prompt before the token
+            # that samples may prefill meanwhile, but no step waits for the compile.
+            remaining -= 1
+            if remaining <= 0:
+                return 0
         if remaining <= step.budget:
             return remaining
         if self.config.enable_chunked_prefill:

@@ -7,6 +7,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import xgrammar
@@ -100,6 +101,16 @@ class RequestGrammar:
     def __init__(self, compiled: xgrammar.CompiledGrammar | Future) -> None:
         self._compiled = compiled
         self._matcher: xgrammar.GrammarMatcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Compiled (or failed to): matcher no longer waits."""
+        return not isinstance(self._compiled, Future) or self._compiled.done()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to timeout seconds for the grammar to compile (or fail)."""
+        if isinstance(self._compiled, Future):
+            futures.wait([self._compiled], timeout)
 
     @property
     def matcher(self) -> xgrammar.GrammarMatcher:

@@ -140,3 +140,31 @@ def test_a_failed_batch_mask_fill_falls_back_to_each_row_alone(bundled_llm, monk
         SamplingParams(max_tokens=8, temperature=0.0, structured_output=choice),
     )
     assert [(output.finish_reason, output.text in ("yes", "no")) for output in outputs] == [("stop", True)] * 2
+
+
+def test_a_grammar_still_compiling_holds_up_no_other_request(bundled_llm, monkeypatch):
+    """A large grammar compiles for seconds: its request's prompt may prefill meanwhile, but its sampling waits for
+    the compile, never the step. Other requests stream and finish while it compiles; then it follows its grammar."""
+    import threading
+
+    llm = bundled_llm
+    engine, compiler = llm.engine, llm.engine.grammars()
+    release = threading.Event()
+    compile_now = compiler.compile
+    monkeypatch.setattr(compiler, "compile", lambda spec: (release.wait(60), compile_now(spec))[1])
+    constrained = engine.add_request(
+        llm.tokenizer.encode(chat(llm, "Pick a colour.")),
+        SamplingParams(max_tokens=8, temperature=0.0,
+                       structured_output=StructuredOutputParams(choice=("teal", "mauve", "ochre"))),
+    )  # fmt: skip
+    plain = engine.add_request(llm.tokenizer.encode("Hello"), SamplingParams(max_tokens=6, ignore_eos=True))
+    for _ in range(50):
+        engine.step()
+        if plain.is_finished:
+            break
+    assert plain.is_finished and len(plain.output_token_ids) == 6
+    assert not constrained.output_token_ids and constrained.num_computed_tokens > 0  # its prompt prefilled meanwhile
+    release.set()
+    while engine.has_unfinished():
+        engine.step()
+    assert constrained.finish_reason == "stop" and constrained.text in ("teal", "mauve", "ochre")
