@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,12 @@ def parse_adapter(
     ref = AdapterRef(name, version, hashlib.sha256(data).hexdigest(), settings.rank, settings.alpha, leaves,
                      settings.use_rslora, digest, settings.invocation_tokens)  # fmt: skip
     scalings = {module: settings.scaling_of(module) for module in weights}
+    largest = torch.finfo(dtype).max if dtype.is_floating_point else torch.finfo(torch.float32).max
+    for module, scaling in [("", ref.scaling), *scalings.items()]:
+        if not math.isfinite(scaling) or abs(scaling) > largest:
+            where = f" of {module}" if module else ""
+            raise AdapterError(f"{name}: the LoRA scaling{where} (lora_alpha / r) is {scaling!r}, which {dtype} "
+                               "cannot hold: check lora_alpha")  # fmt: skip
     scalings = {m: s for m, s in scalings.items() if s != ref.scaling}
     return ParsedAdapter(ref, weights, scalings, biases, magnitudes, base_copies, token_rows, full_copies)
 

@@ -281,8 +281,8 @@ class AdapterResolver:
             raise errors.invalid(f"The lora adapter '{name}' has already been loaded.", "lora_name")
         if self.client.info.adapter_dtype is None:
             raise errors.invalid("LoRA is disabled on this server (--max-loras 0)")
-        if not Path(path).expanduser().is_dir():
-            raise errors.invalid(f"lora_path {path!r} is not a directory on the server", "lora_path")
+        if not _is_directory(path):
+            raise errors.invalid(f"lora_path {path[:200]!r} is not a directory on the server", "lora_path")
         try:
             parsed = await asyncio.to_thread(self._parse_path, name, path)
         except AdapterError as error:
@@ -357,3 +357,11 @@ def _background(coroutine, what: str) -> None:
             logger.warning("%s failed: %s", what, task.exception())
 
     asyncio.ensure_future(coroutine).add_done_callback(report)
+
+
+def _is_directory(path: str) -> bool:
+    """False also for a path the OS cannot look up (too long, a NUL byte, an unknown ~user)."""
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, ValueError, RuntimeError):
+        return False

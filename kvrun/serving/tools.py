@@ -85,21 +85,21 @@ def parse(tool_plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
     if tool_plan.mode == "named":
         try:
             json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python parses
             return text, []
         return None, [_call(tool_plan.function or "", text)]
     if tool_plan.mode == "required":
         try:
             calls = json.loads(text)
             return None, [_call(call["name"], call["parameters"]) for call in calls]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             return text, []
     calls = []
     for block in _HERMES_CALL.findall(text):
         try:
             call = json.loads(block)
             calls.append(_call(call["name"], call.get("arguments", call.get("parameters", {}))))
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             return text, []  # a malformed call: hand the text back rather than guess
     if not calls:
         return text, []

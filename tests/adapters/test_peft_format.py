@@ -129,6 +129,7 @@ CASES = {
     "lora_bias without biases": (lambda d: edit_config(d, lora_bias=True), r"has no lora_B.bias \(adapter_config"),
     "integer weights": (lambda d: edit_weights(d, _int_weights), "dtype"),
     "impossible magnitude": (lambda d: edit_weights(d, _huge_weights), "the bound for a trained LoRA weight"),
+    "scaling past the dtype": (lambda d: edit_config(d, lora_alpha=1e308), r"scaling \(lora_alpha / r\) is .* cannot hold"),
 }
 
 

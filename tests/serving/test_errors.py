@@ -173,6 +173,12 @@ def test_load_and_unload_bodies_are_read_as_vllm_sends_them(serve, adapter_dirs,
         assert "kvrun_test_load_field" in caplog.text
         typed = _openai_error(http.post("/v1/load_lora_adapter", json={"lora_name": 7, "lora_path": path}), 400)
         assert typed["param"] == "lora_name"
+        for bad_path in ("a" * 5000, "~kvrun-no-such-user/x", "a\u0000b"):  # too long, unknown ~user, a NUL byte
+            response = http.post("/v1/load_lora_adapter", json={"lora_name": "p", "lora_path": bad_path})
+            assert _openai_error(response, 400)["param"] == "lora_path"
+        for bad_path in ("/" + "a/" * 3000, "~kvrun-no-such-user/x"):  # LoRAX's local source: 400, not 500
+            body = {"inputs": "Hi", "parameters": {"adapter_id": bad_path, "adapter_source": "local"}}
+            assert http.post("/generate", json=body).status_code == 400
         unload = {"lora_name": "lenient", "lora_int_id": None, "kvrun_test_unload_field": True}
         assert http.post("/v1/unload_lora_adapter", json=unload).status_code == 200
         _openai_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "lenient"}), 404)

@@ -144,3 +144,14 @@ def test_langchain_with_structured_output(shared_server, method):
                       max_tokens=40, temperature=0, max_retries=0)  # fmt: skip
     result = chat.with_structured_output(Forecast, method=method).invoke("Weather in Oslo for 3 days?")
     assert isinstance(result, Forecast)
+
+
+def test_tool_json_nested_deeper_than_python_parses_is_returned_as_text():
+    """A recursive schema lets the grammar force `[[[[...`; parsing that must hand the text back, not raise (a 500, or
+    a stream cut without an error event)."""
+    from kvrun.serving.tools import ToolPlan
+
+    deep = "[" * 100_000 + "]" * 100_000
+    for mode in ("named", "required", "auto"):
+        text = deep if mode != "auto" else f"<tool_call>{deep}</tool_call>"
+        assert parse(ToolPlan(mode, None, "f"), text) == (text, [])

@@ -31,7 +31,10 @@ async def _local_adapter(request: Request, serving: Serving, path: str) -> Resol
     """LoRAX's `adapter_source: "local"`: load the directory as /v1/load_lora_adapter would (same admin key),
     once, under a name derived from its path; later requests for the same directory reuse it."""
     await require_admin_key(request, None)  # type: ignore[arg-type]
-    resolved = str(Path(path).expanduser().resolve())
+    try:
+        resolved = str(Path(path).expanduser().resolve())
+    except (OSError, ValueError, RuntimeError) as error:  # too long, a NUL byte, an unknown ~user
+        raise errors.invalid(f"adapter path {path[:200]!r} cannot be used: {error}", "parameters.adapter_id") from None
     lock = request.app.state.setdefault("local_adapter_lock", asyncio.Lock())
     async with lock:  # two first requests for one directory must not both load it
         for name, loaded in serving.resolver.local.items():
