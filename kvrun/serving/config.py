@@ -17,6 +17,7 @@ class ServerConfig:
     served_model_name: str | None = None  # the base model's id in /v1 APIs (default: the engine's model name)
     tokenizer: str | None = None  # a tokenizer directory other than the model's
     chat_template: str | None = None  # a Jinja template replacing the tokenizer's
+    trust_request_chat_template: bool = False  # run templates requests send (chat_template_kwargs.chat_template)
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, path) adapters loaded at start and kept loaded
     api_key: str | None = None  # required as `Authorization: Bearer` on /v1/* and /generate*
     admin_key: str | None = None  # required for load/unload when set (else the api key guards them)

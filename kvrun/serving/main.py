@@ -118,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--async-scheduling", action=argparse.BooleanOptionalAction, default=defaults.async_scheduling,
         help="launch each step on the GPU before the previous step's tokens reach the host, so the host's work overlaps "
              "the GPU's (default: on for one GPU, off on CPU and under tensor parallelism, where it may be turned on)")
+    add("--trust-request-chat-template", action="store_true",
+        help="run a chat template a request sends in chat_template_kwargs (code the server runs: off by default)")
     add("--engine-process", action=argparse.BooleanOptionalAction, default=defaults.engine_process,
         help="step the engine in its own process, so HTTP work (tokenizing, streaming) never stalls a step")
     add("--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)")
@@ -200,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             cors_origins=tuple(args.cors_origin),
             log_interval_s=args.log_interval,
             engine_process=args.engine_process,
+            trust_request_chat_template=args.trust_request_chat_template,
         )
     except ValueError as error:
         raise StartupError(str(error), EXIT_USAGE) from None

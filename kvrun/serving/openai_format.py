@@ -103,16 +103,33 @@ def chat_messages(body_messages: list[ChatMessage]) -> list[dict]:
     return messages
 
 
+# chat_template_kwargs that are arguments of the rendering itself, not variables of the template: a request may not
+# set them (one would make it return token ids, or replace the template).
+RENDER_ARGUMENTS = frozenset({
+    "chat_template", "tokenize", "return_dict", "return_tensors", "padding", "truncation", "max_length",
+    "tokenizer_kwargs", "return_assistant_tokens_mask", "add_generation_prompt", "continue_final_message",
+    "conversation", "tools", "documents",
+})  # fmt: skip
+
+
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, template_kwargs: dict | None = None,
-                tools: list[dict] | None = None) -> str:  # fmt: skip
-    """The prompt text of a chat, through the model's (or --chat-template's) template."""
+                tools: list[dict] | None = None, trust_request_template: bool = False) -> str:  # fmt: skip
+    """The prompt text of a chat, through the model's (or --chat-template's) template. A template sent with the
+    request (chat_template_kwargs.chat_template) runs only on a server started with --trust-request-chat-template:
+    it is code the server runs, and a loop in it stalls every request."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise errors.invalid("this model has no chat template: use /v1/completions (or start kvrun with "
                              "--chat-template)", "messages")  # fmt: skip
     if continue_final_message and add_generation_prompt:
         raise errors.invalid("continue_final_message needs add_generation_prompt=false", "continue_final_message")
     kwargs = dict(template_kwargs or {})
+    for key in sorted(RENDER_ARGUMENTS & kwargs.keys()):
+        if key == "chat_template" and trust_request_template:
+            continue
+        reason = ("a template from the request runs only on a server started with --trust-request-chat-template"
+                  if key == "chat_template" else "it is an argument of the rendering, not a template variable")
+        raise errors.invalid(f"chat_template_kwargs.{key} is not accepted: {reason}", f"chat_template_kwargs.{key}")
     if tools:
         kwargs["tools"] = tools
     try:

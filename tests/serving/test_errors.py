@@ -182,3 +182,27 @@ def test_load_and_unload_bodies_are_read_as_vllm_sends_them(serve, adapter_dirs,
         unload = {"lora_name": "lenient", "lora_int_id": None, "kvrun_test_unload_field": True}
         assert http.post("/v1/unload_lora_adapter", json=unload).status_code == 200
         _openai_error(http.post("/v1/unload_lora_adapter", json={"lora_name": "lenient"}), 404)
+
+
+def test_a_request_template_runs_only_where_the_server_trusts_it(serve):
+    """chat_template_kwargs carries template variables. A template of the request's own is code the server would
+    run (a loop in it stalls every request): refused unless the server was started with
+    --trust-request-chat-template. Arguments of the rendering itself (tokenize, ...) are never accepted."""
+    messages = [{"role": "user", "content": "Hi"}]
+    template = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    untrusted, trusted = serve(None), serve(None, trust_request_chat_template=True)
+    with untrusted.client() as http:
+        model = http.get("/v1/models").json()["data"][0]["id"]
+        for key, value in (("chat_template", template), ("tokenize", True)):
+            body = {"model": model, "messages": messages, "max_tokens": 1, "chat_template_kwargs": {key: value}}
+            error = _openai_error(http.post("/v1/chat/completions", json=body), 400)
+            assert error["param"] == f"chat_template_kwargs.{key}"
+        variables = {"model": model, "messages": messages, "max_tokens": 1,
+                     "chat_template_kwargs": {"enable_thinking": False}}  # fmt: skip
+        assert http.post("/v1/chat/completions", json=variables).status_code == 200
+    with trusted.client() as http:
+        body = {"model": model, "messages": messages, "chat_template_kwargs": {"chat_template": template}}
+        rendered = http.post("/tokenize", json=body)
+        assert rendered.status_code == 200, rendered.text
+        plain = http.post("/tokenize", json={"model": model, "prompt": "<Hi>"})
+        assert rendered.json()["tokens"] == plain.json()["tokens"]

@@ -110,7 +110,8 @@ class ModelsController(Controller):
         if data.messages is not None:
             rendered_tools = tool_dicts(data) if template_renders_tools(serving.tokenizer) else None
             text = render_chat(serving.tokenizer, chat_messages(data.messages), data.add_generation_prompt,
-                               data.continue_final_message, data.chat_template_kwargs, rendered_tools)  # fmt: skip
+                               data.continue_final_message, data.chat_template_kwargs, rendered_tools,
+                               serving.config.trust_request_chat_template)  # fmt: skip
             token_ids = serving.service.encode(text)
         else:
             token_ids = serving.tokenizer.encode(data.prompt, add_special_tokens=data.add_special_tokens)

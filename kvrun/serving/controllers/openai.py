@@ -162,8 +162,9 @@ class OpenAIController(Controller):
         tool_plan = tools.plan(data, serving.tokenizer)
         resolution = await _resolve(serving, data)
         rendered_tools = tools.tool_dicts(data) if tools.template_renders_tools(serving.tokenizer) else None
+        trusted = serving.config.trust_request_chat_template
         prompt = render_chat(serving.tokenizer, messages, data.add_generation_prompt, data.continue_final_message,
-                             data.chat_template_kwargs, rendered_tools)  # fmt: skip
+                             data.chat_template_kwargs, rendered_tools, trusted)  # fmt: skip
         token_ids = service.encode(prompt)
         max_tokens = data.max_completion_tokens or data.max_tokens
         max_field = "max_completion_tokens" if data.max_completion_tokens else "max_tokens"
